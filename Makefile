@@ -1,0 +1,60 @@
+# One-command set-up: every target that needs Python depends on `setup`, which builds .venv.
+# On a host with its own torch/torch_npu (Ascend + CANN), pass PYTHON=python3: nothing is installed.
+
+VENV       ?= .venv
+ARTIFACTS  ?= artifacts
+MODEL      ?=
+# The torch build to install into a new .venv. On this workplace these wheels come from local disk.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+ARGS       ?=
+
+ifdef PYTHON
+SETUP_DEP :=
+else
+PYTHON    := $(VENV)/bin/python
+SETUP_DEP := $(VENV)/.installed
+endif
+
+# Optional make variables that turn into CLI flags.
+COMPARE_FLAGS := $(if $(SAVE),--save-reference $(SAVE)) $(if $(AGAINST),--against $(AGAINST)) $(if $(REPORT),--report $(REPORT))
+
+.PHONY: setup export compare bench test clean help
+
+help:
+	@echo "make export  [MODEL=dinov2] [ARTIFACTS=DIR]      export and verify ONNX artifacts"
+	@echo "make compare [MODEL=dinov3] [ARTIFACTS=DIR]      compare eager CPU, NPU and onnxruntime"
+	@echo "make bench   [MODEL=dinov3]                      latency sweep over batch sizes 1,2,4,8"
+	@echo "make test                                        run the test suite"
+	@echo "PYTHON=python3 uses an existing environment and installs nothing"
+
+setup: $(SETUP_DEP)
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev,plot]'
+	touch $@
+
+export: $(SETUP_DEP)
+	$(PYTHON) -m exporter $(MODEL) --artifacts $(ARTIFACTS) $(ARGS)
+
+# Exports first whatever artifact is missing, then compares.
+compare: $(SETUP_DEP)
+	@for m in $(or $(MODEL),dinov2 dinov3); do \
+	  test -f $(ARTIFACTS)/$$m/manifest.json || $(PYTHON) -m exporter $$m --artifacts $(ARTIFACTS) || exit $$?; \
+	done
+	$(PYTHON) -m compare $(or $(MODEL),dinov2 dinov3) --artifacts $(ARTIFACTS) $(COMPARE_FLAGS) $(ARGS)
+
+bench: $(SETUP_DEP)
+	@for m in $(or $(MODEL),dinov2 dinov3); do \
+	  test -f $(ARTIFACTS)/$$m/manifest.json || $(PYTHON) -m exporter $$m --artifacts $(ARTIFACTS) || exit $$?; \
+	done
+	$(PYTHON) -m compare $(or $(MODEL),dinov2 dinov3) --artifacts $(ARTIFACTS) --batch-sizes 1,2,4,8 $(ARGS)
+
+# pytest exits 5 when it collects no test; that is a failure here, not a pass.
+test: $(SETUP_DEP)
+	$(PYTHON) -m pytest $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

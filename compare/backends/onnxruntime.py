@@ -1,0 +1,69 @@
+"""ort-cpu, ort-cann, ort-cuda: the ONNX artifact on onnxruntime with one execution provider each."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from .base import Backend, BackendUnavailable
+
+
+class OnnxRuntime(Backend):
+    """Runs model.onnx with `provider`; the session options are set on purpose and reported."""
+
+    provider = "CPUExecutionProvider"
+    install_hint = ""
+
+    def load(self, artifact, dtype: str) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        from exporter.export import ort_session
+
+        available = ort.get_available_providers()
+        if self.provider not in available:
+            raise BackendUnavailable(
+                f"{self.provider} is not in onnxruntime.get_available_providers() ({', '.join(available)}); {self.install_hint}"
+            )
+        threads = os.cpu_count() or 1
+        try:
+            self.session = ort_session(artifact.path("model.onnx"), providers=(self.provider,), threads=threads)
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise BackendUnavailable(f"onnxruntime could not open the model with {self.provider}: {str(error).splitlines()[0]}") from error
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        return {
+            "device": self.provider,
+            "dtype": "float32 (ONNX graph)",
+            "onnxruntime": ort.__version__,
+            "providers": self.session.get_providers(),
+            "graph_optimization_level": "ORT_ENABLE_ALL",
+            "intra_op_num_threads": threads,
+        }
+
+    def prepare(self, batch: np.ndarray):
+        return np.ascontiguousarray(batch, dtype=np.float32)
+
+    def infer(self, prepared):
+        return self.session.run(self.output_names, {self.input_name: prepared})
+
+    def to_numpy(self, result) -> dict[str, np.ndarray]:
+        return {name: np.asarray(value, dtype=np.float32) for name, value in zip(self.output_names, result)}
+
+
+class OrtCpu(OnnxRuntime):
+    name = "ort-cpu"
+    provider = "CPUExecutionProvider"
+    tolerance = "same-host"
+
+
+class OrtCann(OnnxRuntime):
+    name = "ort-cann"
+    provider = "CANNExecutionProvider"
+    install_hint = "on an Ascend host install an onnxruntime build with the CANN execution provider"
+
+
+class OrtCuda(OnnxRuntime):
+    name = "ort-cuda"
+    provider = "CUDAExecutionProvider"
+    install_hint = "install onnxruntime-gpu on a host with CUDA"

@@ -1,0 +1,64 @@
+"""Eager PyTorch on one device: the shared code path of torch-cpu, torch-npu and torch-cuda."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .base import Backend, BackendUnavailable
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class TorchEager(Backend):
+    """Runs the artifact's eager model, rebuilt from weights.safetensors, on `device`.
+
+    Subclasses only say how to reach their device: `open_device` imports what it needs and
+    returns facts about it, and `synchronize` waits for queued work.
+    """
+
+    device = "cpu"
+
+    def open_device(self) -> dict[str, Any]:
+        return {}
+
+    def synchronize(self) -> None:
+        pass
+
+    def load(self, artifact, dtype: str) -> dict[str, Any]:
+        import torch
+
+        from exporter.export import TwoOutputs, rebuild_model
+
+        facts = self.open_device()
+        self.dtype = getattr(torch, DTYPES[dtype if self.follows_dtype else "fp32"])
+        try:
+            self.module = TwoOutputs(rebuild_model(artifact)).to(device=self.device, dtype=self.dtype)
+        except (RuntimeError, OSError) as error:
+            raise BackendUnavailable(f"cannot place the model on {self.device}: {str(error).splitlines()[0]}") from error
+        return {
+            "device": self.device,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            **facts,
+        }
+
+    def prepare(self, batch: np.ndarray):
+        import torch
+
+        prepared = torch.from_numpy(np.ascontiguousarray(batch)).to(device=self.device, dtype=self.dtype)
+        self.synchronize()
+        return prepared
+
+    def infer(self, prepared):
+        import torch
+
+        with torch.inference_mode():
+            result = self.module(prepared)
+        self.synchronize()
+        return result
+
+    def to_numpy(self, result) -> dict[str, np.ndarray]:
+        pooled, tokens = result
+        return {"pooled": pooled.float().cpu().numpy(), "tokens": tokens.float().cpu().numpy()}

@@ -1,0 +1,141 @@
+"""Command line for the comparator: `python -m compare MODEL [MODEL ...]`."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from exporter import registry
+from exporter.artifact import write_json_atomic
+from exporter.errors import UserError
+
+from .backends import BACKENDS
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in _names(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,4,8, got '{text}'") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be integers >= 1, got '{text}'")
+    return sizes
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors: one line, exit code 2
+        raise UserError(f"{message}. See: python -m compare --help")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    parser = _Parser(prog="python -m compare", description="Run one input through eager CPU, eager accelerators and onnxruntime; report agreement and latency.")
+    parser.add_argument("models", nargs="*", help=f"aliases ({', '.join(registry.ALIASES)}) or timm names; default: every alias")
+    parser.add_argument("--artifacts", default="artifacts", help="artifacts root (default: artifacts)")
+    group = parser.add_argument_group("input")
+    group.add_argument("--input", choices=("image", "random"), default=None, help="a preprocessed photo (default) or seeded normal noise")
+    group.add_argument("--image", default=None, help="image file to use (default: the bundled grace_hopper.jpg)")
+    group.add_argument("--seed", type=int, default=None, help="seed for --input random (default: 0)")
+    group.add_argument("--batch-size", type=int, default=None, help="batch size of the accuracy run (default: 1)")
+    group = parser.add_argument_group("backends")
+    group.add_argument("--backends", type=_names, default=tuple(BACKENDS), help=f"comma-separated (default: all of {','.join(BACKENDS)})")
+    group.add_argument("--reference", default="torch-cpu", help="backend the others are compared against (default: torch-cpu)")
+    group.add_argument("--require", type=_names, default=(), help="backends that must run; unavailable means exit 2")
+    group.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="precision of eager accelerator backends (default: fp32)")
+    group = parser.add_argument_group("thresholds (override the class table)")
+    group.add_argument("--min-cosine", type=float, default=None, help="pass needs cosine >= this")
+    group.add_argument("--max-rel", type=float, default=None, help="pass needs relative error <= this")
+    group = parser.add_argument_group("latency")
+    group.add_argument("--batch-sizes", type=_sizes, default=None, help="sweep these batch sizes, e.g. 1,4,8,16 (default: the accuracy batch)")
+    group.add_argument("--warmup", type=int, default=10, help="warm-up calls (default: 10, cut short by the budget unless --iters)")
+    group.add_argument("--iters", type=int, default=None, help="timed calls per cell (default: adapt to --budget)")
+    group.add_argument("--budget", type=float, default=3.0, help="seconds per (backend, batch) cell when --iters is not given (default: 3)")
+    group.add_argument("--no-latency", action="store_true", help="skip timing")
+    group = parser.add_argument_group("diagnosis and results")
+    group.add_argument("--layers", action="store_true", help="compare every block's output tokens and the final norm")
+    group.add_argument("--json", default=None, metavar="PATH", help="write the full results as JSON")
+    group.add_argument("--save-reference", default=None, metavar="FILE", help="save input and outputs (npz) to compare on another host")
+    group.add_argument("--against", default=None, metavar="FILE", help="also compare against outputs saved with --save-reference")
+    group.add_argument("--report", default=None, metavar="FILE", help="write a Markdown validation report (PNG charts with the plot extra)")
+    args = parser.parse_args(argv)
+    if args.iters is not None and args.iters < 1:
+        raise UserError(f"--iters must be at least 1, got {args.iters}")
+    if args.budget <= 0 or not math.isfinite(args.budget):
+        raise UserError(f"--budget must be a positive number of seconds, got {args.budget}")
+    return args
+
+
+def options_from(args: argparse.Namespace):
+    from .run import CompareOptions
+
+    return CompareOptions(
+        artifacts=args.artifacts, input=args.input, image=args.image, seed=args.seed, batch_size=args.batch_size,
+        backends=args.backends, reference=args.reference, require=args.require, dtype=args.dtype,
+        batch_sizes=args.batch_sizes, warmup=args.warmup, iters=args.iters, budget_s=args.budget,
+        latency=not args.no_latency, min_cosine=args.min_cosine, max_rel=args.max_rel,
+        layers=args.layers, against=args.against,
+    )
+
+
+def run(args: argparse.Namespace, out: Console, err: Console, argv) -> int:
+    from .render import render
+    from .run import check_names, compare
+
+    models = args.models or list(registry.ALIASES)
+    if len(models) > 1 and (args.save_reference or args.against):
+        raise UserError("--save-reference and --against work on one model at a time; name one model")
+    options = options_from(args)
+    check_names(options)
+    for model in models:
+        registry.resolve(model)
+    reports = []
+    for model in models:
+        with err.status(f"{model}: starting") as status:
+            report, raw = compare(model, options, step=status.update)
+        for part in render(report):
+            out.print(part)
+        if args.save_reference:
+            from . import reference
+
+            reference.save(args.save_reference, report, raw)
+            err.print(f"saved the input and every backend's outputs to {args.save_reference}")
+        reports.append(report)
+    if args.json:
+        write_json_atomic(Path(args.json), {"reports": [r.to_dict() for r in reports]})
+        err.print(f"wrote {args.json}")
+    if args.report:
+        from . import markdown
+
+        written = markdown.write(Path(args.report), reports, command=" ".join(["python -m compare", *argv]))
+        err.print(f"wrote {', '.join(map(str, written))}")
+    return max(r.exit_code for r in reports)
+
+
+def console(stderr: bool = False) -> Console:
+    # Piped output (CI, make, files) gets a wide console so tables keep their columns.
+    probe = Console(stderr=stderr)
+    return probe if probe.is_terminal else Console(stderr=stderr, width=200)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out, err = console(), console(stderr=True)
+    try:
+        return run(parse(argv), out, err, argv)
+    except UserError as error:
+        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        return error.exit_code
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Agreement metrics between two arrays: pure numpy functions with explicit edge cases."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _as_float(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def nonfinite_count(a) -> int:
+    """The number of NaN and Inf values in `a`."""
+    a = np.asarray(a)
+    if a.dtype == bool or not np.issubdtype(a.dtype, np.inexact):
+        return 0
+    return int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+
+
+def cosine(a, b) -> float:
+    """Cosine similarity of the flattened arrays. Two all-zero arrays agree (1.0); one zero array gives 0.0.
+
+    NaN or Inf in either array gives NaN.
+    """
+    a, b = _as_float(a).ravel(), _as_float(b).ravel()
+    if a.size != b.size:
+        raise ValueError(f"cosine needs equal sizes, got {a.size} and {b.size}")
+    if a.size == 0:
+        return 1.0
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(np.clip(np.dot(a, b) / (na * nb), -1.0, 1.0))
+
+
+def worst_sample_cosine(a, b) -> float:
+    """The lowest cosine over the samples of axis 0 (the batch)."""
+    a, b = _as_float(a), _as_float(b)
+    if a.ndim == 0 or a.shape[0] == 0:
+        return cosine(a, b)
+    return min(cosine(x, y) for x, y in zip(a, b))
+
+
+def max_abs_diff(a, b) -> float:
+    """The largest |a - b|; 0.0 for empty arrays, NaN when a NaN is involved."""
+    d = np.abs(_as_float(a) - _as_float(b))
+    return float(d.max()) if d.size else 0.0
+
+
+def mean_abs_diff(a, b) -> float:
+    """The mean |a - b|; 0.0 for empty arrays."""
+    d = np.abs(_as_float(a) - _as_float(b))
+    return float(d.mean()) if d.size else 0.0
+
+
+def relative_error(a, b) -> float:
+    """||a - b|| / ||b|| with `b` the reference. 0.0 when both are zero, Inf when only `b` is."""
+    a, b = _as_float(a), _as_float(b)
+    diff = np.linalg.norm((a - b).ravel())
+    ref = np.linalg.norm(b.ravel())
+    if ref == 0:
+        return 0.0 if diff == 0 else float("inf")
+    return float(diff / ref)

@@ -1,0 +1,115 @@
+"""Rich tables built from a Report. Building only: the CLI does the printing."""
+from __future__ import annotations
+
+import math
+
+from rich.table import Table
+from rich.text import Text
+
+from .results import Report
+
+PASS, FAIL = Text("PASS", style="bold green"), Text("FAIL", style="bold red")
+
+
+def _num(value, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return format(value, fmt)
+
+
+def header_table(report: Report) -> Table:
+    table = Table(title=f"{report.model}: {report.timm_name}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    input_ = report.input
+    rows = [
+        ("artifact", report.artifact),
+        ("input", f"{input_['kind']} {input_['source']}, shape {tuple(input_['shape'])}"),
+        ("weights", f"{report.weights_source} (sha256 {report.weights_sha256[:12]})"),
+        ("reference", f"{report.reference}; accelerator dtype {report.dtype}"),
+    ]
+    rows += [(key, str(value)) for key, value in report.versions.items() if value]
+    for key, value in rows:
+        table.add_row(key, value)
+    for warning in report.warnings:
+        table.add_row(Text("warning", style="yellow"), Text(warning, style="yellow"))
+    return table
+
+
+def accuracy_table(report: Report) -> Table:
+    table = Table(title=f"Accuracy against {report.reference}", title_justify="left")
+    for column in ("backend", "output", "shape", "cosine", "worst-sample cos", "max abs", "mean abs", "rel err", "NaN/Inf", "thresholds", "verdict"):
+        table.add_column(column, justify="left" if column in ("backend", "output", "shape", "thresholds", "verdict") else "right")
+    for row in report.accuracy:
+        shape = "x".join(map(str, row.shape)) + ("" if row.shape_match else f" != {'x'.join(map(str, row.reference_shape))}")
+        table.add_row(
+            row.backend, row.output, shape,
+            _num(row.cosine, ".7f"), _num(row.worst_sample_cosine, ".7f"),
+            _num(row.max_abs, ".2e"), _num(row.mean_abs, ".2e"), _num(row.rel_error, ".2e"),
+            str(row.nonfinite),
+            f"{row.tolerance}: cos>={row.min_cosine:g}, rel<={row.max_rel:g}",
+            PASS if row.passed else FAIL,
+        )
+    for status in report.backends:
+        if status.status in ("skipped", "error"):
+            verdict = Text("SKIPPED", style="yellow") if status.status == "skipped" else FAIL
+            table.add_row(status.name, "-", Text(status.reason, style="yellow"), *[""] * 7, verdict)
+    return table
+
+
+def latency_table(report: Report) -> Table:
+    table = Table(title=f"Latency (ms per call; speed-up against {report.reference})", title_justify="left")
+    for column in ("backend", "batch", "iters", "p50", "p90", "p99", "mean", "std", "min", "images/s", "speed-up"):
+        table.add_column(column, justify="left" if column == "backend" else "right")
+    for row in report.latency:
+        table.add_row(
+            row.backend, str(row.batch), str(row.iters),
+            _num(row.p50_ms, ".2f"), _num(row.p90_ms, ".2f"), _num(row.p99_ms, ".2f"),
+            _num(row.mean_ms, ".2f"), _num(row.std_ms, ".2f"), _num(row.min_ms, ".2f"),
+            _num(row.images_per_s, ".1f"), "-" if row.speedup is None else f"{row.speedup:.2f}x",
+        )
+    return table
+
+
+def layers_table(report: Report) -> Table:
+    """Block by backend: cosine, max abs and relative error of every tap; the first failing cell in red."""
+    backends = list(dict.fromkeys(row.backend for row in report.layers))
+    table = Table(title=f"Per-block agreement against {report.reference} (cos / max abs / rel err)", title_justify="left")
+    table.add_column("layer")
+    for backend in backends:
+        table.add_column(backend, justify="right")
+    cells = {(r.backend, r.layer): r for r in report.layers}
+    first_bad = {b: next((r.layer for r in report.layers if r.backend == b and not r.passed), None) for b in backends}
+    for layer in dict.fromkeys(row.layer for row in report.layers):
+        row = [layer]
+        for backend in backends:
+            cell = cells.get((backend, layer))
+            if cell is None:
+                row.append("-")
+                continue
+            text = f"{_num(cell.cosine, '.6f')} / {_num(cell.max_abs, '.1e')} / {_num(cell.rel_error, '.1e')}"
+            style = "bold red reverse" if first_bad[backend] == layer else ("red" if not cell.passed else "")
+            row.append(Text(text, style=style))
+        table.add_row(*row)
+    return table
+
+
+def verdict_text(report: Report) -> Text:
+    if report.passed:
+        return Text(f"{report.model}: PASS (every backend that ran agrees with {report.reference})", style="bold green")
+    failed = sorted({r.backend for r in report.accuracy if not r.passed} | {b.name for b in report.backends if b.status == "error"})
+    return Text(f"{report.model}: FAIL ({', '.join(failed)} disagree with {report.reference})", style="bold red")
+
+
+def render(report: Report) -> list:
+    """Every renderable of a report, in the order they are printed."""
+    parts = [header_table(report), accuracy_table(report)]
+    if report.layers:
+        parts.append(layers_table(report))
+        parts += [Text(line, style="bold yellow") for line in report.drift.values()]
+    if report.latency:
+        parts.append(latency_table(report))
+    parts.append(verdict_text(report))
+    return parts

@@ -1,0 +1,117 @@
+"""Command line for the exporter: `python -m exporter [MODEL ...]`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from . import registry
+from .errors import UserError
+
+DEFAULT_ARTIFACTS = "artifacts"
+
+
+def parse(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m exporter",
+        description="Export timm ViTs to verified ONNX artifacts at their native resolution.",
+    )
+    parser.add_argument("models", nargs="*", help=f"aliases ({', '.join(registry.ALIASES)}) or timm model names; default: every alias")
+    parser.add_argument("--list", action="store_true", help="show the registered aliases and exit")
+    parser.add_argument("--weights", default="auto", help="auto (HF cache, hub, then random init), random, or a weights file/folder (default: auto)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random init (default: 0)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18)")
+    parser.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help="artifacts root (default: artifacts)")
+    parser.add_argument("--min-cosine", type=float, default=0.99999, help="verify: lowest cosine ONNX vs eager (default: 0.99999)")
+    parser.add_argument("--max-abs", type=float, default=1e-4, help="verify: largest abs diff ONNX vs eager (default: 1e-4)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the exporter's own log")
+    return parser.parse_args(argv)
+
+
+def aliases_table() -> Table:
+    table = Table(title="Registered models")
+    table.add_column("alias")
+    table.add_column("timm name")
+    for alias, name in registry.ALIASES.items():
+        table.add_row(alias, name)
+    return table
+
+
+def summary_table(results) -> Table:
+    table = Table(title="Exported artifacts")
+    for column in ("model", "input", "params", "opset", "nodes", "ONNX MB", "export s", "verify cosine", "verify max abs", "weights"):
+        table.add_column(column, justify="left" if column in ("model", "weights") else "right")
+    for r in results:
+        table.add_row(
+            r.model,
+            f"{r.input_size[1]}x{r.input_size[2]}",
+            f"{r.params / 1e6:.1f}M",
+            str(r.opset),
+            str(r.nodes),
+            f"{r.onnx_mb:.1f}",
+            f"{r.seconds:.1f}",
+            f"{r.cosine:.7f}",
+            f"{r.max_abs:.2e}",
+            r.weights_source,
+        )
+    return table
+
+
+RANDOM_WARNING = (
+    "[bold yellow]WARNING: {model} uses random weights ({source}). The numbers validate the export, "
+    "not the model's quality. Pass --weights PATH or fill the Hugging Face cache for real weights.[/]"
+)
+
+
+def run(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from . import export as exporting
+    from .weights import is_random
+
+    names = args.models or list(registry.ALIASES)
+    for name in names:  # fail on a bad name before spending minutes on the good ones
+        registry.resolve(name)
+    options = exporting.ExportOptions(
+        weights=args.weights,
+        seed=args.seed,
+        opset=args.opset or exporting.DEFAULT_OPSET,
+        min_cosine=args.min_cosine,
+        max_abs=args.max_abs,
+        verbose=args.verbose,
+    )
+    results = []
+    with err.status("starting") as status:
+        for name in names:
+            result = exporting.export(name, Path(args.artifacts), options, step=status.update)
+            err.log(f"{result.model}: exported and verified in {result.seconds:.1f} s -> {result.folder}")
+            if is_random(result.weights_source):
+                err.print(RANDOM_WARNING.format(model=result.model, source=result.weights_source))
+            results.append(result)
+    if args.json:
+        out.print_json(exporting.result_json(results))
+    else:
+        out.print(summary_table(results))
+    return 0
+
+
+def main(argv=None) -> int:
+    out, err = Console(), Console(stderr=True)
+    try:
+        args = parse(argv)
+        if args.list:
+            out.print(aliases_table())
+            return 0
+        return run(args, out, err)
+    except UserError as error:
+        err.print(f"[bold red]error:[/] {error}", highlight=False)
+        return error.exit_code
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]: no artifact was changed by the unfinished export")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

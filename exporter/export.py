@@ -1,0 +1,285 @@
+"""Trace a timm ViT to ONNX with the dynamo exporter, verify it, and publish the artifact."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import platform
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import artifact, registry, weights
+from .errors import CheckFailed, UserError
+
+INPUT_NAME = "pixel_values"
+OUTPUT_NAMES = ("pooled", "tokens")
+DEFAULT_OPSET = 18
+TRACE_BATCH = 2  # batch 1 would let the exporter specialise the batch axis to a constant
+VERIFY_BATCHES = (1, 3)
+SAMPLE_SEED = 0
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export: weights ("auto", "random" or a path), seed, opset and the verify thresholds."""
+
+    weights: str = "auto"
+    seed: int = 0
+    opset: int = DEFAULT_OPSET
+    min_cosine: float = 0.99999
+    max_abs: float = 1e-4
+    verbose: bool = False
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What one export produced, for the summary table and --json."""
+
+    model: str
+    timm_name: str
+    folder: str
+    input_size: list
+    params: int
+    opset: int
+    nodes: int
+    onnx_mb: float
+    seconds: float
+    cosine: float
+    max_abs: float
+    weights_source: str
+
+
+class TwoOutputs(torch.nn.Module):
+    """Wraps a timm model so one call returns (pooled, tokens): model(x) and forward_features(x)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.eval()
+
+    def forward(self, pixel_values):
+        tokens = self.model.forward_features(pixel_values)
+        return self.model.forward_head(tokens), tokens
+
+
+def versions() -> dict:
+    """Versions of the libraries whose behaviour decides the numbers."""
+    import onnx
+    import onnxruntime
+    import timm
+    found = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+    with contextlib.suppress(ImportError):
+        import onnxscript
+
+        found["onnxscript"] = onnxscript.__version__
+    return found
+
+
+def sample_batch(input_size, seed: int = SAMPLE_SEED, batch: int = TRACE_BATCH) -> np.ndarray:
+    """A seeded standard-normal NCHW float32 batch, the scale of a normalised image."""
+    return np.random.default_rng(seed).standard_normal((batch, *input_size), dtype=np.float32)
+
+
+def build_model(spec: registry.ModelSpec, weights_arg: str, seed: int):
+    """The eval-mode timm model with its weights, and where the weights came from."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = registry.create(spec)
+    source = weights.load_weights(model, weights_arg, seed)
+    return model, source
+
+
+def eager_outputs(model, batch: np.ndarray) -> dict[str, np.ndarray]:
+    with torch.inference_mode():
+        pooled, tokens = TwoOutputs(model)(torch.from_numpy(batch))
+    return {"pooled": pooled.numpy(), "tokens": tokens.numpy()}
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool):
+    """Silence the exporter's own prints, warnings and logs unless -v was given."""
+    if verbose:
+        yield
+        return
+    sink = io.StringIO()
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def trace_to_onnx(model, input_size, path: Path, opset: int, verbose: bool) -> None:
+    """Write `model` as ONNX with one dynamic-batch input and the outputs pooled and tokens."""
+    example = torch.from_numpy(sample_batch(input_size))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        with _quiet(verbose):
+            program = torch.onnx.export(
+                TwoOutputs(model),
+                (example,),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_shapes=({0: batch},),
+                opset_version=opset,
+                external_data=False,
+                verbose=verbose,
+            )
+            program.save(str(path), external_data=False)
+    except Exception as error:  # noqa: BLE001 - the exporter raises many types; the user needs the gist
+        raise CheckFailed(f"ONNX export failed: {_first_line(error)}; run again with -v for the exporter's log") from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def ort_session(path: Path, providers=("CPUExecutionProvider",), threads: int = 0):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=list(providers))
+
+
+def verify_onnx(path: Path, model, sample: np.ndarray, options: ExportOptions) -> tuple[float, float]:
+    """Check the graph and its parity with eager; return the worst (cosine, max abs diff).
+
+    Raises CheckFailed on any failed check.
+    """
+    import onnx
+
+    from compare.metrics import cosine, max_abs_diff
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as error:  # noqa: BLE001 - checker errors come as several types
+        raise CheckFailed(f"onnx.checker rejected the graph: {_first_line(error)}") from error
+    session = ort_session(path)
+    names = [o.name for o in session.get_outputs()]
+    if [i.name for i in session.get_inputs()] != [INPUT_NAME] or names != list(OUTPUT_NAMES):
+        raise CheckFailed(f"graph has inputs/outputs {names}, expected {INPUT_NAME} -> {list(OUTPUT_NAMES)}")
+    worst_cos, worst_abs = 1.0, 0.0
+    reference = eager_outputs(model, sample)
+    for batch_size in (sample.shape[0], *VERIFY_BATCHES):
+        rows = np.resize(np.arange(sample.shape[0]), batch_size)  # cycle the sample rows
+        try:
+            got = dict(zip(names, session.run(None, {INPUT_NAME: sample[rows]})))
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise CheckFailed(f"onnxruntime cannot run the graph at batch {batch_size}: {_first_line(error)}") from error
+        for name in OUTPUT_NAMES:
+            want = reference[name][rows]
+            if got[name].shape != want.shape:
+                raise CheckFailed(f"output {name} at batch {batch_size} has shape {got[name].shape}, eager gives {want.shape}")
+            cos, diff = cosine(got[name], want), max_abs_diff(got[name], want)
+            worst_cos, worst_abs = min(worst_cos, cos), max(worst_abs, diff)
+            if not (cos >= options.min_cosine and diff <= options.max_abs):
+                raise CheckFailed(
+                    f"ONNX output {name} at batch {batch_size} differs from eager: cosine {cos:.7f} "
+                    f"(need >= {options.min_cosine}), max abs diff {diff:.3g} (need <= {options.max_abs})"
+                )
+    return worst_cos, worst_abs
+
+
+def export(
+    name: str,
+    root: Path | str = "artifacts",
+    options: ExportOptions = ExportOptions(),
+    step: Callable[[str], None] = lambda message: None,
+) -> ExportResult:
+    """Export, verify and publish one model under `root`/<alias or name>/. `step` hears progress."""
+    import onnx
+    from safetensors.torch import save_file
+
+    started = time.perf_counter()
+    spec = registry.resolve(name)
+    step(f"{spec.key}: building {spec.timm_name}")
+    model, source = build_model(spec, options.weights, options.seed)
+    config = registry.data_config(model)
+    input_size = list(config["input_size"])
+    sample = sample_batch(input_size)
+    folder = artifact.artifact_folder(root, spec.key)
+    with artifact.staging(folder) as stage:
+        step(f"{spec.key}: tracing at {input_size[1]}x{input_size[2]} with the dynamo exporter")
+        trace_to_onnx(model, input_size, stage / "model.onnx", options.opset, options.verbose)
+        step(f"{spec.key}: verifying with onnx.checker and onnxruntime")
+        worst_cos, worst_abs = verify_onnx(stage / "model.onnx", model, sample, options)
+        step(f"{spec.key}: writing the artifact")
+        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(stage / "weights.safetensors"))
+        outputs = eager_outputs(model, sample)
+        np.savez(stage / "sample.npz", **{INPUT_NAME: sample}, **outputs)
+        graph = onnx.load(str(stage / "model.onnx"), load_external_data=False)
+        seconds = time.perf_counter() - started
+        manifest = {
+            "model": spec.key,
+            "timm_name": spec.timm_name,
+            "alias": spec.alias,
+            "pretrained_tag": spec.pretrained_tag,
+            "input": {"name": INPUT_NAME, "shape": ["batch", *input_size], "dtype": "float32", "layout": "NCHW"},
+            "outputs": {n: ["batch", *outputs[n].shape[1:]] for n in OUTPUT_NAMES},
+            "data_config": config,
+            "opset": options.opset,
+            "exporter": "torch.onnx.export(dynamo=True)",
+            "versions": versions(),
+            "weights_source": source,
+            "params": int(sum(p.numel() for p in model.parameters())),
+            "nodes": len(graph.graph.node),
+            "verify": {"cosine": worst_cos, "max_abs": worst_abs, "batches": [TRACE_BATCH, *VERIFY_BATCHES]},
+            "export_seconds": round(seconds, 2),
+            "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        onnx_bytes = (stage / "model.onnx").stat().st_size
+        artifact.publish(folder, {n: stage / n for n in artifact.CORE_FILES}, manifest)
+    return ExportResult(
+        model=spec.key,
+        timm_name=spec.timm_name,
+        folder=str(folder),
+        input_size=input_size,
+        params=manifest["params"],
+        opset=options.opset,
+        nodes=manifest["nodes"],
+        onnx_mb=round(onnx_bytes / 1e6, 1),
+        seconds=round(seconds, 1),
+        cosine=worst_cos,
+        max_abs=worst_abs,
+        weights_source=source,
+    )
+
+
+def result_json(results: list[ExportResult]) -> str:
+    return json.dumps([asdict(r) for r in results], indent=2)
+
+
+def rebuild_model(art: artifact.Artifact):
+    """The eager model of an artifact, rebuilt from its weights.safetensors with a strict load."""
+    from safetensors.torch import load_file
+
+    spec = registry.ModelSpec(alias=art.manifest.get("alias"), timm_name=art.manifest["timm_name"])
+    model = registry.create(spec)
+    try:
+        model.load_state_dict(load_file(str(art.path("weights.safetensors"))), strict=True)
+    except RuntimeError as error:
+        raise UserError(f"{art.path('weights.safetensors')} does not fit {spec.timm_name}: {_first_line(error)}") from error
+    return model

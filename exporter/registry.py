@@ -1,0 +1,64 @@
+"""The model registry: aliases, name resolution, and the model's own data config."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from .errors import UserError
+
+ALIASES = {
+    "dinov2": "vit_small_patch14_reg4_dinov2.lvd142m",
+    "dinov3": "vit_small_patch16_dinov3.lvd1689m",
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved model: the name the user gave, its timm name and its artifact folder name."""
+
+    alias: str | None
+    timm_name: str
+
+    @property
+    def key(self) -> str:
+        """The artifact folder name: the alias when there is one, else the timm name."""
+        return self.alias or self.timm_name
+
+    @property
+    def pretrained_tag(self) -> str:
+        return self.timm_name.partition(".")[2]
+
+
+def resolve(name: str) -> ModelSpec:
+    """Turn an alias or a timm model name into a ModelSpec, or raise a UserError naming the closest matches."""
+    import timm
+
+    if name in ALIASES:
+        return ModelSpec(alias=name, timm_name=ALIASES[name])
+    for alias, timm_name in ALIASES.items():
+        if name == timm_name:
+            return ModelSpec(alias=alias, timm_name=timm_name)
+    architecture = name.partition(".")[0]
+    if timm.is_model(architecture):
+        return ModelSpec(alias=None, timm_name=name)
+    candidates = list(ALIASES) + timm.list_models(pretrained=True) + timm.list_models()
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
+    hint = f" Closest: {', '.join(close)}." if close else ""
+    raise UserError(
+        f"model '{name}' is not known.{hint} See: python -m exporter --list"
+    )
+
+
+def create(spec: ModelSpec, **kwargs):
+    """Build the timm model with no classifier and no download. The weights are set by the caller."""
+    import timm
+
+    return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs).eval()
+
+
+def data_config(model) -> dict:
+    """The model's own preprocessing config from timm: input_size, mean, std, interpolation, crop_pct."""
+    from timm.data import resolve_model_data_config
+
+    config = resolve_model_data_config(model)
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}

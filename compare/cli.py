@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 
 from rich.console import Console
 
 from exporter import registry
+from exporter.cli import console
 from exporter.artifact import write_json_atomic
 from exporter.errors import UserError
 
@@ -113,15 +115,9 @@ def run(args: argparse.Namespace, out: Console, err: Console, argv) -> int:
     if args.report:
         from . import markdown
 
-        written = markdown.write(Path(args.report), reports, command=" ".join(["python -m compare", *argv]))
+        written = markdown.write(Path(args.report), reports, command=shlex.join(["python", "-m", "compare", *argv]))
         err.print(f"wrote {', '.join(map(str, written))}")
     return max(r.exit_code for r in reports)
-
-
-def console(stderr: bool = False) -> Console:
-    # Piped output (CI, make, files) gets a wide console so tables keep their columns.
-    probe = Console(stderr=stderr)
-    return probe if probe.is_terminal else Console(stderr=stderr, width=200)
 
 
 def main(argv=None) -> int:

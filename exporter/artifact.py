@@ -106,14 +106,15 @@ def publish(folder: Path, staged: dict[str, Path], manifest: dict, replace: bool
     with _locked(folder):
         if replace:
             (folder / MANIFEST).unlink(missing_ok=True)
-            files = {}
+            base = {}
         else:
-            files = dict(read_manifest(folder).get("files", {}))
+            base = read_manifest(folder)
+        files = dict(base.get("files", {}))
         for name, path in staged.items():
             files[name] = {"sha256": sha256(path), "bytes": path.stat().st_size}
             _readable(path)
             os.replace(path, folder / name)
-        write_json_atomic(folder / MANIFEST, {**manifest, "files": files})
+        write_json_atomic(folder / MANIFEST, {**base, **manifest, "files": files})
 
 
 def read_manifest(folder: Path) -> dict:

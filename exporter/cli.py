@@ -97,8 +97,14 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0
 
 
+def console(stderr: bool = False) -> Console:
+    """A Rich console; piped output (CI, make, files) gets a wide one so tables keep their columns."""
+    probe = Console(stderr=stderr)
+    return probe if probe.is_terminal else Console(stderr=stderr, width=200)
+
+
 def main(argv=None) -> int:
-    out, err = Console(), Console(stderr=True)
+    out, err = console(), console(stderr=True)
     try:
         args = parse(argv)
         if args.list:
@@ -106,7 +112,7 @@ def main(argv=None) -> int:
             return 0
         return run(args, out, err)
     except UserError as error:
-        err.print(f"[bold red]error:[/] {error}", highlight=False)
+        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         return error.exit_code
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]: no artifact was changed by the unfinished export")

@@ -236,7 +236,7 @@ def export(
             "model": spec.key,
             "timm_name": spec.timm_name,
             "alias": spec.alias,
-            "pretrained_tag": spec.pretrained_tag,
+            "pretrained_tag": model.pretrained_cfg.get("tag") or spec.pretrained_tag,
             "input": {"name": INPUT_NAME, "shape": ["batch", *input_size], "dtype": "float32", "layout": "NCHW"},
             "outputs": {n: ["batch", *outputs[n].shape[1:]] for n in OUTPUT_NAMES},
             "data_config": config,

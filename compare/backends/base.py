@@ -40,5 +40,9 @@ class Backend:
         """The outputs of `infer` as float32 numpy arrays, by output name. Not timed."""
         raise NotImplementedError
 
+    def layers(self, artifact, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Each block's output tokens and the final norm (exporter.blocks.tap_names), as float32 numpy."""
+        raise BackendUnavailable(f"{self.name} cannot report per-block outputs")
+
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         return self.to_numpy(self.infer(self.prepare(batch)))

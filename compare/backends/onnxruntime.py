@@ -25,7 +25,7 @@ class OnnxRuntime(Backend):
             raise BackendUnavailable(
                 f"{self.provider} is not in onnxruntime.get_available_providers() ({', '.join(available)}); {self.install_hint}"
             )
-        threads = os.cpu_count() or 1
+        self.threads = threads = os.cpu_count() or 1
         try:
             self.session = ort_session(artifact.path("model.onnx"), providers=(self.provider,), threads=threads)
         except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
@@ -46,6 +46,16 @@ class OnnxRuntime(Backend):
 
     def infer(self, prepared):
         return self.session.run(self.output_names, {self.input_name: prepared})
+
+    def layers(self, artifact, batch: np.ndarray) -> dict[str, np.ndarray]:
+        from exporter import blocks
+        from exporter.export import ort_session
+
+        session = ort_session(blocks.ensure(artifact), providers=(self.provider,), threads=self.threads)
+        got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {self.input_name: self.prepare(batch)})))
+        names = blocks.tap_names(sum(name.startswith("block_") for name in got))
+        # The final norm's output is the graph's `tokens` output.
+        return {name: np.asarray(got["tokens" if name == "norm" else name], dtype=np.float32) for name in names}
 
     def to_numpy(self, result) -> dict[str, np.ndarray]:
         return {name: np.asarray(value, dtype=np.float32) for name, value in zip(self.output_names, result)}

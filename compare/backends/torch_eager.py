@@ -59,6 +59,23 @@ class TorchEager(Backend):
         self.synchronize()
         return result
 
+    def layers(self, artifact, batch: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+
+        from exporter.blocks import tap_names
+
+        model = self.module.model
+        prefix = bool(getattr(model, "num_prefix_tokens", 0))
+        with torch.inference_mode():
+            # forward_intermediates splits off the prefix tokens (cls, registers); glue them back
+            # so each tap is the block's whole output, as in the ONNX graph.
+            final, taps = model.forward_intermediates(
+                self.prepare(batch), indices=len(model.blocks), return_prefix_tokens=prefix, norm=False, output_fmt="NLC"
+            )
+            taps = [torch.cat([tap[1], tap[0]], dim=1) if prefix else tap for tap in taps] + [final]
+        self.synchronize()
+        return {name: tap.float().cpu().numpy() for name, tap in zip(tap_names(len(taps) - 1), taps)}
+
     def to_numpy(self, result) -> dict[str, np.ndarray]:
         pooled, tokens = result
         return {"pooled": pooled.float().cpu().numpy(), "tokens": tokens.float().cpu().numpy()}

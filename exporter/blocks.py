@@ -1,0 +1,106 @@
+"""The per-block variant of an artifact: model.onnx with each transformer block's output as a graph output.
+
+The variant is derived from model.onnx itself rather than traced again, so the ONNX side of a
+per-block comparison is exactly the deployed graph. The dynamo exporter tags every node with the
+module scopes it came from (`pkg.torch.onnx.name_scopes`); block i's output is the value made
+inside scope `blocks.i` that leaves it with the shape of the token stream.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from . import artifact
+from .errors import UserError
+
+BLOCKS_FILE = "blocks.onnx"
+SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+BLOCK_SCOPE = re.compile(r"(?:.*\.)?blocks\.(\d+)")
+
+
+def tap_names(count: int) -> list[str]:
+    """The taps in order: block_0 .. block_{count-1}, then the final norm."""
+    return [f"block_{i}" for i in range(count)] + ["norm"]
+
+
+def _block_of(node) -> int | None:
+    for prop in node.metadata_props:
+        if prop.key == SCOPES_KEY:
+            for scope in ast.literal_eval(prop.value):
+                match = BLOCK_SCOPE.fullmatch(scope)
+                if match:
+                    return int(match.group(1))
+    return None
+
+
+def _shape(value_info) -> list:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def block_outputs(graph) -> list[str]:
+    """Names of the values that carry each block's output tokens, in block order."""
+    owner = [_block_of(node) for node in graph.node]
+    blocks = sorted({b for b in owner if b is not None})
+    if not blocks:
+        raise UserError("model.onnx carries no block scopes; re-export it with this tool (python -m exporter)")
+    shapes = {v.name: _shape(v) for v in [*graph.value_info, *graph.output]}
+    token_shape = shapes.get("tokens")
+    consumers: dict[str, set] = {}
+    for node, block in zip(graph.node, owner):
+        for name in node.input:
+            consumers.setdefault(name, set()).add(block)
+    outputs = []
+    for block in blocks:
+        leaving = [
+            name
+            for node, b in zip(graph.node, owner) if b == block
+            for name in node.output
+            if (consumers.get(name, set()) - {block}) and shapes.get(name) == token_shape
+        ]
+        if len(leaving) != 1:
+            raise UserError(f"cannot tell block {block}'s output in model.onnx ({len(leaving)} candidates); re-export the model")
+        outputs.append(leaving[0])
+    return outputs
+
+
+def build(model_path: Path, out_path: Path) -> int:
+    """Write the per-block graph of `model_path` to `out_path`; return the number of blocks."""
+    import onnx
+
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    if not any(v.name == "tokens" for v in graph.value_info):
+        model = onnx.shape_inference.infer_shapes(model)
+        graph = model.graph
+    values = {v.name: v for v in graph.value_info}
+    taps = block_outputs(graph)
+    for i, name in enumerate(taps):
+        # An Identity gives each tap a stable name (block_i) whatever the exporter called the value.
+        graph.node.append(onnx.helper.make_node("Identity", [name], [f"block_{i}"], name=f"tap_block_{i}"))
+        tap = onnx.ValueInfoProto()
+        tap.CopyFrom(values[name])
+        tap.name = f"block_{i}"
+        graph.output.append(tap)
+    onnx.save(model, str(out_path))
+    return len(taps)
+
+
+def ensure(art: artifact.Artifact) -> Path:
+    """The artifact's blocks.onnx, derived from model.onnx and added to the manifest on first use.
+
+    It is rebuilt when model.onnx changed since it was derived (its source hash is recorded).
+    """
+    source = art.manifest["files"]["model.onnx"]["sha256"]
+    record = art.manifest.get("blocks", {})
+    path = art.path(BLOCKS_FILE)
+    if BLOCKS_FILE in art.manifest["files"] and record.get("model_sha256") == source and path.is_file():
+        return path
+    with artifact.staging(art.folder) as stage:
+        count = build(art.path("model.onnx"), stage / BLOCKS_FILE)
+        artifact.publish(
+            art.folder, {BLOCKS_FILE: stage / BLOCKS_FILE},
+            {"blocks": {"model_sha256": source, "count": count, "taps": tap_names(count)}},
+            replace=False,
+        )
+    return path

@@ -1,0 +1,130 @@
+"""The comparator end to end on real artifacts: tables, verdicts, exit codes, input handling."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from compare.backends import BACKENDS
+from compare.backends.torch_eager import TorchEager
+from compare.cli import main
+from tests.conftest import TINY, rewrite_weights
+
+FAST = ["--iters", "2", "--warmup", "0"]
+
+
+def has_row(text: str, *cells: str) -> bool:
+    """True when one line of a rendered Rich table holds `cells` in order, in adjacent columns."""
+    pattern = r"\s*│\s*".join(re.escape(c) for c in cells)
+    return re.search(pattern, text) is not None
+
+
+def _main(capsys, *args):
+    code = main([*args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("model,tokens", [("dinov2", "1x1374x384"), ("dinov3", "1x261x384")])
+def test_compare_prints_both_tables_and_passes(artifacts_root, capsys, tmp_path, model, tokens):
+    code, out, err = _main(capsys, model, "--artifacts", str(artifacts_root), *FAST, "--json", str(tmp_path / "r.json"))
+    assert code == 0, out + err
+    assert "Accuracy against torch-cpu" in out and "Latency" in out
+    assert has_row(out, "ort-cpu", "tokens", tokens)
+    assert "PASS" in out and "FAIL" not in out
+    assert "torch-npu" in out and "SKIPPED" in out
+    report = json.loads((tmp_path / "r.json").read_text())["reports"][0]
+    assert report["model"] == model and report["exit_code"] == 0
+    assert report["input"]["kind"] == "image" and report["input"]["source"].endswith("grace_hopper.jpg")
+    assert {(r["backend"], r["output"]) for r in report["accuracy"]} == {("ort-cpu", "pooled"), ("ort-cpu", "tokens")}
+    assert all(r["rel_error"] < 1e-4 for r in report["accuracy"])
+    latency = {r["backend"]: r for r in report["latency"]}
+    assert set(latency) == {"torch-cpu", "ort-cpu"} and latency["ort-cpu"]["iters"] == 2
+    assert latency["torch-cpu"]["speedup"] == pytest.approx(1.0)
+    skipped = {b["name"]: b["reason"] for b in report["backends"] if b["status"] == "skipped"}
+    assert "torch_npu is not installed" in skipped["torch-npu"]
+
+
+def test_perturbed_weights_fail_with_exit_1(tiny_copy, capsys):
+    def perturb(state):
+        state["blocks.2.mlp.fc1.weight"] *= 1.05
+
+    rewrite_weights(tiny_copy / TINY, perturb)
+    code, out, _ = _main(capsys, TINY, "--artifacts", str(tiny_copy), "--backends", "torch-cpu,ort-cpu", *FAST)
+    assert code == 1
+    assert "FAIL" in out and "ort-cpu disagree" in out
+
+
+def test_batch_sweep_and_random_input(artifacts_root, capsys, tmp_path):
+    code, out, _ = _main(capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,ort-cpu",
+                         "--input", "random", "--seed", "3", "--batch-size", "2", "--batch-sizes", "1,4", *FAST,
+                         "--json", str(tmp_path / "r.json"))
+    assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())["reports"][0]
+    assert report["input"]["source"] == "seeded normal (seed 3)" and report["input"]["shape"][0] == 2
+    assert [(r["backend"], r["batch"]) for r in report["latency"]] == [
+        ("torch-cpu", 1), ("ort-cpu", 1), ("torch-cpu", 4), ("ort-cpu", 4)]
+    assert all(r["worst_sample_cosine"] > 0.99999 for r in report["accuracy"])
+
+
+def test_missing_image_and_non_image_are_clear_errors(artifacts_root, capsys, tmp_path):
+    code, _, err = _main(capsys, TINY, "--artifacts", str(artifacts_root), "--image", str(tmp_path / "none.jpg"))
+    assert code == 2 and "does not exist" in err
+    (tmp_path / "fake.jpg").write_text("not a picture")
+    code, _, err = _main(capsys, TINY, "--artifacts", str(artifacts_root), "--image", str(tmp_path / "fake.jpg"))
+    assert code == 2 and "is not an image" in err and "Traceback" not in err
+
+
+def test_missing_artifact_says_how_to_make_it(tmp_path, capsys):
+    code, _, err = _main(capsys, "dinov3", "--artifacts", str(tmp_path))
+    assert code == 2
+    assert "no artifact for dinov3 under" in err and "run make export MODEL=dinov3" in err
+
+
+def test_require_npu_without_one_exits_2(artifacts_root, capsys):
+    code, _, err = _main(capsys, TINY, "--artifacts", str(artifacts_root), "--require", "torch-npu", *FAST)
+    assert code == 2 and "required backend torch-npu is unavailable" in err
+
+
+def test_unknown_backend_exits_2(artifacts_root, capsys):
+    code, _, err = _main(capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "torch-tpu")
+    assert code == 2 and "backend 'torch-tpu' is not known" in err
+
+
+def test_other_reference_backend(artifacts_root, capsys):
+    code, out, _ = _main(capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,ort-cpu",
+                         "--reference", "ort-cpu", *FAST)
+    assert code == 0 and "Accuracy against ort-cpu" in out and has_row(out, "torch-cpu", "pooled")
+
+
+def test_version_drift_since_export_is_warned(tiny_copy, capsys):
+    manifest_path = tiny_copy / TINY / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["versions"]["torch"] = "1.0.0"
+    manifest_path.write_text(json.dumps(manifest))
+    code, out, _ = _main(capsys, TINY, "--artifacts", str(tiny_copy), "--backends", "torch-cpu,ort-cpu", *FAST)
+    assert code == 0 and "exported with 1.0.0" in out
+
+
+class LowPrecisionCpu(TorchEager):
+    """The accelerator code path (follows --dtype) on the CPU, so fp16/bf16 runs are testable here."""
+
+    name = "torch-cpu-lowp"
+    device = "cpu"
+    follows_dtype = True
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_low_precision_run_is_judged_by_its_own_class(artifacts_root, capsys, monkeypatch, tmp_path, dtype):
+    monkeypatch.setitem(BACKENDS, LowPrecisionCpu.name, LowPrecisionCpu)
+    code, out, err = _main(capsys, "dinov3", "--artifacts", str(artifacts_root), "--backends", "torch-cpu,torch-cpu-lowp",
+                           "--dtype", dtype, "--no-latency", "--json", str(tmp_path / "r.json"))
+    assert code == 0, out + err
+    report = json.loads((tmp_path / "r.json").read_text())["reports"][0]
+    rows = report["accuracy"]
+    assert {r["tolerance"] for r in rows} == {dtype}
+    # Really ran in low precision: fp32 would agree to ~1e-7.
+    assert all(1e-4 < r["rel_error"] < r["max_rel"] for r in rows)
+    status = next(b for b in report["backends"] if b["name"] == "torch-cpu-lowp")
+    assert status["details"]["dtype"] == {"fp16": "float16", "bf16": "bfloat16"}[dtype]

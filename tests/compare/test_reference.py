@@ -1,0 +1,191 @@
+"""Saved references: the round trip, what they carry, and every way a wrong or damaged file is refused."""
+from __future__ import annotations
+
+import io
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compare import reference
+from compare.cli import main
+from compare.run import CompareOptions, compare
+from conftest import TINY, rewrite_weights
+
+HOST = socket.gethostname()
+FAST = ["--backends", "torch-cpu,ort-cpu", "--iters", "1", "--warmup", "0"]
+
+
+def cli(root: Path, model: str, *args: str) -> int:
+    return main([model, "--artifacts", str(root), *FAST, *args])
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(artifacts_root, tmp_path_factory) -> Path:
+    """A reference of the tiny model (default image input), saved once for this module."""
+    path = tmp_path_factory.mktemp("reference") / "tiny.npz"
+    assert cli(artifacts_root, TINY, "--save-reference", str(path)) == 0
+    return path
+
+
+def test_round_trip_passes_and_shows_stored_rows_in_json_and_table(artifacts_root, saved_tiny, tmp_path, capsys):
+    capsys.readouterr()
+    report_path = tmp_path / "report.json"
+    code = cli(artifacts_root, TINY, "--against", str(saved_tiny), "--json", str(report_path))
+    out = capsys.readouterr().out
+    assert code == 0
+    [report] = json.loads(report_path.read_text())["reports"]
+    stored = {f"torch-cpu@{HOST}", f"ort-cpu@{HOST}"}
+    assert stored <= {row["backend"] for row in report["accuracy"] if row["passed"]}
+    assert {b["name"]: b["status"] for b in report["backends"] if b["name"] in stored} == dict.fromkeys(stored, "stored")
+    assert all(b["details"]["host"] == HOST for b in report["backends"] if b["name"] in stored)
+    for name in stored:
+        assert name in out
+
+
+def test_dinov3_round_trip_passes(artifacts_root, tmp_path, capsys):
+    path = tmp_path / "dinov3.npz"
+    assert cli(artifacts_root, "dinov3", "--save-reference", str(path)) == 0
+    capsys.readouterr()
+    assert cli(artifacts_root, "dinov3", "--against", str(path)) == 0
+    assert f"ort-cpu@{HOST}" in capsys.readouterr().out
+
+
+def test_saved_file_loads_without_pickle_and_carries_input_outputs_and_metadata(saved_tiny):
+    with np.load(saved_tiny, allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    metadata = json.loads(str(arrays["metadata"]))
+    assert arrays["batch"].dtype == np.float32
+    assert {"outputs/torch-cpu/pooled", "outputs/torch-cpu/tokens", "outputs/ort-cpu/pooled", "outputs/ort-cpu/tokens"} <= set(arrays)
+    assert (metadata["version"], metadata["model"], metadata["host"], metadata["reference"]) == (1, TINY, HOST, "torch-cpu")
+    assert metadata["input"]["sha256"] and metadata["weights_sha256"] and metadata["environment"]["torch"]
+    assert metadata["backends"]["torch-cpu"]["tolerance"] == "same-host"
+    assert metadata["backends"]["ort-cpu"]["follows_dtype"] is False
+
+
+def test_loaded_reference_keys_backends_by_host_with_their_saved_tolerance(artifacts_root, saved_tiny):
+    manifest = json.loads((artifacts_root / TINY / "manifest.json").read_text())
+    stored = reference.load(str(saved_tiny), manifest)
+    assert set(stored.outputs) == {f"torch-cpu@{HOST}", f"ort-cpu@{HOST}"}
+    assert stored.tolerance_class(f"torch-cpu@{HOST}") == "same-host"
+    assert stored.tolerance_class(f"ort-cpu@{HOST}") == "same-host"
+    assert stored.follows_dtype(f"torch-cpu@{HOST}") is False
+    assert stored.taps == {}
+    assert {(s.name, s.status, s.details["host"]) for s in stored.statuses()} == {
+        (f"torch-cpu@{HOST}", "stored", HOST), (f"ort-cpu@{HOST}", "stored", HOST)}
+    assert stored.batch.dtype == np.float32 and list(stored.batch.shape) == stored.input["shape"]
+
+
+def test_save_keeps_the_file_name_exactly_as_given(artifacts_root, tmp_path):
+    path = tmp_path / "npu-host.reference"
+    assert cli(artifacts_root, TINY, "--no-latency", "--save-reference", str(path)) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["npu-host.reference"]
+
+
+def test_only_backends_that_ran_are_saved(artifacts_root, tmp_path):
+    path = tmp_path / "ref.npz"
+    code = main([TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,torch-npu", "--no-latency", "--save-reference", str(path)])
+    assert code == 0
+    with np.load(path, allow_pickle=False) as data:
+        saved = set(json.loads(str(data["metadata"]))["backends"])
+        keys = set(data.files)
+    assert saved == {"torch-cpu"}  # torch-npu is skipped on a host without torch_npu
+    assert not any("torch-npu" in key for key in keys)
+
+
+def test_layer_taps_travel_with_the_reference(artifacts_root, tmp_path):
+    report, run = compare(TINY, CompareOptions(artifacts=str(artifacts_root), backends=("torch-cpu",), latency=False))
+    tap = np.arange(12, dtype=np.float32).reshape(1, 3, 4)
+    run.taps = {"torch-cpu": {"blocks.0": tap, "norm": tap + 1}}
+    path = tmp_path / "taps.npz"
+    reference.save(path, report, run)
+    stored = reference.load(path, json.loads((artifacts_root / TINY / "manifest.json").read_text()))
+    assert set(stored.taps[f"torch-cpu@{HOST}"]) == {"blocks.0", "norm"}
+    np.testing.assert_array_equal(stored.taps[f"torch-cpu@{HOST}"]["norm"], tap + 1)
+
+
+def test_reference_saved_with_layers_carries_taps_that_compare_on_the_way_back(artifacts_root, tmp_path):
+    pytest.importorskip("compare.layers", reason="--layers (compare/layers.py) is not implemented yet")
+    path, report_path = tmp_path / "layers.npz", tmp_path / "report.json"
+    assert cli(artifacts_root, TINY, "--no-latency", "--layers", "--save-reference", str(path)) == 0
+    with np.load(path, allow_pickle=False) as data:
+        assert any(key.startswith("taps/torch-cpu/") for key in data.files)
+    assert cli(artifacts_root, TINY, "--no-latency", "--layers", "--against", str(path), "--json", str(report_path)) == 0
+    [report] = json.loads(report_path.read_text())["reports"]
+    assert f"torch-cpu@{HOST}" in {row["backend"] for row in report["layers"] if row["passed"]}
+
+
+def test_reference_of_another_model_is_refused(artifacts_root, saved_tiny, capsys):
+    capsys.readouterr()
+    assert cli(artifacts_root, "dinov3", "--against", str(saved_tiny)) == 2
+    err = capsys.readouterr().err
+    assert f"was saved for {TINY}" in err and "not dinov3" in err and "compare the same model" in err
+
+
+def test_reference_of_other_weights_is_refused(saved_tiny, tiny_copy, capsys):
+    rewrite_weights(tiny_copy / TINY, lambda state: state[next(iter(state))].add_(1.0))
+    capsys.readouterr()
+    assert cli(tiny_copy, TINY, "--against", str(saved_tiny)) == 2
+    err = capsys.readouterr().err
+    assert "other weights" in err and "same artifact" in err
+
+
+def test_reference_of_another_input_is_refused(artifacts_root, tmp_path, capsys):
+    path = tmp_path / "seed1.npz"
+    assert cli(artifacts_root, TINY, "--no-latency", "--input", "random", "--seed", "1", "--save-reference", str(path)) == 0
+    capsys.readouterr()
+    assert cli(artifacts_root, TINY, "--no-latency", "--input", "random", "--seed", "2", "--against", str(path)) == 2
+    assert "input differs" in capsys.readouterr().err
+
+
+def test_missing_reference_is_a_clear_error(artifacts_root, tmp_path, capsys):
+    assert cli(artifacts_root, TINY, "--against", str(tmp_path / "nowhere.npz")) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def _npz(arrays: dict) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _npy() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(3))
+    return buffer.getvalue()
+
+
+DAMAGE = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "cut-by-one-byte": lambda data: data[:-1],
+    "empty": lambda data: b"",
+    "text": lambda data: b"not a reference\n",
+    "npz-without-metadata": lambda data: _npz({"batch": np.zeros(3, np.float32)}),
+    "single-npy": lambda data: _npy(),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_reference_is_a_clear_error_without_traceback(artifacts_root, saved_tiny, tmp_path, capsys, damage):
+    path = tmp_path / "damaged.npz"
+    path.write_bytes(DAMAGE[damage](saved_tiny.read_bytes()))
+    capsys.readouterr()
+    assert cli(artifacts_root, TINY, "--against", str(path)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "truncated or not a reference file" in err or "is not a reference file" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_reference_of_an_unsupported_format_version_is_refused(artifacts_root, saved_tiny, tmp_path, capsys):
+    with np.load(saved_tiny, allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    metadata = json.loads(str(arrays["metadata"]))
+    arrays["metadata"] = np.array(json.dumps({**metadata, "version": 99}))
+    path = tmp_path / "future.npz"
+    path.write_bytes(_npz(arrays))
+    capsys.readouterr()
+    assert cli(artifacts_root, TINY, "--against", str(path)) == 2
+    assert "format version 99" in capsys.readouterr().err

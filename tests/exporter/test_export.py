@@ -1,0 +1,103 @@
+"""The exporter end to end: real dynamo exports of dinov2 and dinov3, checked with onnx and onnxruntime."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from exporter import artifact
+from exporter.export import ExportOptions, export
+from tests.conftest import TINY, run_cli
+
+EXPECTED = {
+    "dinov2": ("vit_small_patch14_reg4_dinov2.lvd142m", 518, 1374),
+    "dinov3": ("vit_small_patch16_dinov3.lvd1689m", 256, 261),
+}
+
+
+def _dims(value_info) -> list:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("key", sorted(EXPECTED))
+def test_registered_model_exports_at_native_size_with_dynamic_batch(artifacts_root, key):
+    timm_name, size, tokens = EXPECTED[key]
+    art = artifact.load(artifacts_root, key)
+    graph = onnx.load(str(art.path("model.onnx"))).graph
+    assert [i.name for i in graph.input] == ["pixel_values"]
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    batch = _dims(graph.input[0])[0]
+    assert isinstance(batch, str) and batch, "the batch axis must be symbolic"
+    assert _dims(graph.input[0])[1:] == [3, size, size]
+    assert {o.name: _dims(o)[1:] for o in graph.output} == {"pooled": [384], "tokens": [tokens, 384]}
+    manifest = art.manifest
+    assert manifest["timm_name"] == timm_name and manifest["alias"] == key
+    assert manifest["data_config"]["input_size"] == [3, size, size]
+    assert manifest["outputs"] == {"pooled": ["batch", 384], "tokens": ["batch", tokens, 384]}
+    assert manifest["exporter"].startswith("torch.onnx.export(dynamo=True)")
+    for name in ("python", "torch", "timm", "onnx", "onnxruntime"):
+        assert manifest["versions"][name]
+    assert manifest["weights_source"] == "random-init (seed 0)"
+    assert set(manifest["files"]) >= set(artifact.CORE_FILES)
+
+
+@pytest.mark.parametrize("key", sorted(EXPECTED))
+def test_onnx_passes_full_checker_and_matches_eager_at_batch_1_and_3(artifacts_root, key):
+    art = artifact.load(artifacts_root, key)
+    onnx.checker.check_model(str(art.path("model.onnx")), full_check=True)
+    sample = np.load(art.path("sample.npz"), allow_pickle=False)
+    session = ort.InferenceSession(str(art.path("model.onnx")), providers=["CPUExecutionProvider"])
+    for rows in ([0], [0, 1, 0]):
+        pooled, tokens = session.run(["pooled", "tokens"], {"pixel_values": sample["pixel_values"][rows]})
+        assert pooled.shape[0] == tokens.shape[0] == len(rows)
+        for got, want in ((pooled, sample["pooled"][rows]), (tokens, sample["tokens"][rows])):
+            cos = float(np.dot(got.ravel(), want.ravel()) / np.linalg.norm(got) / np.linalg.norm(want))
+            assert cos >= 0.99999
+            assert np.abs(got - want).max() <= 1e-4
+
+
+def test_failed_verification_exits_1_and_leaves_the_good_artifact_untouched(tiny_copy):
+    before = {p.name: p.read_bytes() for p in (tiny_copy / TINY).iterdir() if p.is_file()}
+    result = run_cli("exporter", TINY, "--artifacts", str(tiny_copy), "--weights", "random", "--seed", "7", "--max-abs", "1e-12")
+    assert result.returncode == 1, result.stderr
+    assert "differs from eager" in result.stderr and "Traceback" not in result.stderr
+    after = {p.name: p.read_bytes() for p in (tiny_copy / TINY).iterdir() if p.is_file()}
+    assert after == before
+    assert not list((tiny_copy / TINY).glob(".staging-*"))
+
+
+def test_cli_prints_summary_table_and_json(tmp_path):
+    result = run_cli("exporter", TINY, "--artifacts", str(tmp_path), "--weights", "random", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert rows[0]["model"] == TINY and rows[0]["input_size"] == [3, 160, 160]
+    assert rows[0]["cosine"] >= 0.99999 and rows[0]["nodes"] > 0
+    assert "WARNING" in result.stderr and "random weights" in result.stderr
+    table = run_cli("exporter", TINY, "--artifacts", str(tmp_path), "--weights", "random")
+    assert table.returncode == 0
+    assert "Exported artifacts" in table.stdout and "random-init (seed 0)" in table.stdout
+
+
+def test_unknown_model_exits_2_with_closest_names_and_no_traceback():
+    result = run_cli("exporter", "dinov4")
+    assert result.returncode == 2
+    assert "model 'dinov4' is not known" in result.stderr
+    assert "dinov2" in result.stderr and "dinov3" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_list_shows_the_aliases():
+    result = run_cli("exporter", "--list")
+    assert result.returncode == 0
+    assert "vit_small_patch14_reg4_dinov2.lvd142m" in result.stdout
+    assert "vit_small_patch16_dinov3.lvd1689m" in result.stdout
+
+
+def test_any_timm_vit_name_exports(tmp_path):
+    result = export("test_vit2.r160_in1k", tmp_path, ExportOptions(weights="random"))
+    art = artifact.load(tmp_path, "test_vit2.r160_in1k")
+    assert result.model == "test_vit2.r160_in1k" and art.manifest["alias"] is None
+    assert art.manifest["pretrained_tag"] == "r160_in1k"

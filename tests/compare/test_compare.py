@@ -2,22 +2,14 @@
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 
 from compare.backends import BACKENDS
-from compare.backends.torch_eager import TorchEager
 from compare.cli import main
-from tests.conftest import TINY, rewrite_weights
+from tests.helpers import TINY, LowPrecisionCpu, has_row, rewrite_weights
 
 FAST = ["--iters", "2", "--warmup", "0"]
-
-
-def has_row(text: str, *cells: str) -> bool:
-    """True when one line of a rendered Rich table holds `cells` in order, in adjacent columns."""
-    pattern = r"\s*│\s*".join(re.escape(c) for c in cells)
-    return re.search(pattern, text) is not None
 
 
 def _main(capsys, *args):
@@ -105,14 +97,6 @@ def test_version_drift_since_export_is_warned(tiny_copy, capsys):
     manifest_path.write_text(json.dumps(manifest))
     code, out, _ = _main(capsys, TINY, "--artifacts", str(tiny_copy), "--backends", "torch-cpu,ort-cpu", *FAST)
     assert code == 0 and "exported with 1.0.0" in out
-
-
-class LowPrecisionCpu(TorchEager):
-    """The accelerator code path (follows --dtype) on the CPU, so fp16/bf16 runs are testable here."""
-
-    name = "torch-cpu-lowp"
-    device = "cpu"
-    follows_dtype = True
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])

@@ -11,7 +11,7 @@ import pytest
 
 from exporter import artifact
 from exporter.errors import UserError
-from tests.conftest import ROOT, TINY
+from tests.helpers import ROOT, TINY
 
 
 def _start_export(root, *args):

@@ -10,7 +10,7 @@ import pytest
 
 from exporter import artifact
 from exporter.export import ExportOptions, export
-from tests.conftest import TINY, run_cli
+from tests.helpers import TINY, run_cli
 
 EXPECTED = {
     "dinov2": ("vit_small_patch14_reg4_dinov2.lvd142m", 518, 1374),

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from exporter import registry, weights
 from exporter.errors import UserError
 from exporter.export import ExportOptions, build_model, export
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 REPO = "timm/test_vit.r160_in1k"
 

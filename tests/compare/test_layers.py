@@ -1,0 +1,74 @@
+"""Per-block comparison: one row per block plus the final norm, and the first drifting block named."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from compare.backends import BACKENDS
+from compare.cli import main
+from exporter import artifact
+from tests.helpers import TINY, LowPrecisionCpu, has_row, rewrite_weights
+
+
+def _layers(capsys, tmp_path, model, root, *extra):
+    code = main([model, "--artifacts", str(root), "--layers", "--no-latency", "--json", str(tmp_path / "r.json"), *extra])
+    out = capsys.readouterr().out
+    return code, out, json.loads((tmp_path / "r.json").read_text())["reports"][0]
+
+
+@pytest.mark.parametrize("model,blocks", [("dinov2", 12), ("dinov3", 12)])
+def test_clean_artifact_passes_at_every_block(artifacts_root, capsys, tmp_path, model, blocks):
+    code, out, report = _layers(capsys, tmp_path, model, artifacts_root, "--backends", "torch-cpu,ort-cpu")
+    assert code == 0
+    rows = [r for r in report["layers"] if r["backend"] == "ort-cpu"]
+    assert [r["layer"] for r in rows] == [f"block_{i}" for i in range(blocks)] + ["norm"]
+    assert all(r["passed"] and r["cosine"] > 0.99999 for r in rows)
+    assert report["drift"]["ort-cpu"].startswith("ort-cpu: no drift")
+    assert has_row(out, "block_11") and "Per-block agreement" in out
+    # blocks.onnx is cached next to the artifact and hashed in its manifest.
+    art = artifact.load(artifacts_root, model)
+    assert "blocks.onnx" in art.manifest["files"] and art.manifest["blocks"]["count"] == blocks
+
+
+def test_perturbed_block_is_named_as_where_drift_starts(tiny_copy, capsys, tmp_path):
+    def perturb(state):
+        state["blocks.3.mlp.fc1.weight"] *= 1.05
+
+    rewrite_weights(tiny_copy / TINY, perturb)
+    code, out, report = _layers(capsys, tmp_path, TINY, tiny_copy, "--backends", "torch-cpu,ort-cpu")
+    assert code == 1
+    assert report["drift"]["ort-cpu"].startswith("ort-cpu: drift starts at block 3 (cos")
+    assert "drift starts at block 3" in out
+    passed = {r["layer"]: r["passed"] for r in report["layers"]}
+    assert passed["block_2"] and not passed["block_3"]
+
+
+def test_blocks_onnx_is_rebuilt_when_model_onnx_changes(tiny_copy, capsys, tmp_path):
+    _layers(capsys, tmp_path, TINY, tiny_copy, "--backends", "torch-cpu,ort-cpu")
+    built_from = artifact.load(tiny_copy, TINY).manifest["blocks"]["model_sha256"]
+    manifest_path = tiny_copy / TINY / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["blocks"]["model_sha256"] = "0" * 64  # as if model.onnx had been re-exported since
+    manifest_path.write_text(json.dumps(manifest))
+    before = (tiny_copy / TINY / "blocks.onnx").stat().st_mtime_ns
+    _layers(capsys, tmp_path, TINY, tiny_copy, "--backends", "torch-cpu,ort-cpu")
+    assert artifact.load(tiny_copy, TINY).manifest["blocks"]["model_sha256"] == built_from
+    assert (tiny_copy / TINY / "blocks.onnx").stat().st_mtime_ns != before
+
+
+def test_fp16_overflow_shows_the_block_where_nan_appears(tiny_copy, capsys, tmp_path, monkeypatch):
+    # Large activations in block 2 are finite in fp32 and overflow fp16's 65504, as DINOv3
+    # attention does on some accelerator stacks.
+    def inflate(state):
+        state["blocks.2.mlp.fc1.weight"] *= 3e4
+
+    rewrite_weights(tiny_copy / TINY, inflate)
+    monkeypatch.setitem(BACKENDS, LowPrecisionCpu.name, LowPrecisionCpu)
+    code, out, report = _layers(capsys, tmp_path, TINY, tiny_copy, "--backends", f"torch-cpu,{LowPrecisionCpu.name}", "--dtype", "fp16")
+    assert code == 1
+    rows = {r["layer"]: r for r in report["layers"]}
+    assert rows["block_1"]["passed"] and rows["block_1"]["nonfinite"] == 0
+    assert rows["block_2"]["nonfinite"] > 0
+    assert report["drift"][LowPrecisionCpu.name].startswith(f"{LowPrecisionCpu.name}: drift starts at block 2")
+    assert "NaN/Inf" in report["drift"][LowPrecisionCpu.name]

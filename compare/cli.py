@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from exporter import registry
-from exporter.cli import console
+from exporter.cli import Parser, console, guarded
 from exporter.artifact import write_json_atomic
 from exporter.errors import UserError
 
@@ -32,13 +32,8 @@ def _sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # usage errors: one line, exit code 2
-        raise UserError(f"{message}. See: python -m compare --help")
-
-
 def parse(argv=None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m compare", description="Run one input through eager CPU, eager accelerators and onnxruntime; report agreement and latency.")
+    parser = Parser(prog="python -m compare", description="Run one input through eager CPU, eager accelerators and onnxruntime; report agreement and latency.")
     parser.add_argument("models", nargs="*", help=f"aliases ({', '.join(registry.ALIASES)}) or timm names; default: every alias")
     parser.add_argument("--artifacts", default="artifacts", help="artifacts root (default: artifacts)")
     group = parser.add_argument_group("input")
@@ -71,6 +66,10 @@ def parse(argv=None) -> argparse.Namespace:
         raise UserError(f"--iters must be at least 1, got {args.iters}")
     if args.budget <= 0 or not math.isfinite(args.budget):
         raise UserError(f"--budget must be a positive number of seconds, got {args.budget}")
+    for flag in ("json", "save_reference", "report"):  # fail now, not after minutes of work
+        path = getattr(args, flag)
+        if path and not Path(path).resolve().parent.is_dir():
+            raise UserError(f"--{flag.replace('_', '-')} {path}: folder {Path(path).parent} does not exist; create it first")
     return args
 
 
@@ -123,14 +122,7 @@ def run(args: argparse.Namespace, out: Console, err: Console, argv) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     out, err = console(), console(stderr=True)
-    try:
-        return run(parse(argv), out, err, argv)
-    except UserError as error:
-        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        return error.exit_code
-    except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/]")
-        return 130
+    return guarded(lambda: run(parse(argv), out, err, argv), err)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ def header_table(report: Report) -> Table:
 
 def accuracy_table(report: Report) -> Table:
     table = Table(title=f"Accuracy against {report.reference}", title_justify="left")
-    for column in ("backend", "output", "shape", "cosine", "worst-sample cos", "max abs", "mean abs", "rel err", "NaN/Inf", "thresholds", "verdict"):
-        table.add_column(column, justify="left" if column in ("backend", "output", "shape", "thresholds", "verdict") else "right")
+    for column in ("backend", "output", "shape", "cosine", "worst-sample cos", "max abs", "mean abs", "rel err", "NaN/Inf", "thresholds / reason", "verdict"):
+        table.add_column(column, justify="left" if column in ("backend", "output", "shape", "thresholds / reason", "verdict") else "right")
     for row in report.accuracy:
         shape = "x".join(map(str, row.shape)) + ("" if row.shape_match else f" != {'x'.join(map(str, row.reference_shape))}")
         table.add_row(
@@ -55,7 +55,7 @@ def accuracy_table(report: Report) -> Table:
     for status in report.backends:
         if status.status in ("skipped", "error"):
             verdict = Text("SKIPPED", style="yellow") if status.status == "skipped" else FAIL
-            table.add_row(status.name, "-", Text(status.reason, style="yellow"), *[""] * 7, verdict)
+            table.add_row(status.name, "-", "-", *[""] * 6, Text(status.reason, style="yellow"), verdict)
     return table
 
 

@@ -14,8 +14,15 @@ from .errors import UserError
 DEFAULT_ARTIFACTS = "artifacts"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are UserErrors: one line, exit code 2, no usage dump."""
+
+    def error(self, message):
+        raise UserError(f"{message}. See: {self.prog} --help")
+
+
 def parse(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m exporter",
         description="Export timm ViTs to verified ONNX artifacts at their native resolution.",
     )
@@ -103,20 +110,32 @@ def console(stderr: bool = False) -> Console:
     return probe if probe.is_terminal else Console(stderr=stderr, width=200)
 
 
+def guarded(body, err: Console, interrupted: str = "interrupted") -> int:
+    """Run a CLI body and return its exit code; user errors become one line and a code, never a traceback."""
+    try:
+        return body()
+    except UserError as error:
+        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        return error.exit_code
+    except OSError as error:  # a path the user gave cannot be written or read: full disk, no permission
+        err.print(f"[bold red]error:[/] {error}; check the path and the free space", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err.print(f"[bold red]{interrupted}[/]")
+        return 130
+
+
 def main(argv=None) -> int:
     out, err = console(), console(stderr=True)
-    try:
+
+    def body() -> int:
         args = parse(argv)
         if args.list:
             out.print(aliases_table())
             return 0
         return run(args, out, err)
-    except UserError as error:
-        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        return error.exit_code
-    except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/]: no artifact was changed by the unfinished export")
-        return 130
+
+    return guarded(body, err, "interrupted: no artifact was changed by the unfinished export")
 
 
 if __name__ == "__main__":

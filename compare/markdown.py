@@ -1,0 +1,515 @@
+"""The Markdown validation report (`--report FILE`): environment, commands, accuracy, latency, drift, conclusions, charts."""
+from __future__ import annotations
+
+import io
+import math
+import re
+import shlex
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import quote
+
+from exporter.artifact import write_atomic
+
+from .results import BackendStatus, LayerComparison, Report
+
+# How numbers are printed. Every printed number equals the JSON's number rounded to this precision.
+COSINE = ".7f"  # 7 decimals: the thresholds go down to 0.99999, so two spare digits
+ERROR = ".2e"  # max abs, mean abs, relative error: 3 significant digits
+MS = ".2f"  # milliseconds per call: 10 µs steps
+RATE = ".1f"  # images per second
+SPEEDUP = ".2f"  # reference mean / this mean, shown as "1.08x"
+PRECISION_NOTE = (
+    "Cosines have 7 decimals; max abs, mean abs and relative errors have 3 significant digits; "
+    "latencies are milliseconds per call (the whole batch) with 2 decimals; images/s has 1 decimal; "
+    "speed-up is the reference's mean latency over this backend's at the same batch size, with 2 decimals. "
+    "Thresholds are printed in full. Each printed number is the JSON's (`--json`) rounded to that precision."
+)
+LOG_SPAN = 20  # latency charts switch to a log y axis when the backends differ more than this factor
+CHART_FLOOR = 1e-16  # 1 - cosine below float64 resolution is drawn here: a log axis has no zero
+PLOT_HINT = "Charts not drawn: matplotlib is not installed (install the plot extra: `pip install -e '.[plot]'`)."
+MAKE_VARIABLES = {"artifacts": "ARTIFACTS", "report": "REPORT", "save_reference": "SAVE", "against": "AGAINST"}
+DEFAULT_ARTIFACTS = "artifacts"
+
+
+def write(path: Path, reports: list[Report], command: str) -> list[Path]:
+    """Write the report to `path` and, with matplotlib, its PNG charts beside it. Returns every path written.
+
+    `command` is the `python -m compare ...` command line of this run, shown verbatim for reproduction.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    drawn = draw_charts(reports)
+    charts = None if drawn is None else {model: {} for model in drawn}
+    written = []
+    for model, pngs in (drawn or {}).items():
+        for kind, data in pngs.items():
+            chart = path.with_name(f"{path.stem}-{_slug(model)}-{kind}.png")
+            write_atomic(chart, data)
+            written.append(chart)
+            charts[model][kind] = chart.name
+    generated = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    # The document goes last, so its links never point at a chart that is not there yet.
+    write_atomic(path, document(reports, command, charts, generated).encode())
+    return [path, *written]
+
+
+# ---------------------------------------------------------------------------------------------
+# The document: pure functions from Reports to Markdown text.
+
+
+def document(reports: list[Report], command: str, charts: dict | None = None, generated: str = "") -> str:
+    """The whole report as Markdown.
+
+    `charts` maps a model to {"latency" | "blocks": file name relative to the document};
+    None means matplotlib was not available, and the document says so.
+    """
+    title = ", ".join(r.model for r in reports)
+    lines = [f"# Validation report: {title}", "", overall_verdict(reports), ""]
+    if generated:
+        lines += [f"Generated {generated}.", ""]
+    lines += ["## Reproduce", "", "```sh", *reproduce_commands(reports, command), "```", ""]
+    for report in reports:
+        # With one model the overall verdict above is that model's; no need to say it twice.
+        lines += model_section(report, None if charts is None else charts.get(report.model, {}), with_verdict=len(reports) > 1)
+    lines += ["## How the numbers are printed", "", PRECISION_NOTE, ""]
+    return "\n".join(lines)
+
+
+def model_section(report: Report, charts: dict | None, with_verdict: bool = True) -> list[str]:
+    """One model's part of the report, from its heading to its conclusions."""
+    lines = [f"## {report.model} (timm `{report.timm_name}`)", ""] + ([verdict(report), ""] if with_verdict else [])
+    lines += ["### Environment", "", *table(("component", "version"), environment_rows(report)), ""]
+    lines += [*table(("backend", "status", "device", "dtype", "settings or reason"), backend_rows(report)), ""]
+    lines += ["### Input, weights and reference", "", *table(("item", "value"), input_rows(report)), ""]
+    lines += [f"- warning: {_inline(w)}" for w in report.warnings]
+    lines += [""] if report.warnings else []
+    lines += ["### Accuracy", "", f"Each output of each backend against `{report.reference}`.", ""]
+    lines += [*accuracy_table(report), ""]
+    not_compared = [s for s in report.backends if s.status in ("skipped", "error")]
+    if not_compared:
+        lines += ["Not compared:", ""] + [f"- {s.name}: {s.status} ({_inline(s.reason)})" for s in not_compared] + [""]
+    lines += ["### Latency and throughput", ""]
+    if report.latency:
+        lines += [*latency_table(report), ""]
+        lines += _chart(charts, "latency", f"{report.model} latency and throughput by batch size")
+    else:
+        lines += ["Not measured (`--no-latency`).", ""]
+    if report.layers:
+        lines += ["### Per-block drift", ""]
+        lines += [f"- {_inline(sentence)}" for sentence in report.drift.values()] + [""]
+        lines += [*layers_table(report), ""]
+        lines += _chart(charts, "blocks", f"{report.model} cosine by block")
+    lines += ["### Conclusions", ""] + [f"- {_inline(conclusion(report, s))}" for s in report.backends] + [""]
+    return lines
+
+
+def _chart(charts: dict | None, kind: str, alt: str) -> list[str]:
+    if charts is None:
+        return [PLOT_HINT, ""]
+    if kind not in charts:
+        return []
+    return [f"![{alt}]({quote(charts[kind])})", ""]
+
+
+def overall_verdict(reports: list[Report]) -> str:
+    """One line for the whole document: the model's verdict, or how many models pass."""
+    if len(reports) == 1:
+        return verdict(reports[0])
+    failed = [r.model for r in reports if not r.passed]
+    passed = len(reports) - len(failed)
+    summary = f"{passed} of {len(reports)} models pass"
+    return f"**{'FAIL' if failed else 'PASS'}**: {summary}" + (f"; failing: {', '.join(failed)}." if failed else ".")
+
+
+def verdict(report: Report) -> str:
+    """One line: PASS/FAIL, what was compared against the reference, and what was not."""
+    compared = [s.name for s in report.backends if s.status in ("ran", "stored") and s.name != report.reference]
+    failed = sorted({r.backend for r in report.accuracy if not r.passed} | {s.name for s in report.backends if s.status == "error"})
+    skipped = [s.name for s in report.backends if s.status == "skipped"]
+    if failed:
+        text = f"**FAIL**: {', '.join(failed)} {_verb(failed, 'disagree')} with {report.reference}"
+    elif compared:
+        text = f"**PASS**: {', '.join(compared)} {_verb(compared, 'agree')} with {report.reference} within the thresholds"
+    else:
+        text = f"**PASS**, but no backend was compared: only the reference {report.reference} ran"
+    # A PASS that skipped the NPU says nothing about the NPU; the verdict line must say so.
+    return text + (f"; not run here: {', '.join(skipped)}." if skipped else ".")
+
+
+def _verb(names: list, verb: str) -> str:
+    return verb if len(names) > 1 else verb + "s"
+
+
+def environment_rows(report: Report) -> list[tuple[str, str]]:
+    """Library versions and devices. torch-npu and CANN always get a row, "not installed" or "-" when absent."""
+    versions = report.versions
+    # run._environment adds per-backend facts as "<backend> <fact>" keys (device_name, cann, cuda).
+    per_backend = {key: value for key, value in versions.items() if " " in key}
+    cann = sorted({str(value) for key, value in per_backend.items() if key.endswith(" cann") and value})
+    rows = [
+        ("python", versions.get("python")),
+        ("torch", versions.get("torch")),
+        ("torch-npu", versions.get("torch_npu") or "not installed"),
+        ("CANN", ", ".join(cann)),
+        ("timm", versions.get("timm")),
+        ("onnx", versions.get("onnx")),
+        ("onnxruntime", versions.get("onnxruntime")),
+    ]
+    shown = {"python", "torch", "torch_npu", "timm", "onnx", "onnxruntime"}
+    rows += [(key, value) for key, value in versions.items() if key not in shown and key not in per_backend]
+    rows += [(key.replace("device_name", "device"), value) for key, value in per_backend.items() if not key.endswith(" cann")]
+    return [(label, str(value) if value else "-") for label, value in rows]
+
+
+def backend_rows(report: Report) -> list[tuple[str, ...]]:
+    """Each backend's status, device, dtype, and either its settings or why it did not run."""
+    shown = {"device", "dtype", "device_name", "torch", "torch_npu", "onnxruntime", "cann", "cuda"}
+
+    def setting(value) -> str:
+        return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+    rows = []
+    for status in report.backends:
+        details = status.details
+        settings = "; ".join(f"{key}={setting(value)}" for key, value in details.items() if key not in shown)
+        rows.append((
+            status.name, status.status, str(details.get("device", "-")), str(details.get("dtype", "-")),
+            status.reason or settings or "-",
+        ))
+    return rows
+
+
+def input_rows(report: Report) -> list[tuple[str, str]]:
+    """What went in (input, weights, artifact) and what it was compared against."""
+    input_ = report.input
+    return [
+        ("input", f"{input_['kind']}: {input_['source']}"),
+        ("input shape", f"{'x'.join(map(str, input_['shape']))} {input_.get('dtype', '')}".strip()),
+        ("input sha256", f"`{input_.get('sha256', '-')}`"),
+        ("weights", report.weights_source),
+        ("weights sha256", f"`{report.weights_sha256}`"),
+        ("artifact", f"`{report.artifact}`"),
+        ("reference", f"{report.reference} (accelerators in {report.dtype})"),
+    ]
+
+
+def accuracy_table(report: Report) -> list[str]:
+    """Every (backend, output) row with its metrics, its thresholds and PASS/FAIL."""
+    header = ("backend", "output", "shape", "cosine", "worst-sample cosine", "max abs", "mean abs", "rel err",
+              "NaN/Inf", "tolerance", "min cosine", "max rel", "verdict")
+    rows = []
+    for r in report.accuracy:
+        shape = "x".join(map(str, r.shape)) + ("" if r.shape_match else f" (reference {'x'.join(map(str, r.reference_shape))})")
+        rows.append((
+            r.backend, r.output, shape, _num(r.cosine, COSINE), _num(r.worst_sample_cosine, COSINE),
+            _num(r.max_abs, ERROR), _num(r.mean_abs, ERROR), _num(r.rel_error, ERROR), str(r.nonfinite),
+            r.tolerance, repr(r.min_cosine), repr(r.max_rel), _passfail(r.passed),
+        ))
+    if not rows:
+        return ["No backend besides the reference produced outputs."]
+    return table(header, rows)
+
+
+def latency_table(report: Report) -> list[str]:
+    """One row per (backend, batch size): percentiles, mean and std in ms, throughput, speed-up."""
+    header = ("backend", "batch", "warm-up", "iters", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "images/s", "speed-up")
+    rows = [
+        (
+            r.backend, str(r.batch), str(r.warmup), str(r.iters), _num(r.p50_ms, MS), _num(r.p90_ms, MS),
+            _num(r.p99_ms, MS), _num(r.mean_ms, MS), _num(r.std_ms, MS), _num(r.images_per_s, RATE), _speedup(r.speedup),
+        )
+        for r in sorted(report.latency, key=lambda r: r.batch)  # stable: backends keep their order within a batch
+    ]
+    return table(header, rows)
+
+
+def layers_table(report: Report) -> list[str]:
+    """Block by backend: cosine and relative error of every tap; failing cells in bold."""
+    backends = list(dict.fromkeys(r.backend for r in report.layers))
+    cells = {(r.backend, r.layer): r for r in report.layers}
+    header = ["layer"] + [f"{b} {metric}" for b in backends for metric in ("cosine", "rel err")]
+    rows = []
+    for layer in dict.fromkeys(r.layer for r in report.layers):
+        row = [layer]
+        for backend in backends:
+            row += _layer_cells(cells.get((backend, layer)))
+        rows.append(row)
+    return ["Bold: the block fails its thresholds.", "", *table(header, rows)]
+
+
+def _layer_cells(cell: LayerComparison | None) -> list[str]:
+    if cell is None:
+        return ["-", "-"]
+    values = [_num(cell.cosine, COSINE), _num(cell.rel_error, ERROR)]
+    return values if cell.passed else [f"**{v}**" for v in values]
+
+
+def conclusion(report: Report, status: BackendStatus) -> str:
+    """One line for one backend, e.g. "ort-cpu: PASS, max rel err 3.20e-07, min cosine 1.0000000, 1.08x the reference at batch 1"."""
+    name = status.name
+    if status.status in ("skipped", "error"):
+        return f"{name}: {status.status} ({status.reason})"
+    speed = _speed_summary(report, name)
+    if name == report.reference and status.status == "ran":
+        return f"{name}: the reference" + (f", {speed}" if speed else "")
+    rows = [r for r in report.accuracy if r.backend == name]
+    if not rows:
+        return f"{name}: ran, but produced no compared output"
+    failing = [r.output for r in rows if not r.passed]
+    parts = [f"{name}: " + (f"FAIL ({', '.join(failing)})" if failing else "PASS")]
+    parts.append(f"max rel err {_num(_worst(r.rel_error for r in rows), ERROR)}")
+    parts.append(f"min cosine {_num(_worst((r.worst_sample_cosine for r in rows), lowest=True), COSINE)}")
+    parts += [speed] if speed else []
+    first_bad = next((r.layer for r in report.layers if r.backend == name and not r.passed), None)
+    parts += [f"first failing layer {first_bad}"] if first_bad else []
+    parts += ["stored results from another host"] if status.status == "stored" else []
+    return ", ".join(parts)
+
+
+def _speed_summary(report: Report, backend: str) -> str:
+    """Speed-up (or, for the reference, p50 latency) at the smallest and the largest batch size."""
+    rows = sorted((r for r in report.latency if r.backend == backend), key=lambda r: r.batch)
+    if not rows:
+        return ""
+    ends = rows if len(rows) <= 2 else [rows[0], rows[-1]]
+    if backend == report.reference:
+        return ", ".join(f"p50 {_num(r.p50_ms, MS)} ms ({_num(r.images_per_s, RATE)} images/s) at batch {r.batch}" for r in ends)
+    first, *rest = ends
+    return ", ".join([f"{_speedup(first.speedup)} the reference at batch {first.batch}",
+                      *(f"{_speedup(r.speedup)} at batch {r.batch}" for r in rest)])
+
+
+def _worst(values, lowest: bool = False) -> float:
+    """The largest (or lowest) value; NaN when any value is NaN, since a NaN metric is the worst there is."""
+    values = list(values)
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    return min(values) if lowest else max(values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reproduction commands.
+
+
+def reproduce_commands(reports: list[Report], command: str) -> list[str]:
+    """The exact command of this run, then `make export` and `make compare` lines that repeat it."""
+    lines = ["# this run", command]
+    make = make_compare(command)
+    if make is None:  # not a command line the Makefile can express; the exact one is enough
+        return lines
+    lines += ["# the same with make: export the artifacts, then compare"]
+    for report in reports:
+        root = str(Path(report.artifact).parent)
+        variables = [f"MODEL={shlex.quote(report.model)}"]
+        variables += [] if root == DEFAULT_ARTIFACTS else [_make_variable("ARTIFACTS", root)]
+        args = export_args(report.weights_source)
+        variables += [_make_variable("ARGS", *args)] if args else []
+        lines.append(" ".join(["make export", *variables]))
+    return lines + [make]
+
+
+def export_args(weights_source: str) -> list[str]:
+    """Exporter flags that rebuild the weights named by a manifest's weights_source (see exporter/weights.py)."""
+    kind, _, rest = weights_source.partition(" ")
+    if kind == "random-init":
+        seed = re.search(r"seed (\d+)", rest)
+        return ["--weights", "random"] + (["--seed", seed.group(1)] if seed and seed.group(1) != "0" else [])
+    if kind == "file":
+        return ["--weights", rest]
+    return []  # hf-cache or hub: the exporter's default ("auto") finds the same weights
+
+
+def make_compare(command: str) -> str | None:
+    """`make compare ...` with the same effect as `command`, or None when it cannot be expressed.
+
+    The flags are rebuilt from the parsed command (every long option is named after its dest),
+    and the result is parsed again: it is only returned when both parse to the same options.
+    """
+    from exporter.errors import UserError
+
+    from .cli import parse
+
+    try:
+        tokens = shlex.split(command)
+        if tokens[1:3] != ["-m", "compare"]:
+            return None
+        args, defaults = vars(parse(tokens[3:])), vars(parse([]))
+    except (ValueError, UserError):  # unbalanced quotes, or options the CLI refuses
+        return None
+    variables, flags = [], []
+    if args["models"]:
+        variables.append(f"MODEL={shlex.quote(' '.join(args['models']))}")
+    for dest, value in args.items():
+        if dest == "models" or value == defaults[dest]:
+            continue
+        if dest in MAKE_VARIABLES:
+            variables.append(_make_variable(MAKE_VARIABLES[dest], str(value)))
+        elif value is True:
+            flags.append(_flag(dest))
+        else:
+            flags += [_flag(dest), ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    # What the Makefile's recipe runs with these variables.
+    rebuilt = [*args["models"], "--artifacts", args["artifacts"]]
+    rebuilt += [f for dest in ("save_reference", "against", "report") if args[dest] for f in (_flag(dest), args[dest])]
+    try:
+        if vars(parse(rebuilt + flags)) != args:
+            return None
+    except UserError:
+        return None
+    variables += [_make_variable("ARGS", *flags)] if flags else []
+    return " ".join(["make compare", *variables])
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _make_variable(name: str, *words: str) -> str:
+    # Quoted twice: once for the shell that runs make, once for the recipe's shell, which gets
+    # the value pasted in unquoted (`--report $(REPORT)`), so a path with a space stays one word.
+    return f"{name}={shlex.quote(shlex.join(words))}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown helpers.
+
+
+def table(header, rows) -> list[str]:
+    """A GitHub-flavoured Markdown table; numeric-looking columns are right-aligned."""
+    rows = [[_cell(c) for c in row] for row in rows]
+    align = ["---:" if rows and all(_numeric(row[i]) for row in rows) else "---" for i in range(len(header))]
+    return [_row(header), _row(align)] + [_row(row) for row in rows]
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _cell(value) -> str:
+    return _inline(str(value)).replace("|", "\\|")
+
+
+def _inline(text: str) -> str:
+    return " ".join(str(text).split())  # a newline would end the table row or the list item
+
+
+def _numeric(text: str) -> bool:
+    return bool(re.fullmatch(r"\**[-+]?(\d[\d.]*(e[-+]?\d+)?|nan|inf)x?\**|-", text))
+
+
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)  # format prints NaN and Inf as nan and inf
+
+
+def _speedup(value) -> str:
+    return "-" if value is None else f"{_num(value, SPEEDUP)}x"
+
+
+def _passfail(passed: bool) -> str:
+    return "PASS" if passed else "**FAIL**"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Charts (the optional `plot` extra).
+
+
+def draw_charts(reports: list[Report]) -> dict[str, dict[str, bytes]] | None:
+    """PNG bytes by model and kind ("latency", and "blocks" with --layers); None without matplotlib."""
+    try:
+        import matplotlib  # noqa: F401 - optional: the plot extra
+    except ImportError:
+        return None
+    charts = {}
+    for report in reports:
+        pngs = {}
+        if report.latency:
+            pngs["latency"] = latency_chart(report)
+        if report.layers:
+            pngs["blocks"] = blocks_chart(report)
+        charts[report.model] = pngs
+    return charts
+
+
+def _figure(width: float, height: float):
+    # A Figure on its own Agg canvas: no pyplot, so no global backend switch and no GUI in a headless run.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _name(report: Report) -> str:
+    return report.model if report.model == report.timm_name else f"{report.model} ({report.timm_name})"
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def latency_chart(report: Report) -> bytes:
+    """p50 latency (with a bar up to p90) and throughput against batch size, one line per backend."""
+    figure = _figure(11, 4.2)
+    ms_axis, rate_axis = figure.subplots(1, 2)
+    for backend in dict.fromkeys(r.backend for r in report.latency):
+        rows = sorted((r for r in report.latency if r.backend == backend), key=lambda r: r.batch)
+        batches = [r.batch for r in rows]
+        upper = [r.p90_ms - r.p50_ms for r in rows]
+        ms_axis.errorbar(batches, [r.p50_ms for r in rows], yerr=[[0] * len(rows), upper], marker="o", capsize=3, label=backend)
+        rate_axis.plot(batches, [r.images_per_s for r in rows], marker="o", label=backend)
+    batches = sorted({r.batch for r in report.latency})
+    for axis, label, title in (
+        (ms_axis, "ms per call (whole batch)", "latency: p50, bar up to p90"),
+        (rate_axis, "images/s", "throughput"),
+    ):
+        if len(batches) > 1:
+            axis.set_xscale("log", base=2)  # batch sizes usually double
+        axis.set_xticks(batches, [str(b) for b in batches])
+        lows, highs = axis.dataLim.intervaly
+        if lows > 0 and highs / lows > LOG_SPAN:
+            axis.set_yscale("log")  # an NPU 30x faster than the CPU would be a flat line at zero otherwise
+        else:
+            axis.set_ylim(0, highs * 1.1)  # from zero, with room above the highest marker
+        axis.minorticks_off()
+        axis.set(xlabel="batch size", ylabel=label, title=title)
+        axis.grid(True, alpha=0.3)
+    ms_axis.legend()
+    figure.suptitle(f"{_name(report)}: latency and throughput by batch size")
+    return _png(figure)
+
+
+def blocks_chart(report: Report) -> bytes:
+    """Cosine by block for each backend, drawn as 1 - cosine on a log axis; failing blocks marked."""
+    layers = list(dict.fromkeys(r.layer for r in report.layers))
+    position = {layer: i for i, layer in enumerate(layers)}
+    figure = _figure(max(6.0, 0.45 * len(layers) + 2.5), 4.5)
+    axis = figure.subplots()
+    failing_labelled = False
+    for backend in dict.fromkeys(r.backend for r in report.layers):
+        rows = [r for r in report.layers if r.backend == backend]
+        # Cosines sit within 1e-6 of 1, where a linear axis shows one flat line; 1 - cosine on a log axis shows the drift.
+        xs = [position[r.layer] for r in rows]
+        ys = [max(1.0 - r.cosine, CHART_FLOOR) for r in rows]
+        axis.plot(xs, ys, marker="o", markersize=4, label=backend)
+        bad = [(x, y) for x, y, r in zip(xs, ys, rows) if not r.passed]
+        if bad:
+            axis.scatter(*zip(*bad), marker="x", s=80, color="red", zorder=3, label=None if failing_labelled else "fails its thresholds")
+            failing_labelled = True
+    # The thresholds anchor the log axis: without them a drift from 2e-13 to 3e-13 fills the chart.
+    thresholds = {(r.tolerance, r.min_cosine) for r in report.accuracy if r.backend in {row.backend for row in report.layers}}
+    for (name, min_cosine), style in zip(sorted(thresholds), ("--", ":", "-.")):
+        axis.axhline(1.0 - min_cosine, color="gray", linestyle=style, label=f"threshold: {name}, cos >= {min_cosine!r}")
+    axis.set_yscale("log")
+    axis.set_xticks(range(len(layers)), layers, rotation=60, ha="right")
+    axis.set(ylabel=f"1 - cosine (log; floor {CHART_FLOOR:g})", title=f"{_name(report)}: cosine by block against {report.reference} (lower is closer)")
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    return _png(figure)

@@ -54,7 +54,9 @@ bench: $(SETUP_DEP)
 
 # pytest exits 5 when it collects no test; that is a failure here, not a pass.
 test: $(SETUP_DEP)
-	$(PYTHON) -m pytest $(ARGS)
+	@status=0; $(PYTHON) -m pytest $(ARGS) || status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
+	exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache

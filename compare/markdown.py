@@ -509,7 +509,7 @@ def blocks_chart(report: Report) -> bytes:
         axis.axhline(1.0 - min_cosine, color="gray", linestyle=style, label=f"threshold: {name}, cos >= {min_cosine!r}")
     axis.set_yscale("log")
     axis.set_xticks(range(len(layers)), layers, rotation=60, ha="right")
-    axis.set(ylabel=f"1 - cosine (log; floor {CHART_FLOOR:g})", title=f"{_name(report)}: cosine by block against {report.reference} (lower is closer)")
+    axis.set(ylabel=f"1 - cosine (log; floor {CHART_FLOOR:g})", title=f"{report.model}: 1 - cosine by block against {report.reference} (lower is closer)")
     axis.grid(True, alpha=0.3)
     axis.legend()
     return _png(figure)

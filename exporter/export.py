@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import logging
@@ -128,6 +129,9 @@ def _quiet(verbose: bool):
 
 def trace_to_onnx(model, input_size, path: Path, opset: int, verbose: bool) -> None:
     """Write `model` as ONNX with one dynamic-batch input and the outputs pooled and tokens."""
+    parameters = inspect.signature(torch.onnx.export).parameters
+    if "dynamo" not in parameters:  # the dynamo exporter arrived in torch 2.5
+        raise UserError(f"torch {torch.__version__} has no dynamo ONNX exporter; install torch >= 2.5")
     example = torch.from_numpy(sample_batch(input_size))
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
@@ -140,10 +144,9 @@ def trace_to_onnx(model, input_size, path: Path, opset: int, verbose: bool) -> N
                 output_names=list(OUTPUT_NAMES),
                 dynamic_shapes=({0: batch},),
                 opset_version=opset,
-                external_data=False,
                 verbose=verbose,
             )
-            program.save(str(path), external_data=False)
+            program.save(str(path))
     except Exception as error:  # noqa: BLE001 - the exporter raises many types; the user needs the gist
         raise CheckFailed(f"ONNX export failed: {_first_line(error)}; run again with -v for the exporter's log") from error
 
@@ -251,7 +254,8 @@ def export(
             "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         onnx_bytes = (stage / "model.onnx").stat().st_size
-        artifact.publish(folder, {n: stage / n for n in artifact.CORE_FILES}, manifest)
+        # Everything staged, including model.onnx.data if the exporter split off weights over 2 GB.
+        artifact.publish(folder, {p.name: p for p in sorted(stage.iterdir()) if p.is_file()}, manifest)
     return ExportResult(
         model=spec.key,
         timm_name=spec.timm_name,

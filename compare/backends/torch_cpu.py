@@ -2,8 +2,20 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 from .torch_eager import TorchEager
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo where there is one, else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class TorchCpu(TorchEager):
@@ -12,4 +24,4 @@ class TorchCpu(TorchEager):
     tolerance = "same-host"  # judged strictly when another backend is the reference
 
     def open_device(self):
-        return {"device_name": platform.processor() or platform.machine()}
+        return {"device_name": cpu_name()}

@@ -42,7 +42,14 @@ class TorchNpu(TorchEager):
             name = torch.npu.get_device_name(0)
         except (RuntimeError, OSError) as error:
             raise BackendUnavailable(_reason(error)) from error
-        return {"device_name": name, "torch_npu": getattr(torch_npu, "__version__", "unknown"), "cann": _cann_version(torch_npu)}
+        return {
+            "device_name": name,
+            "torch_npu": getattr(torch_npu, "__version__", "unknown"),
+            "cann": _cann_version(torch_npu),
+            # HF32 is the NPU's TF32: fp32 convolutions use it by default. Left as deployed, but recorded,
+            # since it explains fp32 differences of ~1e-3 against the CPU.
+            "hf32": {kind: getattr(getattr(torch.npu, kind, None), "allow_hf32", None) for kind in ("matmul", "conv")},
+        }
 
     def synchronize(self):
         import torch

@@ -1,7 +1,7 @@
 """The comparison itself: one input through every backend, then agreement and latency. Never prints."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -210,7 +210,7 @@ def _latency(options: CompareOptions, loaded: dict[str, Backend], batch: np.ndar
         ref = cell.get(options.reference)
         for stats in cell.values():
             speedup = ref.mean_ms / stats.mean_ms if ref else None
-            timings.append(type(stats)(**{**stats.__dict__, "speedup": speedup}))
+            timings.append(replace(stats, speedup=speedup))
     return timings
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -50,8 +51,20 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def _strict(value):
+    """`value` with NaN and infinities as None: strict JSON has no spelling for them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
-    write_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+    """Write `data` as strict JSON (NaN and Inf become null), atomically."""
+    write_atomic(path, (json.dumps(_strict(data), indent=2, allow_nan=False) + "\n").encode())
 
 
 @contextmanager

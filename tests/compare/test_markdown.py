@@ -42,7 +42,6 @@ FORMATS = {
     **dict.fromkeys(("p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms"), MS_TEXT),
     "images/s": r"\d+\.\d", "speed-up": r"\d+\.\d\dx",
 }
-HAS_LAYERS = importlib.util.find_spec("compare.layers") is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,7 +377,6 @@ def test_layer_rows_give_a_drift_section_and_a_block_chart(tiny_report, tmp_path
         assert charts[0] in written
 
 
-@pytest.mark.skipif(not HAS_LAYERS, reason="compare/layers.py is not there yet")
 def test_layers_flag_puts_the_json_drift_and_block_numbers_in_the_report(artifacts_root, tmp_path):
     _, text, results = run_cli(artifacts_root, tmp_path, "--backends", "torch-cpu,ort-cpu", "--no-latency", "--layers")
     report = results["reports"][0]

@@ -107,7 +107,6 @@ def test_layer_taps_travel_with_the_reference(artifacts_root, tmp_path):
 
 
 def test_reference_saved_with_layers_carries_taps_that_compare_on_the_way_back(artifacts_root, tmp_path):
-    pytest.importorskip("compare.layers", reason="--layers (compare/layers.py) is not implemented yet")
     path, report_path = tmp_path / "layers.npz", tmp_path / "report.json"
     assert cli(artifacts_root, TINY, "--no-latency", "--layers", "--save-reference", str(path)) == 0
     with np.load(path, allow_pickle=False) as data:

@@ -6,7 +6,6 @@ import numpy as np
 from . import metrics
 from .backends import BackendUnavailable
 from .results import LayerComparison
-from .tolerances import tolerance_for
 
 
 def layer_rows(backend: str, got: dict, want: dict, tolerance) -> list[LayerComparison]:
@@ -33,24 +32,24 @@ def drift_line(backend: str, rows: list[LayerComparison], tolerance) -> str:
     return f"{backend}: drift starts at {where} (cos {first.cosine:.4f}, rel err {first.rel_error:.2e}{nan})"
 
 
-def compare_layers(art, loaded, statuses, batch, options, run, stored, step):
+def compare_layers(art, loaded, batch, options, run, stored, step):
     """Taps of every loaded (and stored) backend against the reference's. Returns (rows, drift lines)."""
+    from .run import judged_by
+
     for name, backend in loaded.items():
         step(f"{art.key}: per-block outputs of {name}")
         try:
             run.taps[name] = backend.layers(art, batch)
         except BackendUnavailable:
             continue
-    want = run.taps[options.reference]
-    sources = [(name, loaded[name].tolerance, loaded[name].follows_dtype, taps)
-               for name, taps in run.taps.items() if name != options.reference]
     if stored is not None:
-        sources += [(name, stored.tolerance_class(name), stored.follows_dtype(name), taps)
-                    for name, taps in stored.taps.items()]
+        run.taps.update(stored.taps)
+    want = run.taps[options.reference]
     rows, drift = [], {}
-    for name, tolerance_class, follows_dtype, taps in sources:
-        dtype = stored.dtype if stored is not None and name in stored.taps else options.dtype
-        tolerance = tolerance_for(tolerance_class, dtype, follows_dtype, options.min_cosine, options.max_rel)
+    for name, taps in run.taps.items():
+        if name == options.reference:
+            continue
+        tolerance = judged_by(name, loaded, stored, options)
         backend_rows = layer_rows(name, taps, want, tolerance)
         rows += backend_rows
         drift[name] = drift_line(name, backend_rows, tolerance)

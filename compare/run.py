@@ -109,11 +109,17 @@ def open_backends(options: CompareOptions, art: artifact.Artifact, step) -> tupl
         except BackendUnavailable as why:
             statuses.append(BackendStatus(name, "skipped", str(why)))
             continue
+        except UserError:
+            raise
+        except Exception as error:  # noqa: BLE001 - present but unable to load this artifact: a finding
+            statuses.append(BackendStatus(name, "error", f"failed to load the artifact: {_first_line(error)}"))
+            continue
         loaded[name] = backend
         statuses.append(BackendStatus(name, "ran", details=details))
     skipped = {s.name: s.reason for s in statuses if s.status == "skipped"}
-    if options.reference in skipped:
-        raise UserError(f"the reference backend {options.reference} cannot run here: {skipped[options.reference]}; pick another with --reference")
+    if options.reference not in loaded:
+        why = skipped.get(options.reference) or next(s.reason for s in statuses if s.name == options.reference)
+        raise UserError(f"the reference backend {options.reference} cannot run here: {why}; pick another with --reference")
     for name in options.require:
         if name in skipped:
             raise UserError(f"required backend {name} is unavailable: {skipped[name]}")
@@ -135,33 +141,33 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
     batch, described = _input(options, manifest, stored)
     loaded, statuses = open_backends(options, art, step)
     run = Run(batch=batch)
+    failed = {}
     for name, backend in loaded.items():
         step(f"{spec.key}: running {name}")
         try:
             run.outputs[name] = backend.run(batch)
         except Exception as error:  # noqa: BLE001 - a device failing mid-run is a finding, not a crash
-            statuses = [BackendStatus(s.name, "error", f"failed while running: {str(error).splitlines()[0]}", s.details)
-                        if s.name == name else s for s in statuses]
+            failed[name] = f"failed while running: {_first_line(error)}"
+    for name in failed:
+        del loaded[name]
+    statuses = [BackendStatus(s.name, "error", failed[s.name], s.details) if s.name in failed else s for s in statuses]
     if options.reference not in run.outputs:
-        raise UserError(f"the reference backend {options.reference} failed while running; see the error row")
+        raise UserError(f"the reference backend {options.reference} {failed[options.reference]}")
     want = run.outputs[options.reference]
-    accuracy = []
-    for status in statuses:
-        if status.name in run.outputs and status.name != options.reference:
-            backend = loaded[status.name]
-            tolerance = tolerance_for(backend.tolerance, options.dtype, backend.follows_dtype, options.min_cosine, options.max_rel)
-            accuracy += compare_outputs(status.name, run.outputs[status.name], want, tolerance)
     if stored is not None:
         statuses += stored.statuses()
-        for name, outputs in stored.outputs.items():
-            tolerance = tolerance_for(stored.tolerance_class(name), stored.dtype, stored.follows_dtype(name), options.min_cosine, options.max_rel)
-            accuracy += compare_outputs(name, outputs, want, tolerance)
-    timings = _latency(options, loaded, batch, step, spec.key) if options.latency else []
+        run.outputs.update(stored.outputs)
+    accuracy = [
+        row
+        for name, outputs in run.outputs.items() if name != options.reference
+        for row in compare_outputs(name, outputs, want, judged_by(name, loaded, stored, options))
+    ]
+    timings, timing_failures = _latency(options, loaded, batch, step, spec.key) if options.latency else ([], [])
     layers, drift = [], {}
     if options.layers:
         from . import layers as layer_module
 
-        layers, drift = layer_module.compare_layers(art, loaded, statuses, batch, options, run, stored, step)
+        layers, drift = layer_module.compare_layers(art, loaded, batch, options, run, stored, step)
     report = Report(
         model=spec.key,
         timm_name=manifest["timm_name"],
@@ -172,7 +178,7 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
         reference=options.reference,
         dtype=options.dtype,
         versions=_environment(statuses),
-        warnings=version_warnings(manifest),
+        warnings=version_warnings(manifest) + timing_failures,
         backends=statuses,
         accuracy=accuracy,
         latency=timings,
@@ -198,20 +204,36 @@ def _input(options: CompareOptions, manifest: dict, stored) -> tuple[np.ndarray,
 
 
 def _latency(options: CompareOptions, loaded: dict[str, Backend], batch: np.ndarray, step, key: str):
+    """Latency rows for every (batch size, backend), and a warning for each cell that failed (e.g. out of memory)."""
     sizes = options.batch_sizes or (batch.shape[0],)
-    timings = []
+    timings, failures = [], []
     for size in sizes:
         rows = np.resize(np.arange(batch.shape[0]), size)  # cycle the input's samples up to `size`
         sized = np.ascontiguousarray(batch[rows])
         cell = {}
         for name, backend in loaded.items():
             step(f"{key}: timing {name} at batch {size}")
-            cell[name] = latency.measure(backend, sized, options.warmup, options.iters, options.budget_s)
+            try:
+                cell[name] = latency.measure(backend, sized, options.warmup, options.iters, options.budget_s)
+            except Exception as error:  # noqa: BLE001 - a batch too big for the device is a finding
+                failures.append(f"{name} could not be timed at batch {size}: {_first_line(error)}")
         ref = cell.get(options.reference)
         for stats in cell.values():
-            speedup = ref.mean_ms / stats.mean_ms if ref else None
-            timings.append(replace(stats, speedup=speedup))
-    return timings
+            timings.append(replace(stats, speedup=ref.mean_ms / stats.mean_ms if ref else None))
+    return timings, failures
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def judged_by(name: str, loaded: dict[str, Backend], stored, options: CompareOptions) -> Tolerance:
+    """The tolerance of a local backend, or of a stored one (judged by the dtype it ran in)."""
+    if name in loaded:
+        backend = loaded[name]
+        return tolerance_for(backend.tolerance, options.dtype, backend.follows_dtype, options.min_cosine, options.max_rel)
+    return tolerance_for(stored.tolerance_class(name), stored.dtype, stored.follows_dtype(name), options.min_cosine, options.max_rel)
 
 
 def _environment(statuses: list[BackendStatus]) -> dict:

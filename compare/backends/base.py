@@ -24,7 +24,8 @@ class Backend:
     def load(self, artifact, dtype: str) -> dict[str, Any]:
         """Get ready to run `artifact` in `dtype`; return facts worth reporting (device, options).
 
-        Raises BackendUnavailable when this host cannot run the backend.
+        Raises BackendUnavailable when this host cannot run the backend. Any other exception means
+        the backend is here but fails on this artifact, which the comparison reports as a failure.
         """
         raise NotImplementedError
 

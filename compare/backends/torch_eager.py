@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Backend, BackendUnavailable
+from .base import Backend
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -32,10 +32,7 @@ class TorchEager(Backend):
 
         facts = self.open_device()
         self.dtype = getattr(torch, DTYPES[dtype if self.follows_dtype else "fp32"])
-        try:
-            self.module = TwoOutputs(rebuild_model(artifact)).to(device=self.device, dtype=self.dtype)
-        except (RuntimeError, OSError) as error:
-            raise BackendUnavailable(f"cannot place the model on {self.device}: {str(error).splitlines()[0]}") from error
+        self.module = TwoOutputs(rebuild_model(artifact)).to(device=self.device, dtype=self.dtype)
         return {
             "device": self.device,
             "dtype": str(self.dtype).replace("torch.", ""),

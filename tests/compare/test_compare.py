@@ -112,3 +112,41 @@ def test_low_precision_run_is_judged_by_its_own_class(artifacts_root, capsys, mo
     assert all(1e-4 < r["rel_error"] < r["max_rel"] for r in rows)
     status = next(b for b in report["backends"] if b["name"] == "torch-cpu-lowp")
     assert status["details"]["dtype"] == {"fp16": "float16", "bf16": "bfloat16"}[dtype]
+
+
+def _graph_that_fails_at_run(path, ir_version):
+    """A graph with the artifact's input and outputs that onnxruntime cannot run: 76800 values per
+    image do not reshape into rows of 7x13. An IR version newer than onnxruntime knows fails at load."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    shape = helper.make_tensor("shape", TensorProto.INT64, [3], [-1, 7, 13])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["pixel_values", "shape"], ["tokens"]),
+         helper.make_node("ReduceMean", ["tokens"], ["pooled"], axes=[1], keepdims=0)],
+        "broken",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, 160, 160])],
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("tokens", TensorProto.FLOAT, None)],
+        [shape],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=ir_version), str(path))
+
+
+@pytest.mark.parametrize("ir_version,stage", [(8, "failed while running"), (99, "failed to load the artifact")])
+def test_a_backend_that_fails_on_the_artifact_is_an_error_row_and_exit_1(tiny_copy, capsys, tmp_path, ir_version, stage):
+    from exporter.artifact import sha256
+
+    folder = tiny_copy / TINY
+    _graph_that_fails_at_run(folder / "model.onnx", ir_version)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = {"sha256": sha256(folder / "model.onnx"), "bytes": (folder / "model.onnx").stat().st_size}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    code, out, err = _main(capsys, TINY, "--artifacts", str(tiny_copy), "--backends", "torch-cpu,ort-cpu", *FAST,
+                           "--json", str(tmp_path / "r.json"))
+    assert code == 1, err
+    report = json.loads((tmp_path / "r.json").read_text())["reports"][0]
+    status = next(b for b in report["backends"] if b["name"] == "ort-cpu")
+    assert status["status"] == "error" and status["reason"].startswith(stage)
+    assert [r["backend"] for r in report["latency"]] == ["torch-cpu"]
+    assert "ort-cpu disagree" in out and "Traceback" not in err

@@ -194,6 +194,8 @@ def _input(options: CompareOptions, manifest: dict, stored) -> tuple[np.ndarray,
     if stored is not None and chosen == (None, None, None, None):
         return stored.batch, stored.input
     kind = options.input or "image"
+    if kind == "image" and options.seed is not None:
+        raise UserError("--seed applies to --input random; add --input random, or drop --seed to use the image")
     batch, described = inputs.make_input(kind, options.image, config, options.batch_size or 1, options.seed or 0)
     if stored is not None and described["sha256"] != stored.input["sha256"]:
         raise UserError(

@@ -150,3 +150,8 @@ def test_a_backend_that_fails_on_the_artifact_is_an_error_row_and_exit_1(tiny_co
     assert status["status"] == "error" and status["reason"].startswith(stage)
     assert [r["backend"] for r in report["latency"]] == ["torch-cpu"]
     assert "ort-cpu disagree" in out and "Traceback" not in err
+
+
+def test_seed_without_random_input_is_a_usage_error(artifacts_root, capsys):
+    code, _, err = _main(capsys, TINY, "--artifacts", str(artifacts_root), "--seed", "3")
+    assert code == 2 and "--seed applies to --input random" in err

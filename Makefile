@@ -39,18 +39,14 @@ $(VENV)/.installed: pyproject.toml
 export: $(SETUP_DEP)
 	$(PYTHON) -m exporter $(MODEL) --artifacts $(ARTIFACTS) $(ARGS)
 
-# Exports first whatever artifact is missing, then compares.
+# Both export first whatever artifact is missing; no MODEL means every registered model.
 compare: $(SETUP_DEP)
-	@for m in $(or $(MODEL),dinov2 dinov3); do \
-	  test -f $(ARTIFACTS)/$$m/manifest.json || $(PYTHON) -m exporter $$m --artifacts $(ARTIFACTS) || exit $$?; \
-	done
-	$(PYTHON) -m compare $(or $(MODEL),dinov2 dinov3) --artifacts $(ARTIFACTS) $(COMPARE_FLAGS) $(ARGS)
+	$(PYTHON) -m exporter $(MODEL) --artifacts $(ARTIFACTS) --if-missing
+	$(PYTHON) -m compare $(MODEL) --artifacts $(ARTIFACTS) $(COMPARE_FLAGS) $(ARGS)
 
 bench: $(SETUP_DEP)
-	@for m in $(or $(MODEL),dinov2 dinov3); do \
-	  test -f $(ARTIFACTS)/$$m/manifest.json || $(PYTHON) -m exporter $$m --artifacts $(ARTIFACTS) || exit $$?; \
-	done
-	$(PYTHON) -m compare $(or $(MODEL),dinov2 dinov3) --artifacts $(ARTIFACTS) --batch-sizes 1,2,4,8 $(ARGS)
+	$(PYTHON) -m exporter $(MODEL) --artifacts $(ARTIFACTS) --if-missing
+	$(PYTHON) -m compare $(MODEL) --artifacts $(ARTIFACTS) --batch-sizes 1,2,4,8 $(ARGS)
 
 # pytest exits 5 when it collects no test; that is a failure here, not a pass.
 test: $(SETUP_DEP)

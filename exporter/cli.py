@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import registry
+from .artifact import MANIFEST, artifact_folder
 from .errors import UserError
 
 DEFAULT_ARTIFACTS = "artifacts"
@@ -34,6 +35,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help="artifacts root (default: artifacts)")
     parser.add_argument("--min-cosine", type=float, default=0.99999, help="verify: lowest cosine ONNX vs eager (default: 0.99999)")
     parser.add_argument("--max-abs", type=float, default=1e-4, help="verify: largest abs diff ONNX vs eager (default: 1e-4)")
+    parser.add_argument("--if-missing", action="store_true", help="export only models that have no artifact yet")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the exporter's own log")
     return parser.parse_args(argv)
@@ -79,8 +81,14 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
     from .weights import is_random
 
     names = args.models or list(registry.ALIASES)
-    for name in names:  # fail on a bad name before spending minutes on the good ones
-        registry.resolve(name)
+    specs = [registry.resolve(name) for name in names]  # fail on a bad name before minutes of work
+    if args.if_missing:
+        present = [s.key for s in specs if (artifact_folder(args.artifacts, s.key) / MANIFEST).is_file()]
+        for key in present:
+            err.print(f"{key}: an artifact exists under {args.artifacts}/, not exporting it again")
+        names = [s.timm_name for s in specs if s.key not in present]
+        if not names:
+            return 0
     options = exporting.ExportOptions(
         weights=args.weights,
         seed=args.seed,

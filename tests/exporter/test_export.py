@@ -101,3 +101,13 @@ def test_any_timm_vit_name_exports(tmp_path):
     art = artifact.load(tmp_path, "test_vit2.r160_in1k")
     assert result.model == "test_vit2.r160_in1k" and art.manifest["alias"] is None
     assert art.manifest["pretrained_tag"] == "r160_in1k"
+
+
+def test_if_missing_exports_only_what_is_not_there(tiny_copy):
+    manifest = tiny_copy / TINY / "manifest.json"
+    before = manifest.read_bytes()
+    result = run_cli("exporter", TINY, "test_vit2.r160_in1k", "--artifacts", str(tiny_copy), "--weights", "random", "--if-missing")
+    assert result.returncode == 0, result.stderr
+    assert f"{TINY}: an artifact exists" in result.stderr
+    assert manifest.read_bytes() == before
+    artifact.load(tiny_copy, "test_vit2.r160_in1k")

@@ -18,7 +18,7 @@ endif
 # Optional make variables that turn into CLI flags.
 COMPARE_FLAGS := $(if $(SAVE),--save-reference $(SAVE)) $(if $(AGAINST),--against $(AGAINST)) $(if $(REPORT),--report $(REPORT))
 
-.PHONY: setup export compare bench test clean help
+.PHONY: setup host-deps export compare bench test clean help
 
 help:
 	@echo "make export  [MODEL=dinov2] [ARTIFACTS=DIR]      export and verify ONNX artifacts"
@@ -26,6 +26,7 @@ help:
 	@echo "make bench   [MODEL=dinov3]                      latency sweep over batch sizes 1,2,4,8"
 	@echo "make test                                        run the test suite"
 	@echo "PYTHON=python3 uses an existing environment and installs nothing"
+	@echo "make host-deps PYTHON=python3                   once, on a host with its own torch: install the rest, keep torch"
 
 setup: $(SETUP_DEP)
 
@@ -35,6 +36,13 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
 	$(VENV)/bin/python -m pip install --quiet -e '.[dev,plot]'
 	touch $@
+
+# For a host whose torch/torchvision/torch_npu match its CANN: install this project and its other
+# dependencies with those versions pinned as constraints, so pip can never replace them.
+host-deps:
+	$(PYTHON) -c "import importlib.metadata as m; [print(f'{p}=={m.version(p)}') for p in ('torch', 'torchvision', 'torch-npu') if __import__('importlib.util').util.find_spec(p.replace('-', '_'))]" > .host-constraints.txt
+	cat .host-constraints.txt
+	$(PYTHON) -m pip install -c .host-constraints.txt -e .
 
 export: $(SETUP_DEP)
 	$(PYTHON) -m exporter $(MODEL) --artifacts $(ARTIFACTS) $(ARGS)

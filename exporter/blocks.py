@@ -91,10 +91,12 @@ def ensure(art: artifact.Artifact) -> Path:
 
     It is rebuilt when model.onnx changed since it was derived (its source hash is recorded).
     """
-    source = art.manifest["files"]["model.onnx"]["sha256"]
-    record = art.manifest.get("blocks", {})
+    # Read from disk, not art.manifest: another backend of this run may have added blocks.onnx since.
+    manifest = artifact.read_manifest(art.folder)
+    source = manifest["files"]["model.onnx"]["sha256"]
+    record = manifest.get("blocks", {})
     path = art.path(BLOCKS_FILE)
-    if BLOCKS_FILE in art.manifest["files"] and record.get("model_sha256") == source and path.is_file():
+    if BLOCKS_FILE in manifest["files"] and record.get("model_sha256") == source and path.is_file():
         return path
     with artifact.staging(art.folder) as stage:
         count = build(art.path("model.onnx"), stage / BLOCKS_FILE)

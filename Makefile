@@ -34,15 +34,17 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
-	$(VENV)/bin/python -m pip install --quiet -e '.[dev,plot]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[cpu,dev,plot]'
 	touch $@
 
 # For a host whose torch/torchvision/torch_npu match its CANN: install this project and its other
-# dependencies with those versions pinned as constraints, so pip can never replace them.
+# dependencies with those versions pinned as constraints, so pip can never replace them. The
+# onnxruntime variant found (onnxruntime-cann, -gpu or plain) is kept too, through its own extra:
+# pip treats the variants as different projects and would put plain onnxruntime over an EP build.
 host-deps:
-	$(PYTHON) -c "import importlib.metadata as m; [print(f'{p}=={m.version(p)}') for p in ('torch', 'torchvision', 'torch-npu') if __import__('importlib.util').util.find_spec(p.replace('-', '_'))]" > .host-constraints.txt
+	$(PYTHON) -m exporter.environment constraints > .host-constraints.txt
 	cat .host-constraints.txt
-	$(PYTHON) -m pip install -c .host-constraints.txt -e .
+	$(PYTHON) -m pip install -c .host-constraints.txt -e ".[$$($(PYTHON) -m exporter.environment extra)]"
 
 export: $(SETUP_DEP)
 	$(PYTHON) -m exporter $(MODEL) --artifacts $(ARTIFACTS) $(ARGS)

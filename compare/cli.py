@@ -16,6 +16,10 @@ from exporter.artifact import write_json_atomic
 from exporter.errors import UserError
 
 from .backends import BACKENDS
+from .markdown import make_variable
+
+# make variables that stand for a CLI option (see the Makefile's compare target).
+MAKE_VARIABLES = {"artifacts": "ARTIFACTS", "report": "REPORT", "save_reference": "SAVE", "against": "AGAINST"}
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -45,7 +49,12 @@ def parse(argv=None) -> argparse.Namespace:
     group.add_argument("--backends", type=_names, default=tuple(BACKENDS), help=f"comma-separated (default: all of {','.join(BACKENDS)})")
     group.add_argument("--reference", default="torch-cpu", help="backend the others are compared against (default: torch-cpu)")
     group.add_argument("--require", type=_names, default=(), help="backends that must run; unavailable means exit 2")
-    group.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="precision of eager accelerator backends (default: fp32)")
+    group.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                       help="precision of the accelerator backends; fp32 is true fp32 everywhere (default: fp32)")
+    group.add_argument("--fast-math", action="store_true",
+                       help="keep the vendors' shipped fp32 shortcuts (TF32, HF32, CANN's default precision_mode); judged by the fast-math class")
+    group.add_argument("--timeout", type=float, default=600.0,
+                       help="seconds each backend's worker process may take before it is stopped (default: 600)")
     group = parser.add_argument_group("thresholds (override the class table)")
     group.add_argument("--min-cosine", type=float, default=None, help="pass needs cosine >= this")
     group.add_argument("--max-rel", type=float, default=None, help="pass needs relative error <= this")
@@ -66,6 +75,10 @@ def parse(argv=None) -> argparse.Namespace:
         raise UserError(f"--iters must be at least 1, got {args.iters}")
     if args.budget <= 0 or not math.isfinite(args.budget):
         raise UserError(f"--budget must be a positive number of seconds, got {args.budget}")
+    if args.timeout <= 0 or not math.isfinite(args.timeout):
+        raise UserError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if args.fast_math and args.dtype != "fp32":
+        raise UserError(f"--fast-math measures the fp32 defaults; it does not combine with --dtype {args.dtype}")
     for flag in ("json", "save_reference", "report"):  # fail now, not after minutes of work
         path = getattr(args, flag)
         if path and not Path(path).resolve().parent.is_dir():
@@ -73,12 +86,51 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
+def make_compare(argv: list[str]) -> str | None:
+    """`make compare ...` with the same effect as `python -m compare ARGV`, or None when it cannot be expressed.
+
+    The flags are rebuilt from the parsed command (every long option is named after its dest),
+    and the result is parsed again: it is only returned when both parse to the same options.
+    """
+    try:
+        args, defaults = vars(parse(argv)), vars(parse([]))
+    except UserError:  # options the CLI refuses
+        return None
+    variables, flags = [], []
+    if args["models"]:
+        variables.append(f"MODEL={shlex.quote(' '.join(args['models']))}")
+    for dest, value in args.items():
+        if dest == "models" or value == defaults[dest]:
+            continue
+        if dest in MAKE_VARIABLES:
+            variables.append(make_variable(MAKE_VARIABLES[dest], str(value)))
+        elif value is True:
+            flags.append(_flag(dest))
+        else:
+            flags += [_flag(dest), ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    # What the Makefile's recipe runs with these variables.
+    rebuilt = [*args["models"], "--artifacts", args["artifacts"]]
+    rebuilt += [f for dest in ("save_reference", "against", "report") if args[dest] for f in (_flag(dest), args[dest])]
+    try:
+        if vars(parse(rebuilt + flags)) != args:
+            return None
+    except UserError:
+        return None
+    variables += [make_variable("ARGS", *flags)] if flags else []
+    return " ".join(["make compare", *variables])
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
 def options_from(args: argparse.Namespace):
     from .run import CompareOptions
 
     return CompareOptions(
         artifacts=args.artifacts, input=args.input, image=args.image, seed=args.seed, batch_size=args.batch_size,
-        backends=args.backends, reference=args.reference, require=args.require, dtype=args.dtype,
+        backends=args.backends, reference=args.reference, require=args.require,
+        dtype="fast-math" if args.fast_math else args.dtype, timeout_s=args.timeout,
         batch_sizes=args.batch_sizes, warmup=args.warmup, iters=args.iters, budget_s=args.budget,
         latency=not args.no_latency, min_cosine=args.min_cosine, max_rel=args.max_rel,
         layers=args.layers, against=args.against,
@@ -114,7 +166,8 @@ def run(args: argparse.Namespace, out: Console, err: Console, argv) -> int:
     if args.report:
         from . import markdown
 
-        written = markdown.write(Path(args.report), reports, command=shlex.join(["python", "-m", "compare", *argv]))
+        command = shlex.join(["python", "-m", "compare", *argv])
+        written = markdown.write(Path(args.report), reports, command, make_compare(argv))
         err.print(f"wrote {', '.join(map(str, written))}")
     return max(r.exit_code for r in reports)
 

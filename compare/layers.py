@@ -1,10 +1,10 @@
-"""Per-block comparison: where along the network the backends start to disagree."""
+"""Per-block comparison: where along the network the backends start to disagree. Pure: arrays in, rows out."""
 from __future__ import annotations
 
 import numpy as np
 
-from . import metrics
-from .backends import BackendUnavailable
+from exporter import metrics
+
 from .results import LayerComparison
 
 
@@ -32,25 +32,14 @@ def drift_line(backend: str, rows: list[LayerComparison], tolerance) -> str:
     return f"{backend}: drift starts at {where} (cos {first.cosine:.4f}, rel err {first.rel_error:.2e}{nan})"
 
 
-def compare_layers(art, loaded, batch, options, run, stored, step):
-    """Taps of every loaded (and stored) backend against the reference's. Returns (rows, drift lines)."""
-    from .run import judged_by
-
-    for name, backend in loaded.items():
-        step(f"{art.key}: per-block outputs of {name}")
-        try:
-            run.taps[name] = backend.layers(art, batch)
-        except BackendUnavailable:
-            continue
-    if stored is not None:
-        run.taps.update(stored.taps)
-    want = run.taps[options.reference]
+def compare_layers(taps: dict[str, dict], reference: str, tolerances: dict) -> tuple[list[LayerComparison], dict[str, str]]:
+    """Every backend's taps against the reference's, each judged by its own tolerance. Returns (rows, drift lines)."""
+    want = taps[reference]
     rows, drift = [], {}
-    for name, taps in run.taps.items():
-        if name == options.reference:
+    for name, got in taps.items():
+        if name == reference:
             continue
-        tolerance = judged_by(name, loaded, stored, options)
-        backend_rows = layer_rows(name, taps, want, tolerance)
+        backend_rows = layer_rows(name, got, want, tolerances[name])
         rows += backend_rows
-        drift[name] = drift_line(name, backend_rows, tolerance)
+        drift[name] = drift_line(name, backend_rows, tolerances[name])
     return rows, drift

@@ -28,14 +28,14 @@ PRECISION_NOTE = (
 LOG_SPAN = 20  # latency charts switch to a log y axis when the backends differ more than this factor
 CHART_FLOOR = 1e-16  # 1 - cosine below float64 resolution is drawn here: a log axis has no zero
 PLOT_HINT = "Charts not drawn: matplotlib is not installed (install the plot extra: `pip install -e '.[plot]'`)."
-MAKE_VARIABLES = {"artifacts": "ARTIFACTS", "report": "REPORT", "save_reference": "SAVE", "against": "AGAINST"}
 DEFAULT_ARTIFACTS = "artifacts"
 
 
-def write(path: Path, reports: list[Report], command: str) -> list[Path]:
+def write(path: Path, reports: list[Report], command: str, make_line: str | None = None) -> list[Path]:
     """Write the report to `path` and, with matplotlib, its PNG charts beside it. Returns every path written.
 
-    `command` is the `python -m compare ...` command line of this run, shown verbatim for reproduction.
+    `command` is the `python -m compare ...` command line of this run, shown verbatim for reproduction;
+    `make_line` the `make compare ...` line with the same effect, when there is one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,7 +50,7 @@ def write(path: Path, reports: list[Report], command: str) -> list[Path]:
             charts[model][kind] = chart.name
     generated = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     # The document goes last, so its links never point at a chart that is not there yet.
-    write_atomic(path, document(reports, command, charts, generated).encode())
+    write_atomic(path, document(reports, command, charts, generated, make_line).encode())
     return [path, *written]
 
 
@@ -58,7 +58,8 @@ def write(path: Path, reports: list[Report], command: str) -> list[Path]:
 # The document: pure functions from Reports to Markdown text.
 
 
-def document(reports: list[Report], command: str, charts: dict | None = None, generated: str = "") -> str:
+def document(reports: list[Report], command: str, charts: dict | None = None, generated: str = "",
+             make_line: str | None = None) -> str:
     """The whole report as Markdown.
 
     `charts` maps a model to {"latency" | "blocks": file name relative to the document};
@@ -68,7 +69,7 @@ def document(reports: list[Report], command: str, charts: dict | None = None, ge
     lines = [f"# Validation report: {title}", "", overall_verdict(reports), ""]
     if generated:
         lines += [f"Generated {generated}.", ""]
-    lines += ["## Reproduce", "", "```sh", *reproduce_commands(reports, command), "```", ""]
+    lines += ["## Reproduce", "", "```sh", *reproduce_commands(reports, command, make_line), "```", ""]
     for report in reports:
         # With one model the overall verdict above is that model's; no need to say it twice.
         lines += model_section(report, None if charts is None else charts.get(report.model, {}), with_verdict=len(reports) > 1)
@@ -80,7 +81,8 @@ def model_section(report: Report, charts: dict | None, with_verdict: bool = True
     """One model's part of the report, from its heading to its conclusions."""
     lines = [f"## {report.model} (timm `{report.timm_name}`)", ""] + ([verdict(report), ""] if with_verdict else [])
     lines += ["### Environment", "", *table(("component", "version"), environment_rows(report)), ""]
-    lines += [*table(("backend", "status", "device", "dtype", "settings or reason"), backend_rows(report)), ""]
+    lines += [*table(("backend", "status", "device", "dtype", "precision", "switches and provider options",
+                      "placement (nodes by provider)", "other settings or reason"), backend_rows(report)), ""]
     lines += ["### Input, weights and reference", "", *table(("item", "value"), input_rows(report)), ""]
     lines += [f"- warning: {_inline(w)}" for w in report.warnings]
     lines += [""] if report.warnings else []
@@ -92,6 +94,8 @@ def model_section(report: Report, charts: dict | None, with_verdict: bool = True
     lines += ["### Latency and throughput", ""]
     if report.latency:
         lines += [*latency_table(report), ""]
+        lines += [f"- inside the clock for {s.name}: {_inline(s.details['timed'])}" for s in report.backends if s.details.get("timed")]
+        lines += [""]
         lines += _chart(charts, "latency", f"{report.model} latency and throughput by batch size")
     else:
         lines += ["Not measured (`--no-latency`).", ""]
@@ -163,8 +167,10 @@ def environment_rows(report: Report) -> list[tuple[str, str]]:
 
 
 def backend_rows(report: Report) -> list[tuple[str, ...]]:
-    """Each backend's status, device, dtype, and either its settings or why it did not run."""
-    shown = {"device", "dtype", "device_name", "torch", "torch_npu", "onnxruntime", "cann", "cuda"}
+    """Each backend's status, device, dtype, precision, switches and placement as read back, and either its
+    other settings or why it did not run."""
+    shown = {"device", "dtype", "device_name", "torch", "torch_npu", "onnxruntime", "cann", "cuda", "precision",
+             "switches", "provider_options", "placement", "placement_summary"}
 
     def setting(value) -> str:
         return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
@@ -175,6 +181,7 @@ def backend_rows(report: Report) -> list[tuple[str, ...]]:
         settings = "; ".join(f"{key}={setting(value)}" for key, value in details.items() if key not in shown)
         rows.append((
             status.name, status.status, str(details.get("device", "-")), str(details.get("dtype", "-")),
+            str(details.get("precision", "-")), status.switches() or "-", details.get("placement_summary", "-"),
             status.reason or settings or "-",
         ))
     return rows
@@ -292,19 +299,18 @@ def _worst(values, lowest: bool = False) -> float:
 # Reproduction commands.
 
 
-def reproduce_commands(reports: list[Report], command: str) -> list[str]:
-    """The exact command of this run, then `make export` and `make compare` lines that repeat it."""
+def reproduce_commands(reports: list[Report], command: str, make: str | None) -> list[str]:
+    """The exact command of this run, then `make export` lines and `make` (the make compare line), when given."""
     lines = ["# this run", command]
-    make = make_compare(command)
     if make is None:  # not a command line the Makefile can express; the exact one is enough
         return lines
     lines += ["# the same with make: export the artifacts, then compare"]
     for report in reports:
         root = str(Path(report.artifact).parent)
         variables = [f"MODEL={shlex.quote(report.model)}"]
-        variables += [] if root == DEFAULT_ARTIFACTS else [_make_variable("ARTIFACTS", root)]
+        variables += [] if root == DEFAULT_ARTIFACTS else [make_variable("ARTIFACTS", root)]
         args = export_args(report.weights_source)
-        variables += [_make_variable("ARGS", *args)] if args else []
+        variables += [make_variable("ARGS", *args)] if args else []
         lines.append(" ".join(["make export", *variables]))
     return lines + [make]
 
@@ -320,52 +326,7 @@ def export_args(weights_source: str) -> list[str]:
     return []  # hf-cache or hub: the exporter's default ("auto") finds the same weights
 
 
-def make_compare(command: str) -> str | None:
-    """`make compare ...` with the same effect as `command`, or None when it cannot be expressed.
-
-    The flags are rebuilt from the parsed command (every long option is named after its dest),
-    and the result is parsed again: it is only returned when both parse to the same options.
-    """
-    from exporter.errors import UserError
-
-    from .cli import parse
-
-    try:
-        tokens = shlex.split(command)
-        if tokens[1:3] != ["-m", "compare"]:
-            return None
-        args, defaults = vars(parse(tokens[3:])), vars(parse([]))
-    except (ValueError, UserError):  # unbalanced quotes, or options the CLI refuses
-        return None
-    variables, flags = [], []
-    if args["models"]:
-        variables.append(f"MODEL={shlex.quote(' '.join(args['models']))}")
-    for dest, value in args.items():
-        if dest == "models" or value == defaults[dest]:
-            continue
-        if dest in MAKE_VARIABLES:
-            variables.append(_make_variable(MAKE_VARIABLES[dest], str(value)))
-        elif value is True:
-            flags.append(_flag(dest))
-        else:
-            flags += [_flag(dest), ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
-    # What the Makefile's recipe runs with these variables.
-    rebuilt = [*args["models"], "--artifacts", args["artifacts"]]
-    rebuilt += [f for dest in ("save_reference", "against", "report") if args[dest] for f in (_flag(dest), args[dest])]
-    try:
-        if vars(parse(rebuilt + flags)) != args:
-            return None
-    except UserError:
-        return None
-    variables += [_make_variable("ARGS", *flags)] if flags else []
-    return " ".join(["make compare", *variables])
-
-
-def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
-
-
-def _make_variable(name: str, *words: str) -> str:
+def make_variable(name: str, *words: str) -> str:
     # Quoted twice: once for the shell that runs make, once for the recipe's shell, which gets
     # the value pasted in unquoted (`--report $(REPORT)`), so a path with a space stays one word.
     return f"{name}={shlex.quote(shlex.join(words))}"

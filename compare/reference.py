@@ -18,7 +18,7 @@ from .backends import BACKENDS
 from .results import BackendStatus, Report
 
 FORMAT = "vit-parity reference"
-VERSION = 1
+VERSION = 2  # 2: each backend records the precision it ran in
 # What np.load raises on a file that is truncated, empty or not an npz archive.
 UNREADABLE = (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError)
 
@@ -35,7 +35,7 @@ class Stored:
     created: str
     outputs: dict[str, dict[str, np.ndarray]]
     taps: dict[str, dict[str, np.ndarray]]
-    backends: dict[str, dict]  # keyed name -> {"details", "tolerance", "follows_dtype"} as saved
+    backends: dict[str, dict]  # keyed name -> {"details", "tolerance", "precision"} as saved
 
     def statuses(self) -> list[BackendStatus]:
         """One "stored" status per saved backend, its saved details plus where and when it ran."""
@@ -48,8 +48,9 @@ class Stored:
     def tolerance_class(self, name: str) -> str:
         return self.backends[name]["tolerance"]
 
-    def follows_dtype(self, name: str) -> bool:
-        return bool(self.backends[name]["follows_dtype"])
+    def precision(self, name: str) -> str:
+        """The precision mode the stored backend really ran in."""
+        return self.backends[name]["precision"]
 
 
 def save(path, report: Report, run) -> None:
@@ -63,7 +64,9 @@ def save(path, report: Report, run) -> None:
         if status.status != "ran" or status.name not in run.outputs:
             continue
         backend = BACKENDS[status.name]
-        backends[status.name] = {"details": status.details, "tolerance": backend.tolerance, "follows_dtype": backend.follows_dtype}
+        backends[status.name] = {
+            "details": status.details, "tolerance": backend.tolerance, "precision": status.details.get("precision", "fp32"),
+        }
         for kind, found in (("outputs", run.outputs), ("taps", run.taps)):
             for name, array in found.get(status.name, {}).items():
                 arrays[f"{kind}/{status.name}/{name}"] = np.asarray(array)

@@ -28,13 +28,31 @@ def header_table(report: Report) -> Table:
         ("artifact", report.artifact),
         ("input", f"{input_['kind']} {input_['source']}, shape {tuple(input_['shape'])}"),
         ("weights", f"{report.weights_source} (sha256 {report.weights_sha256[:12]})"),
-        ("reference", f"{report.reference}; accelerator dtype {report.dtype}"),
+        ("reference", f"{report.reference}; accelerator precision {report.dtype}"),
     ]
     rows += [(key, str(value)) for key, value in report.versions.items() if value]
     for key, value in rows:
         table.add_row(key, value)
     for warning in report.warnings:
         table.add_row(Text("warning", style="yellow"), Text(warning, style="yellow"))
+    return table
+
+
+def backends_table(report: Report) -> Table:
+    """Where and how each backend that produced outputs ran: device, dtype, precision, switches, node placement."""
+    table = Table(title="Backends that ran (as read back from each runtime)", title_justify="left")
+    for column in ("backend", "device", "dtype", "precision", "switches and provider options", "placement (nodes by provider)"):
+        table.add_column(column)
+    for status in report.backends:
+        if status.status not in ("ran", "stored"):
+            continue
+        details = status.details
+        table.add_row(
+            status.name + (" (stored)" if status.status == "stored" else ""),
+            " ".join(filter(None, [str(details.get("device", "-")), f"({details['device_name']})" if details.get("device_name") else ""])),
+            str(details.get("dtype", "-")), str(details.get("precision", "fp32")),
+            status.switches() or "-", details.get("placement_summary", "-"),
+        )
     return table
 
 
@@ -60,7 +78,9 @@ def accuracy_table(report: Report) -> Table:
 
 
 def latency_table(report: Report) -> Table:
-    table = Table(title=f"Latency (ms per call; speed-up against {report.reference})", title_justify="left")
+    timed = [f"{s.name}: {s.details['timed']}" for s in report.backends if s.details.get("timed")]
+    table = Table(title=f"Latency (ms per call; speed-up against {report.reference})", title_justify="left",
+                  caption="Inside the clock: " + "; ".join(timed) if timed else None, caption_justify="left")
     for column in ("backend", "batch", "iters", "p50", "p90", "p99", "mean", "std", "min", "images/s", "speed-up"):
         table.add_column(column, justify="left" if column == "backend" else "right")
     for row in report.latency:
@@ -105,7 +125,7 @@ def verdict_text(report: Report) -> Text:
 
 def render(report: Report) -> list:
     """Every renderable of a report, in the order they are printed."""
-    parts = [header_table(report), accuracy_table(report)]
+    parts = [header_table(report), backends_table(report), accuracy_table(report)]
     if report.layers:
         parts.append(layers_table(report))
         parts += [Text(line, style="bold yellow") for line in report.drift.values()]

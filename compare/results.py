@@ -14,6 +14,11 @@ class BackendStatus:
     reason: str = ""
     details: dict = field(default_factory=dict)
 
+    def switches(self) -> str:
+        """The precision switches and provider options in force, as the backend read them back."""
+        found = {**self.details.get("switches", {}), **self.details.get("provider_options", {})}
+        return ", ".join(f"{key}={value}" for key, value in found.items())
+
 
 @dataclass(frozen=True)
 class OutputComparison:

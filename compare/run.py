@@ -1,27 +1,38 @@
-"""The comparison itself: one input through every backend, then agreement and latency. Never prints."""
+"""The comparison itself: one input through every backend, then agreement and latency. Never prints.
+
+Each backend runs in a worker process of its own (compare/worker.py), one after the other; this
+module never names a runtime.
+"""
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from exporter import artifact, registry
+from exporter import artifact, environment, metrics, registry
 from exporter.errors import UserError
 
-from . import inputs, latency, metrics
-from .backends import BACKENDS, Backend, BackendUnavailable
-from .results import BackendStatus, OutputComparison, Report
+from . import inputs, layers, worker
+from .backends import BACKENDS, BackendUnavailable
+from .results import BackendStatus, LatencyStats, OutputComparison, Report
 from .tolerances import Tolerance, tolerance_for
 
 OUTPUTS = ("pooled", "tokens")
 VERSION_KEYS = ("torch", "timm", "onnxruntime")
+COMPILE_CACHE = ".compile-cache"  # inside the artifact: compiled graphs (CANN .om files), by model.onnx's sha256
 
 
 @dataclass(frozen=True)
 class CompareOptions:
-    """What to compare and how. None for input fields means "the default" (an image, batch 1, seed 0)."""
+    """What to compare and how. None for input fields means "the default" (an image, batch 1, seed 0).
+
+    `dtype` is the precision mode of the accelerator backends: fp32 (true fp32), fp16, bf16, or
+    fast-math (the vendors' shipped fp32 defaults). `timeout_s` bounds each backend's worker.
+    """
 
     artifacts: str = "artifacts"
     input: str | None = None  # "image" or "random"
@@ -41,6 +52,7 @@ class CompareOptions:
     max_rel: float | None = None
     layers: bool = False
     against: str | None = None
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -60,13 +72,17 @@ def check_names(options: CompareOptions) -> None:
 
 
 def version_warnings(manifest: dict) -> list[str]:
-    from exporter.export import versions
-
-    here, there = versions(), manifest.get("versions", {})
-    return [
+    here, there = environment.versions(), manifest.get("versions", {})
+    mixed = environment.distributions("onnxruntime")
+    warnings = [
+        f"{len(mixed)} onnxruntime distributions are installed ({', '.join(mixed)}; {mixed[0]} is imported): "
+        f"pip does not know they are one package and may mix their files; uninstall all but one"
+    ] if len(mixed) > 1 else []
+    return warnings + [
         f"{key} is {here[key]} here but the artifact was exported with {there[key]}"
         for key in VERSION_KEYS
-        if there.get(key) and here.get(key) != there.get(key)
+        # The local part (+cu130, +cpu) names the build, not the library: it differs between hosts by design.
+        if there.get(key) and str(here.get(key)).split("+")[0] != str(there[key]).split("+")[0]
     ]
 
 
@@ -97,33 +113,61 @@ def compare_outputs(backend: str, got: dict, want: dict, tolerance: Tolerance) -
     return rows
 
 
-def open_backends(options: CompareOptions, art: artifact.Artifact, step) -> tuple[dict[str, Backend], list[BackendStatus]]:
-    """Load every chosen backend; those this host cannot run become skipped statuses with a reason."""
+def compile_cache(art: artifact.Artifact, precision: str) -> Path:
+    """The workers' working directory: a folder keyed by model.onnx's sha256 and the precision mode.
+
+    A provider that compiles the graph keeps its files there: CANN writes and reads <name>_<hash>.om
+    in the working directory, keyed by the model's path and input shapes, not by its content or
+    precision_mode. So a re-export, or another precision, gets a fresh folder; stale ones are removed.
+    """
+    digest = art.manifest["files"]["model.onnx"]["sha256"]
+    root = art.folder / COMPILE_CACHE
+    try:
+        for old in root.glob("*") if root.is_dir() else ():
+            if old.name != digest:
+                shutil.rmtree(old, ignore_errors=True)
+        (root / digest / precision).mkdir(parents=True, exist_ok=True)
+        return root / digest / precision
+    except OSError:  # a read-only artifact (a shared or mounted copy): the user's cache instead
+        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vit-parity" / "compile" / digest / precision
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+
+def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndarray, step) -> tuple[list, Run, list, list]:
+    """Probe every chosen backend, then run those that may work, each in its own worker, one at a time.
+
+    Returns (statuses, raw arrays, latency rows, warnings). The reference runs first; a reference or a
+    required backend that does not run is a UserError.
+    """
     names = [options.reference] + [n for n in options.backends if n != options.reference]
-    loaded, statuses = {}, []
+    job = worker.Job(
+        backend="", artifacts=str(art.folder.parent.resolve()), key=art.key, precision=options.dtype,
+        batch_sizes=(options.batch_sizes or (batch.shape[0],)) if options.latency else (),
+        warmup=options.warmup, iters=options.iters, budget_s=options.budget_s, layers=options.layers,
+    )
+    cwd = compile_cache(art, options.dtype)
+    statuses, run, timings, warnings = [], Run(batch=batch), [], []
     for name in names:
-        step(f"{art.key}: loading {name}")
-        backend = BACKENDS[name]()
+        cls = BACKENDS[name]
         try:
-            details = backend.load(art, options.dtype)
+            cls.probe()
         except BackendUnavailable as why:
-            statuses.append(BackendStatus(name, "skipped", str(why)))
-            continue
-        except UserError:
-            raise
-        except Exception as error:  # noqa: BLE001 - present but unable to load this artifact: a finding
-            statuses.append(BackendStatus(name, "error", f"failed to load the artifact: {_first_line(error)}"))
-            continue
-        loaded[name] = backend
-        statuses.append(BackendStatus(name, "ran", details=details))
-    skipped = {s.name: s.reason for s in statuses if s.status == "skipped"}
-    if options.reference not in loaded:
-        why = skipped.get(options.reference) or next(s.reason for s in statuses if s.name == options.reference)
-        raise UserError(f"the reference backend {options.reference} cannot run here: {why}; pick another with --reference")
-    for name in options.require:
-        if name in skipped:
-            raise UserError(f"required backend {name} is unavailable: {skipped[name]}")
-    return loaded, statuses
+            outcome = worker.Outcome("skipped", str(why))
+        else:
+            step(f"{art.key}: {name} (in its own process)")
+            outcome = worker.run_backend(cls, job, batch, options.timeout_s, cwd)
+        statuses.append(BackendStatus(name, outcome.status, outcome.reason, outcome.details))
+        if outcome.status == "ran":
+            run.outputs[name] = outcome.outputs[name]
+            run.taps.update(outcome.taps)
+            timings += [LatencyStats(**row) for row in outcome.latency]
+        warnings += outcome.warnings
+        if name == options.reference and outcome.status != "ran":
+            raise UserError(f"the reference backend {name} cannot run here: {outcome.reason}; pick another with --reference")
+        if name in options.require and outcome.status == "skipped":
+            raise UserError(f"required backend {name} is unavailable: {outcome.reason}")
+    return statuses, run, timings, warnings
 
 
 def compare(model: str, options: CompareOptions = CompareOptions(), step: Callable[[str], None] = lambda m: None) -> tuple[Report, Run]:
@@ -139,35 +183,21 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
 
         stored = reference.load(options.against, manifest)
     batch, described = _input(options, manifest, stored)
-    loaded, statuses = open_backends(options, art, step)
-    run = Run(batch=batch)
-    failed = {}
-    for name, backend in loaded.items():
-        step(f"{spec.key}: running {name}")
-        try:
-            run.outputs[name] = backend.run(batch)
-        except Exception as error:  # noqa: BLE001 - a device failing mid-run is a finding, not a crash
-            failed[name] = f"failed while running: {_first_line(error)}"
-    for name in failed:
-        del loaded[name]
-    statuses = [BackendStatus(s.name, "error", failed[s.name], s.details) if s.name in failed else s for s in statuses]
-    if options.reference not in run.outputs:
-        raise UserError(f"the reference backend {options.reference} {failed[options.reference]}")
+    statuses, run, timings, warnings = run_backends(options, art, batch, step)
     want = run.outputs[options.reference]
     if stored is not None:
         statuses += stored.statuses()
         run.outputs.update(stored.outputs)
+        run.taps.update(stored.taps)
+    judged = {name: judged_by(name, statuses, stored, options) for name in run.outputs}
     accuracy = [
         row
         for name, outputs in run.outputs.items() if name != options.reference
-        for row in compare_outputs(name, outputs, want, judged_by(name, loaded, stored, options))
+        for row in compare_outputs(name, outputs, want, judged[name])
     ]
-    timings, timing_failures = _latency(options, loaded, batch, step, spec.key) if options.latency else ([], [])
-    layers, drift = [], {}
-    if options.layers:
-        from . import layers as layer_module
-
-        layers, drift = layer_module.compare_layers(art, loaded, batch, options, run, stored, step)
+    layer_rows, drift = [], {}
+    if options.layers and options.reference in run.taps:
+        layer_rows, drift = layers.compare_layers(run.taps, options.reference, judged)
     report = Report(
         model=spec.key,
         timm_name=manifest["timm_name"],
@@ -178,14 +208,21 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
         reference=options.reference,
         dtype=options.dtype,
         versions=_environment(statuses),
-        warnings=version_warnings(manifest) + timing_failures,
+        warnings=version_warnings(manifest) + warnings,
         backends=statuses,
         accuracy=accuracy,
-        latency=timings,
-        layers=layers,
+        latency=_with_speedups(timings, options.reference),
+        layers=layer_rows,
         drift=drift,
     )
     return report, run
+
+
+def _with_speedups(timings: list[LatencyStats], reference: str) -> list[LatencyStats]:
+    """Rows ordered by batch size (backends in run order within one), each with reference mean / its mean."""
+    ref = {row.batch: row.mean_ms for row in timings if row.backend == reference}
+    ordered = sorted(timings, key=lambda row: row.batch)
+    return [replace(row, speedup=ref[row.batch] / row.mean_ms if row.batch in ref else None) for row in ordered]
 
 
 def _input(options: CompareOptions, manifest: dict, stored) -> tuple[np.ndarray, dict]:
@@ -205,50 +242,19 @@ def _input(options: CompareOptions, manifest: dict, stored) -> tuple[np.ndarray,
     return batch, described
 
 
-def _latency(options: CompareOptions, loaded: dict[str, Backend], batch: np.ndarray, step, key: str):
-    """Latency rows for every (batch size, backend), and a warning for each cell that failed (e.g. out of memory)."""
-    sizes = options.batch_sizes or (batch.shape[0],)
-    timings, failures = [], []
-    for size in sizes:
-        rows = np.resize(np.arange(batch.shape[0]), size)  # cycle the input's samples up to `size`
-        sized = np.ascontiguousarray(batch[rows])
-        cell = {}
-        for name, backend in loaded.items():
-            step(f"{key}: timing {name} at batch {size}")
-            try:
-                cell[name] = latency.measure(backend, sized, options.warmup, options.iters, options.budget_s)
-            except Exception as error:  # noqa: BLE001 - a batch too big for the device is a finding
-                failures.append(f"{name} could not be timed at batch {size}: {_first_line(error)}")
-        ref = cell.get(options.reference)
-        for stats in cell.values():
-            timings.append(replace(stats, speedup=ref.mean_ms / stats.mean_ms if ref else None))
-    return timings, failures
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def judged_by(name: str, loaded: dict[str, Backend], stored, options: CompareOptions) -> Tolerance:
-    """The tolerance of a local backend, or of a stored one (judged by the dtype it ran in)."""
-    if name in loaded:
-        backend = loaded[name]
-        return tolerance_for(backend.tolerance, options.dtype, backend.follows_dtype, options.min_cosine, options.max_rel)
-    return tolerance_for(stored.tolerance_class(name), stored.dtype, stored.follows_dtype(name), options.min_cosine, options.max_rel)
+def judged_by(name: str, statuses: list[BackendStatus], stored, options: CompareOptions) -> Tolerance:
+    """The tolerance of a backend: its class, and the precision it really ran in (as it reported)."""
+    if name in BACKENDS:
+        status = next(s for s in statuses if s.name == name)
+        backend_class, precision = BACKENDS[name].tolerance, status.details.get("precision", "fp32")
+    else:
+        backend_class, precision = stored.tolerance_class(name), stored.precision(name)
+    return tolerance_for(backend_class, precision, options.min_cosine, options.max_rel)
 
 
 def _environment(statuses: list[BackendStatus]) -> dict:
     """Library versions here, plus each backend's device name and accelerator stack versions."""
-    import importlib.metadata as md
-
-    from exporter.export import versions
-
-    env = versions()
-    try:
-        env["torch_npu"] = md.version("torch-npu")
-    except md.PackageNotFoundError:
-        env["torch_npu"] = None
+    env = {**environment.versions(), "torch_npu": environment.version("torch_npu")}
     for status in statuses:
         for key in ("device_name", "cann", "cuda"):
             if status.details.get(key):

@@ -29,13 +29,20 @@ TOLERANCES = {
     ),
     "fp16": Tolerance("fp16", 0.999, 2e-2, "measured rel 1.2e-3 on CPU fp16; 16x headroom"),
     "bf16": Tolerance("bf16", 0.998, 4e-2, "measured rel 1.0e-2 on CPU bf16; 4x headroom"),
+    # TF32 and HF32 keep 10 and 11 mantissa bits, close to fp16's 10; CANN's default precision_mode
+    # compiles in fp16. So the vendors' shipped fp32 defaults are judged like fp16.
+    "fast-math": Tolerance(
+        "fast-math fp32", 0.999, 2e-2,
+        "the vendors' shipped fp32 shortcuts (TF32, HF32, CANN's default fp16 compile): about fp16's precision",
+    ),
 }
 
 
-def tolerance_for(backend_class: str, dtype: str, follows_dtype: bool,
+def tolerance_for(backend_class: str, precision: str,
                   min_cosine: float | None = None, max_rel: float | None = None) -> Tolerance:
-    """The tolerance a backend is judged by; explicit --min-cosine / --max-rel override it."""
-    key = dtype if follows_dtype and dtype != "fp32" else backend_class
+    """The tolerance of a backend of class `backend_class` that ran in `precision` (what it really ran,
+    not what was asked for); explicit --min-cosine / --max-rel override it."""
+    key = backend_class if precision == "fp32" else precision
     tolerance = TOLERANCES[key]
     if min_cosine is not None:
         tolerance = replace(tolerance, min_cosine=min_cosine, name=tolerance.name + " (overridden)")

@@ -35,6 +35,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help="artifacts root (default: artifacts)")
     parser.add_argument("--min-cosine", type=float, default=0.99999, help="verify: lowest cosine ONNX vs eager (default: 0.99999)")
     parser.add_argument("--max-abs", type=float, default=1e-4, help="verify: largest abs diff ONNX vs eager (default: 1e-4)")
+    parser.add_argument("--decompose-layernorm", action="store_true",
+                        help="also write model.ln-decomposed.onnx, LayerNorms as primitive ops, verified; ort-cann runs it so every node can stay on the NPU")
     parser.add_argument("--if-missing", action="store_true", help="export only models that have no artifact yet")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the exporter's own log")
@@ -96,6 +98,7 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
         min_cosine=args.min_cosine,
         max_abs=args.max_abs,
         verbose=args.verbose,
+        decompose_layernorm=args.decompose_layernorm,
     )
     results = []
     with err.status("starting") as status:

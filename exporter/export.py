@@ -6,7 +6,6 @@ import inspect
 import io
 import json
 import logging
-import platform
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -17,8 +16,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import artifact, registry, weights
+from . import artifact, environment, registry, runtime, weights
 from .errors import CheckFailed, UserError
+from .variants import LN_DECOMPOSED, write_ln_decomposed
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAMES = ("pooled", "tokens")
@@ -38,6 +38,7 @@ class ExportOptions:
     min_cosine: float = 0.99999
     max_abs: float = 1e-4
     verbose: bool = False
+    decompose_layernorm: bool = False  # also write model.ln-decomposed.onnx (for the CANN provider)
 
 
 @dataclass(frozen=True)
@@ -69,25 +70,6 @@ class TwoOutputs(torch.nn.Module):
     def forward(self, pixel_values):
         tokens = self.model.forward_features(pixel_values)
         return self.model.forward_head(tokens), tokens
-
-
-def versions() -> dict:
-    """Versions of the libraries whose behaviour decides the numbers."""
-    import onnx
-    import onnxruntime
-    import timm
-    found = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-    }
-    with contextlib.suppress(ImportError):
-        import onnxscript
-
-        found["onnxscript"] = onnxscript.__version__
-    return found
 
 
 def sample_batch(input_size, seed: int = SAMPLE_SEED, batch: int = TRACE_BATCH) -> np.ndarray:
@@ -156,16 +138,6 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def ort_session(path: Path, providers=("CPUExecutionProvider",), threads: int = 0):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=list(providers))
-
-
 def verify_onnx(path: Path, sample: np.ndarray, reference: dict[str, np.ndarray], options: ExportOptions) -> tuple[float, float]:
     """Check the graph and its parity with the eager outputs `reference` of `sample`; return the worst (cosine, max abs diff).
 
@@ -173,13 +145,13 @@ def verify_onnx(path: Path, sample: np.ndarray, reference: dict[str, np.ndarray]
     """
     import onnx
 
-    from compare.metrics import cosine, max_abs_diff
+    from exporter.metrics import cosine, max_abs_diff
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as error:  # noqa: BLE001 - checker errors come as several types
         raise CheckFailed(f"onnx.checker rejected the graph: {_first_line(error)}") from error
-    session = ort_session(path)
+    session = runtime.session(path)
     names = [o.name for o in session.get_outputs()]
     if [i.name for i in session.get_inputs()] != [INPUT_NAME] or names != list(OUTPUT_NAMES):
         raise CheckFailed(f"graph has inputs/outputs {names}, expected {INPUT_NAME} -> {list(OUTPUT_NAMES)}")
@@ -202,6 +174,19 @@ def verify_onnx(path: Path, sample: np.ndarray, reference: dict[str, np.ndarray]
                     f"(need >= {options.min_cosine}), max abs diff {diff:.3g} (need <= {options.max_abs})"
                 )
     return worst_cos, worst_abs
+
+
+def _ln_variant(stage: Path, sample: np.ndarray, outputs: dict, options: ExportOptions) -> dict:
+    """Write model.onnx's LayerNorm-decomposed variant into `stage` and verify it like model.onnx itself."""
+    import onnx
+
+    path = stage / LN_DECOMPOSED
+    count = write_ln_decomposed(stage / "model.onnx", path)
+    left = sum(n.op_type == "LayerNormalization" for n in onnx.load(str(path), load_external_data=False).graph.node)
+    if left:
+        raise CheckFailed(f"{left} LayerNormalization nodes could not be decomposed (not over the last axis)")
+    cos, diff = verify_onnx(path, sample, outputs, options)
+    return {"from": "model.onnx", "layernorms_decomposed": count, "verify": {"cosine": cos, "max_abs": diff}}
 
 
 def export(
@@ -228,6 +213,10 @@ def export(
         step(f"{spec.key}: verifying with onnx.checker and onnxruntime")
         outputs = eager_outputs(model, sample)
         worst_cos, worst_abs = verify_onnx(stage / "model.onnx", sample, outputs, options)
+        variants = {}
+        if options.decompose_layernorm:
+            step(f"{spec.key}: writing and verifying the LayerNorm-decomposed variant")
+            variants[LN_DECOMPOSED] = _ln_variant(stage, sample, outputs, options)
         step(f"{spec.key}: writing the artifact")
         state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(stage / "weights.safetensors"))
@@ -244,11 +233,12 @@ def export(
             "data_config": config,
             "opset": options.opset,
             "exporter": "torch.onnx.export(dynamo=True)",
-            "versions": versions(),
+            "versions": environment.versions(),
             "weights_source": source,
             "params": int(sum(p.numel() for p in model.parameters())),
             "nodes": len(graph.graph.node),
             "verify": {"cosine": worst_cos, "max_abs": worst_abs, "batches": [TRACE_BATCH, *VERIFY_BATCHES]},
+            "variants": variants,
             "export_seconds": round(seconds, 2),
             "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }

@@ -4,10 +4,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from compare.backends.torch_cpu import TorchCpu
 from compare.backends.torch_eager import TorchEager
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,4 +52,101 @@ class LowPrecisionCpu(TorchEager):
 
     name = "torch-cpu-lowp"
     device = "cpu"
-    follows_dtype = True
+    precisions = ("fp16", "bf16")
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends that misbehave, for the worker boundary. They live here so a worker process can import them.
+
+
+class Segfaults(TorchCpu):
+    """Loads like torch-cpu, then dies of SIGSEGV in the middle of the run, as a vendor library might."""
+
+    name = "segfaults"
+    tolerance = "accelerator"
+
+    def run(self, batch):
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+class Hangs(TorchCpu):
+    """Never answers, like a device stuck in a driver call."""
+
+    name = "hangs"
+    tolerance = "accelerator"
+
+    def load(self, artifact, precision):
+        time.sleep(3600)
+
+
+class ReportsCwd(TorchCpu):
+    """torch-cpu that also reports the working directory its worker was started in."""
+
+    name = "reports-cwd"
+    tolerance = "accelerator"
+
+    def load(self, artifact, precision):
+        return {**super().load(artifact, precision), "cwd": os.getcwd()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stand-ins for vendor libraries, put first on PYTHONPATH in a subprocess.
+
+# The real onnxruntime, loaded from further down sys.path, that lists extra providers it does not
+# have (STANDIN_PROVIDERS, JSON) and logs the providers every session is asked for (STANDIN_LOG).
+# Sessions are real: onnxruntime itself decides, and falls back to the CPU as it does on a host
+# whose provider library cannot load.
+LYING_ONNXRUNTIME = '''
+import importlib.machinery, importlib.util, json, os, sys
+_here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.machinery.PathFinder.find_spec(
+    "onnxruntime", [p for p in sys.path if os.path.abspath(p or ".") != _here])
+_real = importlib.util.module_from_spec(_spec)
+sys.modules["onnxruntime"] = _real
+_spec.loader.exec_module(_real)
+_listed = _real.get_available_providers
+_real.get_available_providers = lambda: [*json.loads(os.environ["STANDIN_PROVIDERS"]), *_listed()]
+_Session = _real.InferenceSession
+
+
+class InferenceSession(_Session):
+    def __init__(self, path, sess_options=None, providers=None, **kwargs):
+        with open(os.environ["STANDIN_LOG"], "a") as log:
+            log.write(json.dumps([list(p) if isinstance(p, tuple) else p for p in providers or []]) + "\\n")
+        super().__init__(path, sess_options, providers=providers, **kwargs)
+
+
+_real.InferenceSession = InferenceSession
+'''
+
+# An onnxruntime built for NumPy 1.x, imported under NumPy 2: what onnxruntime-cann 1.24.4 does.
+NUMPY1_ONNXRUNTIME = '''
+import sys
+print("A module that was compiled using NumPy 1.x cannot be run in\\nNumPy 2.x as it may crash.", file=sys.stderr)
+raise ImportError("numpy.core.multiarray failed to import")
+'''
+
+# torch_npu on a host with an NPU, as far as the backend's precision code can tell: torch.npu with
+# torch_npu 2.14's HF32 defaults (conv on, matmul off), and a get_device_name that asserts.
+FAKE_TORCH_NPU = '''
+import types
+import torch
+
+def _assert(*args):
+    raise AssertionError("unknown SoC")
+
+torch.npu = types.SimpleNamespace(
+    is_available=lambda: True, set_device=lambda device: None, get_device_name=_assert, synchronize=lambda: None,
+    matmul=types.SimpleNamespace(allow_hf32=False), conv=types.SimpleNamespace(allow_hf32=True),
+)
+__version__ = "2.14.0.standin"
+'''
+
+
+def stand_in(root: Path, package: str, source: str) -> dict:
+    """Write `source` as package `package` under `root`; return an environment that puts it first on sys.path."""
+    (root / package).mkdir(parents=True, exist_ok=True)
+    (root / package / "__init__.py").write_text(source)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(ROOT)])
+    return env

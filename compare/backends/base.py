@@ -1,9 +1,13 @@
-"""The backend contract: load an artifact, prepare an input on the device, run it, read outputs back."""
+"""The backend contract: probe the host, load an artifact, prepare an input on the device, run it, read outputs back."""
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+
+# fp32 means true fp32 on every backend. fast-math keeps each vendor's shipped fp32 shortcuts
+# (TF32 on CUDA, HF32 on Ascend, CANN's default precision_mode), judged by a class of its own.
+PRECISIONS = ("fp32", "fp16", "bf16", "fast-math")
 
 
 class BackendUnavailable(Exception):
@@ -13,16 +17,31 @@ class BackendUnavailable(Exception):
 class Backend:
     """One way of computing an artifact's outputs. Subclasses live one per file in this package.
 
-    `tolerance` names the accuracy class the backend is judged by when it runs in fp32
-    (see compare/tolerances.py); `follows_dtype` says whether --dtype applies to it.
+    `tolerance` names the accuracy class the backend is judged by when it runs in true fp32
+    (see compare/tolerances.py). `precisions` lists the other precision modes it follows; asked for
+    any other mode, it runs in fp32. A backend knows nothing about processes: compare/worker.py
+    runs each one in a child process of its own.
     """
 
     name: str = ""
     tolerance: str = "accelerator"
-    follows_dtype: bool = False
+    precisions: tuple[str, ...] = ()
 
-    def load(self, artifact, dtype: str) -> dict[str, Any]:
-        """Get ready to run `artifact` in `dtype`; return facts worth reporting (device, options).
+    @classmethod
+    def probe(cls) -> None:
+        """Raise BackendUnavailable when this host plainly cannot run the backend.
+
+        Called in the parent process before a worker is started, so it must be cheap and must not
+        initialise a device runtime (no aclInit, no CUDA context): only a worker may do that.
+        """
+
+    @classmethod
+    def effective_precision(cls, requested: str) -> str:
+        """The precision mode this backend really runs when `requested` is asked for."""
+        return requested if requested in cls.precisions else "fp32"
+
+    def load(self, artifact, precision: str) -> dict[str, Any]:
+        """Get ready to run `artifact` in `precision`; return facts worth reporting (device, switches read back).
 
         Raises BackendUnavailable when this host cannot run the backend. Any other exception means
         the backend is here but fails on this artifact, which the comparison reports as a failure.
@@ -40,6 +59,14 @@ class Backend:
     def to_numpy(self, result: Any) -> dict[str, np.ndarray]:
         """The outputs of `infer` as float32 numpy arrays, by output name. Not timed."""
         raise NotImplementedError
+
+    def timed(self) -> str:
+        """What the latency clock covers for this backend, in words."""
+        return "the forward call only; the input is on the device before the clock starts, outputs stay there"
+
+    def observed(self) -> dict[str, Any]:
+        """Facts only a run can show (e.g. where each node ran), read after the first `run`."""
+        return {}
 
     def layers(self, artifact, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Each block's output tokens and the final norm (exporter.blocks.tap_names), as float32 numpy."""

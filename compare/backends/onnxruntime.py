@@ -1,78 +1,247 @@
-"""ort-cpu, ort-cann, ort-cuda: the ONNX artifact on onnxruntime with one execution provider each."""
+"""ort-cpu, ort-cann, ort-cuda: the ONNX artifact on onnxruntime with one execution provider each.
+
+A row counts only if the requested provider did the work: onnxruntime quietly falls back to the
+CPU when a provider cannot be created, so the session's providers are read back after creation,
+and the profile of the first run says where every node ran.
+"""
 from __future__ import annotations
 
-import os
+import json
+import re
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .base import Backend, BackendUnavailable
 
+CPU = "CPUExecutionProvider"
+# What onnxruntime prints when it gives up on a provider, most telling first: the missing library,
+# then the provider it did not create. The first line with such words is the reason shown.
+FALLBACK_HINTS = ("cannot open shared object", "failed to create", "not in available provider", "ep error", "error", "fail")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def short(provider: str) -> str:
+    """CANNExecutionProvider -> CANN."""
+    return provider.replace("ExecutionProvider", "")
+
+
+def placement(profile: list[dict]) -> dict[str, dict[str, int]]:
+    """Op type counts by provider, from the node events of an onnxruntime profile.
+
+    A compiling provider (CANN) shows one event per fused subgraph it compiled, not per original node.
+    """
+    found: dict[str, Counter] = {}
+    for event in profile:
+        args = event.get("args", {})
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") and "provider" in args:
+            found.setdefault(args["provider"], Counter())[args.get("op_name", "?")] += 1
+    return {provider: dict(ops.most_common()) for provider, ops in found.items()}
+
+
+def placement_summary(where: dict[str, dict[str, int]], provider: str) -> str:
+    """Short form for tables, e.g. "CANN 26 / CPU 25: LayerNormalization x25"; the CPU's op types are listed
+    when the CPU is not the requested provider, since those are the nodes that fell back."""
+    order = [provider] + [p for p in where if p != provider]
+    parts = [f"{short(p)} {sum(where.get(p, {}).values())}" for p in order if p in where or p == provider]
+    text = " / ".join(parts)
+    fell_back = where.get(CPU, {}) if provider != CPU else {}
+    if fell_back:
+        text += ": " + ", ".join(f"{op} x{count}" for op, count in fell_back.items())
+    return text
+
 
 class OnnxRuntime(Backend):
-    """Runs model.onnx with `provider`; the session options are set on purpose and reported."""
+    """Runs model.onnx with `provider`, the CPU taking any node the provider has no kernel for.
 
-    provider = "CPUExecutionProvider"
+    `device_type` is where IOBinding keeps the input and outputs, so host-device copies stay
+    outside the clock as they do for the eager backends.
+    """
+
+    provider = CPU
+    device_type = "cpu"
     install_hint = ""
 
-    def load(self, artifact, dtype: str) -> dict[str, Any]:
-        import onnxruntime as ort
-
-        from exporter.export import ort_session
-
+    @classmethod
+    def probe(cls):
+        ort = _onnxruntime()
         available = ort.get_available_providers()
-        if self.provider not in available:
+        if cls.provider not in available:
             raise BackendUnavailable(
-                f"{self.provider} is not in onnxruntime.get_available_providers() ({', '.join(available)}); {self.install_hint}"
+                f"{cls.provider} is not in onnxruntime.get_available_providers() ({', '.join(available)}); {cls.install_hint}"
             )
-        self.threads = threads = os.cpu_count() or 1
+
+    def provider_options(self, precision: str) -> dict[str, str]:
+        """The provider's options for `precision` (already the effective one); none for the CPU."""
+        return {}
+
+    def model_file(self, artifact) -> Path:
+        """The graph this provider runs: model.onnx, unless a subclass prefers a verified variant."""
+        return artifact.path("model.onnx")
+
+    def load(self, artifact, precision: str) -> dict[str, Any]:
+        from exporter import environment, runtime
+
+        self.probe()
+        precision = self.effective_precision(precision)
+        requested = self.provider_options(precision)
+        providers = [(self.provider, requested)] + ([] if self.provider == CPU else [CPU])
+        self.threads = runtime.cpu_threads()
+        self.profile_dir = tempfile.mkdtemp(prefix="ort-profile-")
+        path = self.model_file(artifact)
         # A model this onnxruntime cannot open is a finding about the artifact, not a missing
         # backend: the error propagates and the comparison reports it as a failure.
-        self.session = ort_session(artifact.path("model.onnx"), providers=(self.provider,), threads=threads)
+        with runtime.captured_output() as said:
+            self.session = runtime.session(path, providers, self.threads, profile_prefix=str(Path(self.profile_dir) / "run"))
+        in_use = self.session.get_providers()
+        if in_use[0] != self.provider:
+            raise BackendUnavailable(f"onnxruntime fell back to the CPU: {self.provider} was not created ({_reason(said)})")
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.placement: dict[str, dict[str, int]] = {}
+        self.copies_timed = False
         return {
             "device": self.provider,
             "dtype": "float32 (ONNX graph)",
-            "onnxruntime": ort.__version__,
-            "providers": self.session.get_providers(),
+            "precision": precision,
+            "graph": path.name,
+            "onnxruntime": environment.version("onnxruntime"),
+            "onnxruntime_distribution": environment.distributions("onnxruntime")[0],
+            "providers": in_use,
+            # Read back from the session: the options in force, defaults included, not the ones asked for.
+            "provider_options": self.session.get_provider_options().get(self.provider, requested),
             "graph_optimization_level": "ORT_ENABLE_ALL",
-            "intra_op_num_threads": threads,
+            "intra_op_num_threads": self.threads,
         }
 
     def prepare(self, batch: np.ndarray):
-        return np.ascontiguousarray(batch, dtype=np.float32)
+        import onnxruntime as ort
 
-    def infer(self, prepared):
-        return self.session.run(self.output_names, {self.input_name: prepared})
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        binding = self.session.io_binding()
+        try:
+            binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(batch, self.device_type, 0))
+            for name in self.output_names:
+                binding.bind_output(name, self.device_type, 0)
+        except Exception:  # noqa: BLE001 - a build that cannot place values on the device: copies go inside the clock
+            self.copies_timed = True
+            binding = self.session.io_binding()
+            binding.bind_cpu_input(self.input_name, batch)
+            for name in self.output_names:
+                binding.bind_output(name)
+        return binding
+
+    def infer(self, binding):
+        self.session.run_with_iobinding(binding)  # returns once the bound outputs are ready
+        return binding
+
+    def to_numpy(self, binding) -> dict[str, np.ndarray]:
+        return {name: np.asarray(value, dtype=np.float32) for name, value in zip(self.output_names, binding.copy_outputs_to_cpu())}
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        from exporter import runtime
+
+        if self.placement:
+            return super().run(batch)
+        # The first run is the profiled one. onnxruntime may also give up on the provider here
+        # ("EP Error ... Falling back to ['CPUExecutionProvider']") and rebuild the session: check again.
+        with runtime.captured_output() as said:
+            outputs = super().run(batch)
+        if self.session.get_providers()[0] != self.provider:
+            raise BackendUnavailable(f"onnxruntime fell back to the CPU during the run: {_reason(said)}")
+        profile = Path(self.session.end_profiling())
+        self.placement = placement(json.loads(profile.read_text()))
+        shutil.rmtree(self.profile_dir, ignore_errors=True)
+        if not self.placement.get(self.provider):
+            raise BackendUnavailable(f"onnxruntime fell back to the CPU: the profile shows no node on {self.provider}")
+        return outputs
+
+    def observed(self) -> dict[str, Any]:
+        return {"placement": self.placement, "placement_summary": placement_summary(self.placement, self.provider)}
+
+    def timed(self) -> str:
+        if self.copies_timed:
+            return f"session.run incl. copying the input to {self.device_type} and the outputs back (this build cannot bind on {self.device_type})"
+        if self.device_type == "cpu":
+            return "session.run_with_iobinding; input and outputs in host memory"
+        return f"session.run_with_iobinding; input and outputs bound on {self.device_type}, copies outside the clock"
 
     def layers(self, artifact, batch: np.ndarray) -> dict[str, np.ndarray]:
-        from exporter import blocks
-        from exporter.export import ort_session
+        from exporter import blocks, runtime
 
-        session = ort_session(blocks.ensure(artifact), providers=(self.provider,), threads=self.threads)
-        got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {self.input_name: self.prepare(batch)})))
+        providers = [(self.provider, self.session.get_provider_options().get(self.provider, {}))]
+        providers += [] if self.provider == CPU else [CPU]
+        session = runtime.session(blocks.ensure(artifact), providers, self.threads)
+        got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {self.input_name: batch.astype(np.float32)})))
         names = blocks.tap_names(sum(name.startswith("block_") for name in got))
         # The final norm's output is the graph's `tokens` output.
         return {name: np.asarray(got["tokens" if name == "norm" else name], dtype=np.float32) for name in names}
 
-    def to_numpy(self, result) -> dict[str, np.ndarray]:
-        return {name: np.asarray(value, dtype=np.float32) for name, value in zip(self.output_names, result)}
+
+def _onnxruntime():
+    from exporter import runtime
+
+    try:
+        return runtime.load_onnxruntime()
+    except runtime.RuntimeMissing as why:
+        raise BackendUnavailable(str(why)) from why
+
+
+def _reason(said: list[str]) -> str:
+    lines = [ANSI.sub("", line) for line in said]
+    for hint in FALLBACK_HINTS:
+        for line in lines:
+            if hint in line.lower():
+                # "[E:onnxruntime:Default, provider_bridge_ort.cc:2458 ...] /src/...: FAIL : Failed to load library X
+                # with error: libcublasLt.so.13: cannot open ..." -> from "Failed to load library" on.
+                start = line.find("Failed to load library")
+                return line[start:] if start >= 0 else line
+    return lines[-1] if lines else "onnxruntime gave no reason"
 
 
 class OrtCpu(OnnxRuntime):
     name = "ort-cpu"
-    provider = "CPUExecutionProvider"
+    provider = CPU
     tolerance = "same-host"
 
 
 class OrtCann(OnnxRuntime):
     name = "ort-cann"
     provider = "CANNExecutionProvider"
-    install_hint = "on an Ascend host install an onnxruntime build with the CANN execution provider"
+    device_type = "cann"
+    precisions = ("fp16", "fast-math")
+    install_hint = "on an Ascend host: pip install -e '.[cann]' (onnxruntime-cann)"
+    PRECISION_MODES = {
+        # CANN compiles in fp16 unless told otherwise (ATC's default is force_fp16).
+        "fp32": {"precision_mode": "must_keep_origin_dtype", "op_select_impl_mode": "high_precision"},
+        "fp16": {"precision_mode": "force_fp16"},
+        "fast-math": {},  # as shipped: CANN's default precision_mode
+    }
+
+    def provider_options(self, precision):
+        return dict(self.PRECISION_MODES[precision])
+
+    def model_file(self, artifact):
+        # The CANN provider has no LayerNormalization kernel; the exporter's decomposed variant
+        # (--decompose-layernorm) keeps the whole graph on the NPU.
+        from exporter.variants import LN_DECOMPOSED
+
+        if LN_DECOMPOSED in artifact.manifest.get("files", {}):
+            return artifact.path(LN_DECOMPOSED)
+        return super().model_file(artifact)
 
 
 class OrtCuda(OnnxRuntime):
     name = "ort-cuda"
     provider = "CUDAExecutionProvider"
-    install_hint = "install onnxruntime-gpu on a host with CUDA"
+    device_type = "cuda"
+    precisions = ("fast-math",)
+    install_hint = "on a CUDA host: pip install -e '.[gpu]' (onnxruntime-gpu)"
+
+    def provider_options(self, precision):
+        # The CUDA provider runs fp32 matmuls in TF32 by default (use_tf32=1).
+        return {} if precision == "fast-math" else {"use_tf32": "0"}

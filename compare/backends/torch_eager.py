@@ -7,14 +7,16 @@ import numpy as np
 
 from .base import Backend
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# fast-math is fp32 weights and activations with the device's shipped fp32 shortcuts left on.
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fast-math": "float32"}
 
 
 class TorchEager(Backend):
     """Runs the artifact's eager model, rebuilt from weights.safetensors, on `device`.
 
     Subclasses only say how to reach their device: `open_device` imports what it needs and
-    returns facts about it, and `synchronize` waits for queued work.
+    returns facts about it, `set_precision` sets the device's fp32 switches and returns them as
+    read back, and `synchronize` waits for queued work.
     """
 
     device = "cpu"
@@ -22,20 +24,30 @@ class TorchEager(Backend):
     def open_device(self) -> dict[str, Any]:
         return {}
 
+    def set_precision(self, precision: str) -> dict[str, Any]:
+        """Turn the device's reduced-precision fp32 shortcuts off, unless `precision` is fast-math; return them as read back."""
+        return {}
+
     def synchronize(self) -> None:
         pass
 
-    def load(self, artifact, dtype: str) -> dict[str, Any]:
+    def load(self, artifact, precision: str) -> dict[str, Any]:
         import torch
 
         from exporter.export import TwoOutputs, rebuild_model
 
         facts = self.open_device()
-        self.dtype = getattr(torch, DTYPES[dtype if self.follows_dtype else "fp32"])
+        precision = self.effective_precision(precision)
+        switches = self.set_precision(precision)
+        self.dtype = getattr(torch, DTYPES[precision])
         self.module = TwoOutputs(rebuild_model(artifact)).to(device=self.device, dtype=self.dtype)
+        # Where the weights really are, read back rather than assumed.
+        parameter = next(self.module.parameters())
         return {
-            "device": self.device,
-            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(parameter.device),
+            "dtype": str(parameter.dtype).replace("torch.", ""),
+            "precision": precision,
+            **({"switches": switches} if switches else {}),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             **facts,

@@ -1,8 +1,14 @@
-"""torch-npu: eager on an Ascend NPU through torch_npu, imported only here."""
+"""torch-npu: eager on an Ascend NPU through torch_npu, imported only here (and only in a worker)."""
 from __future__ import annotations
+
+import importlib.util
 
 from .base import BackendUnavailable
 from .torch_eager import TorchEager
+
+NOT_INSTALLED = "torch_npu is not installed; on an Ascend host: pip install torch-npu (matching torch and CANN)"
+# torch_npu's fp32 shortcuts: HF32 rounds fp32 inputs of matmul and conv kernels to 11 mantissa bits.
+HF32_SWITCHES = ("matmul", "conv")
 
 
 def _cann_version(torch_npu) -> str | None:
@@ -23,7 +29,13 @@ def _cann_version(torch_npu) -> str | None:
 class TorchNpu(TorchEager):
     name = "torch-npu"
     device = "npu:0"
-    follows_dtype = True
+    precisions = ("fp16", "bf16", "fast-math")
+
+    @classmethod
+    def probe(cls):
+        # Only whether it is installed: importing torch_npu here would start CANN in the parent.
+        if importlib.util.find_spec("torch_npu") is None:
+            raise BackendUnavailable(NOT_INSTALLED)
 
     def open_device(self):
         try:
@@ -31,7 +43,7 @@ class TorchNpu(TorchEager):
             import torch_npu  # optional: only on Ascend hosts
         except ImportError as error:
             if getattr(error, "name", None) == "torch_npu":
-                raise BackendUnavailable("torch_npu is not installed; on an Ascend host: pip install torch-npu (matching torch and CANN)") from error
+                raise BackendUnavailable(NOT_INSTALLED) from error
             raise BackendUnavailable(_reason(error)) from error
         except (OSError, RuntimeError) as error:
             raise BackendUnavailable(_reason(error)) from error
@@ -39,17 +51,26 @@ class TorchNpu(TorchEager):
             if not torch.npu.is_available():
                 raise BackendUnavailable("torch_npu is installed but sees no NPU; check npu-smi info and ASCEND_RT_VISIBLE_DEVICES")
             torch.npu.set_device(self.device)
-            name = torch.npu.get_device_name(0)
         except (RuntimeError, OSError) as error:
             raise BackendUnavailable(_reason(error)) from error
+        try:
+            name = torch.npu.get_device_name(0)
+        except (AssertionError, RuntimeError):  # some torch_npu releases assert on an unknown SoC name
+            name = "unknown Ascend NPU"
         return {
             "device_name": name,
             "torch_npu": getattr(torch_npu, "__version__", "unknown"),
             "cann": _cann_version(torch_npu),
-            # HF32 is the NPU's TF32: fp32 convolutions use it by default. Left as deployed, but recorded,
-            # since it explains fp32 differences of ~1e-3 against the CPU.
-            "hf32": {kind: getattr(getattr(torch.npu, kind, None), "allow_hf32", None) for kind in ("matmul", "conv")},
         }
+
+    def set_precision(self, precision):
+        import torch
+
+        # torch_npu's defaults differ by release (2.14: conv HF32 on, matmul off); set both.
+        if precision != "fast-math":
+            for kind in HF32_SWITCHES:
+                getattr(torch.npu, kind).allow_hf32 = False
+        return {f"torch.npu.{kind}.allow_hf32": getattr(torch.npu, kind).allow_hf32 for kind in HF32_SWITCHES}
 
     def synchronize(self):
         import torch

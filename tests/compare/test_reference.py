@@ -59,10 +59,10 @@ def test_saved_file_loads_without_pickle_and_carries_input_outputs_and_metadata(
     metadata = json.loads(str(arrays["metadata"]))
     assert arrays["batch"].dtype == np.float32
     assert {"outputs/torch-cpu/pooled", "outputs/torch-cpu/tokens", "outputs/ort-cpu/pooled", "outputs/ort-cpu/tokens"} <= set(arrays)
-    assert (metadata["version"], metadata["model"], metadata["host"], metadata["reference"]) == (1, TINY, HOST, "torch-cpu")
+    assert (metadata["version"], metadata["model"], metadata["host"], metadata["reference"]) == (2, TINY, HOST, "torch-cpu")
     assert metadata["input"]["sha256"] and metadata["weights_sha256"] and metadata["environment"]["torch"]
     assert metadata["backends"]["torch-cpu"]["tolerance"] == "same-host"
-    assert metadata["backends"]["ort-cpu"]["follows_dtype"] is False
+    assert metadata["backends"]["ort-cpu"]["precision"] == "fp32"
 
 
 def test_loaded_reference_keys_backends_by_host_with_their_saved_tolerance(artifacts_root, saved_tiny):
@@ -71,7 +71,7 @@ def test_loaded_reference_keys_backends_by_host_with_their_saved_tolerance(artif
     assert set(stored.outputs) == {f"torch-cpu@{HOST}", f"ort-cpu@{HOST}"}
     assert stored.tolerance_class(f"torch-cpu@{HOST}") == "same-host"
     assert stored.tolerance_class(f"ort-cpu@{HOST}") == "same-host"
-    assert stored.follows_dtype(f"torch-cpu@{HOST}") is False
+    assert stored.precision(f"torch-cpu@{HOST}") == "fp32"
     assert stored.taps == {}
     assert {(s.name, s.status, s.details["host"]) for s in stored.statuses()} == {
         (f"torch-cpu@{HOST}", "stored", HOST), (f"ort-cpu@{HOST}", "stored", HOST)}

@@ -1,0 +1,97 @@
+"""Versions of the libraries whose behaviour decides the numbers, read without importing them.
+
+Reading package metadata instead of importing keeps a broken install (an onnxruntime built for
+NumPy 1.x, a torch_npu without CANN) from crashing the tool before it can say what is wrong.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.metadata as md
+import importlib.util
+import platform
+from pathlib import Path
+
+# Module name -> the distributions that can provide it. pip treats each as its own project, so
+# one may silently replace another; which one is installed decides which providers exist.
+PROVIDERS = {
+    "torch": ("torch",),
+    "timm": ("timm",),
+    "onnx": ("onnx",),
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-cann", "onnxruntime-openvino", "onnxruntime-directml"),
+    "onnxscript": ("onnxscript",),
+    "torch_npu": ("torch-npu",),
+}
+
+
+@functools.lru_cache(maxsize=None)  # scanning every installed distribution takes ~0.1 s; installs do not change mid-run
+def _by_module() -> dict[str, list[str]]:
+    return md.packages_distributions()
+
+
+def distributions(module: str) -> list[str]:
+    """The installed distributions that provide `module`, the one `import module` would load first
+    (e.g. ["onnxruntime-cann"]). More than one means their files may be mixed: pip does not know
+    that onnxruntime and onnxruntime-cann are the same package."""
+    found = _by_module().get(module, [])
+    known = PROVIDERS.get(module, (module,))
+    # packages_distributions() spells names as their metadata does; compare normalised names.
+    normal = {name.lower().replace("_", "-") for name in found}
+    names = [name for name in known if name in normal] or sorted(normal)
+    spec = importlib.util.find_spec(module)  # finds, does not run, the module import would load
+    origin = Path(spec.origin).resolve() if spec and spec.origin else None
+
+    def imported(name: str) -> bool:
+        try:
+            return Path(md.distribution(name).locate_file(f"{module}/__init__.py")).resolve() == origin
+        except (md.PackageNotFoundError, OSError, TypeError):
+            return False
+
+    return sorted(names, key=lambda name: not imported(name))
+
+
+def version(module: str) -> str | None:
+    """The installed version of the distribution that provides `module`, or None when none does."""
+    for dist in distributions(module):
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return None
+
+
+def versions() -> dict:
+    """python, torch, timm, onnx, onnxruntime (and which distribution provides it), onnxscript; None when absent."""
+    found = {"python": platform.python_version()}
+    for module in ("torch", "timm", "onnx", "onnxruntime", "onnxscript"):
+        found[module] = version(module)
+    found["onnxruntime_distribution"] = ", ".join(distributions("onnxruntime")) or None
+    return found
+
+
+# What `make host-deps` keeps: the host's own accelerator builds, pinned as pip constraints.
+KEPT = ("torch", "torchvision", "torch-npu", *PROVIDERS["onnxruntime"])
+# The project's extra for each onnxruntime distribution (pyproject.toml); plain onnxruntime when none is installed.
+EXTRAS = {"onnxruntime": "cpu", "onnxruntime-gpu": "gpu", "onnxruntime-cann": "cann"}
+
+
+def host_constraints() -> list[str]:
+    """`name==version` for every installed distribution in KEPT."""
+    pins = []
+    for name in KEPT:
+        try:
+            pins.append(f"{name}=={md.version(name)}")
+        except md.PackageNotFoundError:
+            continue
+    return pins
+
+
+def onnxruntime_extra() -> str:
+    """The extra that keeps the installed onnxruntime variant (cpu when there is none)."""
+    installed = distributions("onnxruntime")
+    return EXTRAS.get(installed[0], "cpu") if installed else "cpu"
+
+
+if __name__ == "__main__":  # used by `make host-deps`
+    import sys
+
+    print("\n".join(host_constraints()) if sys.argv[1:] == ["constraints"] else onnxruntime_extra())

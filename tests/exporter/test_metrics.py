@@ -1,0 +1,51 @@
+"""The metrics on hand-made arrays with known answers."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from exporter.metrics import cosine, max_abs_diff, mean_abs_diff, nonfinite_count, relative_error, worst_sample_cosine
+
+
+def test_orthogonal_vectors_have_cosine_zero():
+    assert cosine([1.0, 0.0], [0.0, 3.0]) == 0.0
+
+
+def test_scaled_vectors_have_cosine_one_and_relative_error_of_the_scale():
+    a = np.array([1.0, -2.0, 3.0])
+    assert cosine(2 * a, a) == pytest.approx(1.0)
+    assert relative_error(1.01 * a, a) == pytest.approx(0.01)
+    assert cosine(-a, a) == pytest.approx(-1.0)
+
+
+def test_abs_diffs():
+    assert max_abs_diff(np.array([1.0, 2.0]), np.array([1.0, 2.5])) == 0.5
+    assert mean_abs_diff(np.array([1.0, 2.0]), np.array([1.0, 2.5])) == 0.25
+
+
+def test_nan_poisons_the_metrics_and_is_counted():
+    a = np.array([1.0, np.nan, np.inf, 2.0])
+    assert nonfinite_count(a) == 2
+    assert math.isnan(cosine(a, np.ones(4)))
+    assert math.isnan(max_abs_diff(a, np.ones(4)))
+    assert nonfinite_count(np.array([True, False])) == 0
+    assert nonfinite_count(np.arange(3)) == 0
+
+
+def test_edge_cases_empty_and_zero():
+    assert cosine(np.array([]), np.array([])) == 1.0
+    assert max_abs_diff(np.array([]), np.array([])) == 0.0
+    assert cosine(np.zeros(3), np.zeros(3)) == 1.0
+    assert cosine(np.zeros(3), np.ones(3)) == 0.0
+    assert relative_error(np.zeros(2), np.zeros(2)) == 0.0
+    assert relative_error(np.ones(2), np.zeros(2)) == math.inf
+
+
+def test_worst_sample_cosine_finds_the_bad_sample_that_the_flat_cosine_hides():
+    want = np.ones((4, 100))
+    got = want.copy()
+    got[3, :50] = -1.0  # one sample orthogonal to its reference
+    assert worst_sample_cosine(got, want) == pytest.approx(0.0)
+    assert cosine(got, want) > 0.7

@@ -170,7 +170,7 @@ def backend_rows(report: Report) -> list[tuple[str, ...]]:
     """Each backend's status, device, dtype, precision, switches and placement as read back, and either its
     other settings or why it did not run."""
     shown = {"device", "dtype", "device_name", "torch", "torch_npu", "onnxruntime", "cann", "cuda", "precision",
-             "switches", "provider_options", "placement", "placement_summary"}
+             "switches", "provider_options", "placement", "placement_summary", "timed"}
 
     def setting(value) -> str:
         return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)

@@ -1,6 +1,9 @@
 """The artifact folder on disk: atomic publishing, the manifest, and a loader that verifies hashes."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import fcntl
 import hashlib
 import json
@@ -18,6 +21,8 @@ MANIFEST = "manifest.json"
 CORE_FILES = ("model.onnx", "weights.safetensors", "sample.npz")
 STAGING_PREFIX = ".staging-"
 LOCK = ".lock"
+DERIVED_FILES = ("blocks.onnx",)  # made from model.onnx on first use; never required
+PREVIOUS_MARK = ".previous"  # marks a previous artifact moved aside during a non-atomic publish
 
 
 def sha256(path: Path) -> str:
@@ -69,9 +74,12 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 @contextmanager
 def _locked(folder: Path):
-    """Hold an exclusive lock on the artifact folder, so concurrent exports publish one at a time."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK, "a") as handle:
+    """Hold an exclusive lock on the artifact `folder`, so concurrent exports publish one at a time.
+
+    The lock file sits beside the folder, not in it: publishing swaps the folder itself.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}{LOCK}", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -81,25 +89,44 @@ def _locked(folder: Path):
 
 @contextmanager
 def staging(folder: Path):
-    """A private folder beside the artifact for files being written; removed whatever happens."""
-    folder.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_staging(folder)
-    stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=folder))
+    """A private folder beside the artifact `folder` for files being written; removed whatever happens.
+
+    It sits in the same parent, so a finished stage can replace the artifact with one rename.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    recover(folder)
+    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}{STAGING_PREFIX}{os.getpid()}-", dir=folder.parent))
     try:
         yield stage
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _remove_abandoned_staging(folder: Path) -> None:
-    # A killed export leaves its staging folder behind; its pid tells whether anyone still owns it.
-    for stage in folder.glob(f"{STAGING_PREFIX}*"):
-        pid = stage.name[len(STAGING_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+def recover(folder: Path) -> None:
+    """Undo what a killed export left behind: remove its staging folders and, if it died between the
+    two renames of a publish without an atomic exchange, move the previous artifact back."""
+    for leftover in folder.parent.glob(f".{folder.name}{STAGING_PREFIX}*"):
+        if _alive(_owner(leftover, f".{folder.name}{STAGING_PREFIX}")):
+            continue
+        if (leftover / PREVIOUS_MARK).is_file() and not (folder / MANIFEST).is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            os.rename(leftover, folder)
+            (folder / PREVIOUS_MARK).unlink()
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+    for stage in folder.glob(f"{STAGING_PREFIX}*") if folder.is_dir() else ():  # left by older versions
+        if not _alive(_owner(stage, STAGING_PREFIX)):
             shutil.rmtree(stage, ignore_errors=True)
 
 
+def _owner(path: Path, prefix: str) -> int:
+    pid = path.name[len(prefix):].split("-", 1)[0]
+    return int(pid) if pid.isdigit() else -1
+
+
 def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -109,25 +136,73 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def publish(folder: Path, staged: dict[str, Path], manifest: dict, replace: bool = True) -> None:
-    """Move staged files into `folder` and write the manifest last, recording every file's sha256.
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # the kernel or the filesystem cannot exchange
+    raise OSError(code, os.strerror(code), str(a))
 
-    With replace=True the staged files form a new artifact: the old manifest is removed first, so
-    an interrupted publish leaves a folder the loader refuses rather than a mix it accepts. With
-    replace=False the files are added to the artifact that is there (its manifest is kept).
+
+def publish(folder: Path, staged: dict[str, Path], manifest: dict, replace: bool = True) -> None:
+    """Make the staged files part of the artifact `folder`, the manifest last, recording every file's sha256.
+
+    With replace=True the staged files form a new artifact: they and its manifest are completed in
+    their staging folder, which then takes the place of `folder` in one atomic exchange of the two
+    folders. Killed at any instant, an export leaves the previous artifact or the new one, whole.
+    Where the exchange is unsupported, the previous folder is moved aside under a mark first, and
+    `recover` moves it back if the export dies before the new folder is in place.
+    With replace=False the files are added to the artifact that is there (its manifest is kept).
     """
     with _locked(folder):
-        if replace:
-            (folder / MANIFEST).unlink(missing_ok=True)
-            base = {}
-        else:
+        if not replace:
             base = read_manifest(folder)
-        files = dict(base.get("files", {}))
-        for name, path in staged.items():
-            files[name] = {"sha256": sha256(path), "bytes": path.stat().st_size}
-            _readable(path)
-            os.replace(path, folder / name)
-        write_json_atomic(folder / MANIFEST, {**base, **manifest, "files": files})
+            files = dict(base.get("files", {}))
+            for name, path in staged.items():
+                files[name] = _record(path)
+                os.replace(path, folder / name)
+            write_json_atomic(folder / MANIFEST, {**base, **manifest, "files": files})
+            return
+        stage = {path.parent for path in staged.values()}
+        if len(stage) != 1:
+            raise ValueError("a new artifact's files must all be in one staging folder")
+        stage = stage.pop()
+        files = {name: _record(path) for name, path in staged.items()}
+        write_json_atomic(stage / MANIFEST, {**manifest, "files": files})
+        _fsync_dir(stage)
+        if not folder.exists():
+            os.rename(stage, folder)
+        elif not _exchange(stage, folder):
+            # No atomic exchange here: move the previous artifact aside under a mark, so that
+            # recover() can move it back if this process dies before the new one is in place.
+            (folder / PREVIOUS_MARK).touch()
+            previous = folder.parent / f".{folder.name}{STAGING_PREFIX}{os.getpid()}-previous"
+            os.rename(folder, previous)
+            os.rename(stage, folder)
+            shutil.rmtree(previous, ignore_errors=True)
+        _fsync_dir(folder.parent)
+        # After an exchange `stage` holds the previous artifact; the staging context removes it.
+
+
+def _record(path: Path) -> dict:
+    _readable(path)
+    return {"sha256": sha256(path), "bytes": path.stat().st_size}
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_manifest(folder: Path) -> dict:
@@ -135,7 +210,7 @@ def read_manifest(folder: Path) -> dict:
         return json.loads((folder / MANIFEST).read_text())
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, UnicodeDecodeError) as error:
         raise UserError(f"{folder / MANIFEST} is unreadable ({error}); re-export the model") from error
 
 
@@ -163,23 +238,51 @@ def load(root: Path | str, key: str, verify: bool = True) -> Artifact:
     folder = artifact_folder(root, key)
     export_hint = f"run make export MODEL={key}" + (f" ARTIFACTS={root}" if Path(root) != Path("artifacts") else "")
     if not (folder / MANIFEST).is_file():
+        with contextlib.suppress(OSError):  # a read-only root: nothing to recover there anyway
+            recover(folder)
+    if not (folder / MANIFEST).is_file():
         if folder.is_dir() and any((folder / name).exists() for name in CORE_FILES):
             raise UserError(f"artifact {folder} is incomplete (no {MANIFEST}): its export did not finish; {export_hint}")
         raise UserError(f"no artifact for {key} under {root}/; {export_hint}")
     manifest = read_manifest(folder)
+    problem = manifest_problem(manifest)
+    if problem:
+        raise UserError(f"{folder / MANIFEST} is malformed: {problem}; {export_hint}")
     artifact = Artifact(folder=folder, manifest=manifest)
     if verify:
         verify_files(artifact, export_hint)
     return artifact
 
 
+REQUIRED_KEYS = {"model": str, "timm_name": str, "data_config": dict, "files": dict}
+
+
+def manifest_problem(manifest) -> str | None:
+    """What is wrong with the manifest's shape, in words, or None: the loader never trusts its layout blindly."""
+    if not isinstance(manifest, dict):
+        return f"it holds a {type(manifest).__name__}, not an object"
+    for key, kind in REQUIRED_KEYS.items():
+        if not isinstance(manifest.get(key), kind):
+            return f"'{key}' is missing or not a{'n' if kind is dict else ''} {'object' if kind is dict else 'string'}"
+    for name, record in manifest["files"].items():
+        if not (isinstance(record, dict) and isinstance(record.get("sha256"), str) and isinstance(record.get("bytes"), int)):
+            return f"the record of {name} is not {{sha256, bytes}}"
+    return None
+
+
 def verify_files(artifact: Artifact, export_hint: str = "re-export the model") -> None:
-    """Raise a UserError naming the first file that is missing, truncated or changed."""
+    """Raise a UserError naming the first file that is missing, truncated or changed.
+
+    Derived files (blocks.onnx) are not checked here: whoever uses one checks and rebuilds it, so a
+    missing or damaged derived file never makes the artifact unusable.
+    """
     files = artifact.manifest.get("files", {})
     for name in CORE_FILES:
         if name not in files:
             raise UserError(f"artifact {artifact.folder} lists no {name} in its manifest; {export_hint}")
     for name, record in files.items():
+        if name in DERIVED_FILES:
+            continue
         path = artifact.path(name)
         if not path.is_file():
             raise UserError(f"artifact file {path} is missing; {export_hint}")

@@ -8,7 +8,9 @@ inside scope `blocks.i` that leaves it with the shape of the token stream.
 from __future__ import annotations
 
 import ast
+import os
 import re
+import tempfile
 from pathlib import Path
 
 from . import artifact
@@ -89,20 +91,48 @@ def build(model_path: Path, out_path: Path) -> int:
 def ensure(art: artifact.Artifact) -> Path:
     """The artifact's blocks.onnx, derived from model.onnx and added to the manifest on first use.
 
-    It is rebuilt when model.onnx changed since it was derived (its source hash is recorded).
+    It is rebuilt when it is missing, damaged, or derived from another model.onnx (its source hash
+    is recorded). On a read-only artifact (a shared or mounted copy) it goes to the user's cache
+    instead, keyed by model.onnx's sha256: a derived file never makes the artifact unusable.
     """
     # Read from disk, not art.manifest: another backend of this run may have added blocks.onnx since.
     manifest = artifact.read_manifest(art.folder)
     source = manifest["files"]["model.onnx"]["sha256"]
-    record = manifest.get("blocks", {})
+    record = manifest["files"].get(BLOCKS_FILE)
     path = art.path(BLOCKS_FILE)
-    if BLOCKS_FILE in manifest["files"] and record.get("model_sha256") == source and path.is_file():
+    if record and manifest.get("blocks", {}).get("model_sha256") == source and _intact(path, record):
         return path
-    with artifact.staging(art.folder) as stage:
-        count = build(art.path("model.onnx"), stage / BLOCKS_FILE)
-        artifact.publish(
-            art.folder, {BLOCKS_FILE: stage / BLOCKS_FILE},
-            {"blocks": {"model_sha256": source, "count": count, "taps": tap_names(count)}},
-            replace=False,
-        )
+    try:
+        with artifact.staging(art.folder) as stage:
+            count = build(art.path("model.onnx"), stage / BLOCKS_FILE)
+            artifact.publish(
+                art.folder, {BLOCKS_FILE: stage / BLOCKS_FILE},
+                {"blocks": {"model_sha256": source, "count": count, "taps": tap_names(count)}},
+                replace=False,
+            )
+        return path
+    except OSError:  # the artifact cannot be written to
+        return _cached(art, source)
+
+
+def cache_folder() -> Path:
+    """Where derived files of read-only artifacts go: $XDG_CACHE_HOME/vit-parity, else ~/.cache/vit-parity."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vit-parity"
+
+
+def _cached(art: artifact.Artifact, source: str) -> Path:
+    path = cache_folder() / "blocks" / source / BLOCKS_FILE
+    if not path.is_file():  # written atomically below, so a file that is there is whole
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".blocks-", suffix=".onnx", dir=path.parent)
+        os.close(fd)
+        try:
+            build(art.path("model.onnx"), Path(tmp))
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def _intact(path: Path, record: dict) -> bool:
+    return path.is_file() and path.stat().st_size == record["bytes"] and artifact.sha256(path) == record["sha256"]

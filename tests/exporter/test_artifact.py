@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,11 +23,15 @@ def _start_export(root, *args):
     )
 
 
-def _kill_once_staging(process, folder, timeout=120):
+def _staged(root):
+    return list(root.glob(f".{TINY}{artifact.STAGING_PREFIX}*/*"))
+
+
+def _kill_once_staging(process, root, timeout=120):
     """SIGKILL the export as soon as it has started writing files."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(folder.glob(".staging-*/*")):
+        if _staged(root):
             process.send_signal(signal.SIGKILL)
             process.wait()
             return
@@ -39,36 +44,66 @@ def _kill_once_staging(process, folder, timeout=120):
 
 def test_export_killed_midway_leaves_no_accepted_artifact(tmp_path):
     process = _start_export(tmp_path)
-    _kill_once_staging(process, tmp_path / TINY)
+    _kill_once_staging(process, tmp_path)
     with pytest.raises(UserError, match="no artifact|incomplete"):
         artifact.load(tmp_path, TINY)
 
 
-def test_export_killed_midway_keeps_the_previous_artifact(tiny_copy):
-    before = artifact.load(tiny_copy, TINY).manifest
-    process = _start_export(tiny_copy, "--seed", "3")
-    _kill_once_staging(process, tiny_copy / TINY)
-    after = artifact.load(tiny_copy, TINY)  # verifies every hash
-    assert after.manifest == before
+def _kill_at(root, delay=None, publishing=False):
+    """Start an export over `root`'s artifact and SIGKILL it after `delay` seconds, or, with `publishing`,
+    the moment its staged manifest exists (the publish step has begun)."""
+    process = _start_export(root, "--seed", "3")
+    started = time.monotonic()
+    while process.poll() is None:
+        if publishing and list(root.glob(f".{TINY}{artifact.STAGING_PREFIX}*/{artifact.MANIFEST}")):
+            break
+        if not publishing and time.monotonic() - started >= delay:
+            break
+        time.sleep(0.0005 if publishing else 0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
 
 
-def test_two_exports_at_once_end_with_one_complete_artifact(tmp_path):
-    first, second = _start_export(tmp_path, "--seed", "1"), _start_export(tmp_path, "--seed", "2")
-    assert first.wait(timeout=300) == 0 and second.wait(timeout=300) == 0
-    art = artifact.load(tmp_path, TINY)
-    assert art.manifest["weights_source"] in ("random-init (seed 1)", "random-init (seed 2)")
-    assert not list((tmp_path / TINY).glob(".staging-*"))
+def _hashes(manifest):
+    return {name: record["sha256"] for name, record in manifest["files"].items()}
 
 
-def test_a_staging_folder_left_by_a_killed_export_is_cleaned_up(tmp_path):
+def test_kill_at_any_instant_of_an_export_leaves_the_previous_or_the_new_artifact_whole(tiny_copy, tmp_path):
+    original = tmp_path / "original"
+    shutil.copytree(tiny_copy / TINY, original)
+    before = _hashes(artifact.load(tiny_copy, TINY).manifest)
+    start = time.monotonic()
+    assert _start_export(tmp_path / "timing", "--seed", "3").wait(timeout=300) == 0
+    duration = time.monotonic() - start
+    after = _hashes(artifact.load(tmp_path / "timing", TINY).manifest)
+    assert after != before
+    # Six kills evenly over a whole export, publish included, then three the moment publishing begins.
+    outcomes = []
+    for delay in [duration * i / 6 for i in range(1, 7)] + [None] * 3:
+        _kill_at(tiny_copy, delay, publishing=delay is None)
+        found = _hashes(artifact.load(tiny_copy, TINY).manifest)  # verifies every file's sha256
+        assert found in (before, after)
+        outcomes.append("old" if found == before else "new")
+        if found == after:  # start the next kill from the previous artifact again
+            shutil.rmtree(tiny_copy / TINY)
+            shutil.copytree(original, tiny_copy / TINY)
+    print("kill outcomes:", outcomes)
+    assert outcomes.count("old") >= 3, outcomes
+    with artifact.staging(tiny_copy / TINY):  # the next run removes what the killed ones left behind
+        pass
+    assert not list(tiny_copy.glob(f".{TINY}{artifact.STAGING_PREFIX}*"))
+
+
+def test_a_previous_artifact_moved_aside_by_a_killed_publish_is_moved_back(tiny_copy):
+    """Where the filesystem cannot exchange two folders atomically, publish moves the previous
+    artifact aside under a mark first; an export killed right then must not lose it."""
+    before = _hashes(artifact.load(tiny_copy, TINY).manifest)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / TINY / f".staging-{dead.pid}-abc"
-    stale.mkdir(parents=True)
-    (stale / "model.onnx").write_bytes(b"partial")
-    with artifact.staging(tmp_path / TINY):
-        pass
-    assert not stale.exists()
+    (tiny_copy / TINY / artifact.PREVIOUS_MARK).touch()
+    os.rename(tiny_copy / TINY, tiny_copy / f".{TINY}{artifact.STAGING_PREFIX}{dead.pid}-previous")
+    assert _hashes(artifact.load(tiny_copy, TINY).manifest) == before
+    assert not (tiny_copy / TINY / artifact.PREVIOUS_MARK).exists()
 
 
 def test_tampered_model_is_reported_in_plain_words(tiny_copy):

@@ -66,7 +66,7 @@ def test_failed_verification_exits_1_and_leaves_the_good_artifact_untouched(tiny
     assert "differs from eager" in result.stderr and "Traceback" not in result.stderr
     after = {p.name: p.read_bytes() for p in (tiny_copy / TINY).iterdir() if p.is_file()}
     assert after == before
-    assert not list((tiny_copy / TINY).glob(".staging-*"))
+    assert not list(tiny_copy.glob(f".{TINY}.staging-*"))
 
 
 def test_cli_prints_summary_table_and_json(tmp_path):

@@ -79,10 +79,30 @@ def parse(argv=None) -> argparse.Namespace:
         raise UserError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     if args.fast_math and args.dtype != "fp32":
         raise UserError(f"--fast-math measures the fp32 defaults; it does not combine with --dtype {args.dtype}")
+    for flag, least in (("batch_size", 1), ("warmup", 0), ("seed", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < least:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
+    if args.input == "random" and args.image:
+        raise UserError("--image and --input random exclude each other; drop one")
+    chosen = set(args.backends) | {args.reference}
+    for name in args.require:
+        if name not in chosen:
+            raise UserError(f"--require {name}, but {name} is not among --backends; add it there or drop --require {name}")
+    if not args.backends:
+        raise UserError("--backends names no backend; e.g. --backends torch-cpu,ort-cpu")
     for flag in ("json", "save_reference", "report"):  # fail now, not after minutes of work
         path = getattr(args, flag)
-        if path and not Path(path).resolve().parent.is_dir():
+        if not path:
+            continue
+        if Path(path).is_dir():
+            raise UserError(f"--{flag.replace('_', '-')} {path} is a folder; give a file name in it")
+        if not Path(path).resolve().parent.is_dir():
             raise UserError(f"--{flag.replace('_', '-')} {path}: folder {Path(path).parent} does not exist; create it first")
+    if args.save_reference and args.against and Path(args.save_reference).resolve() == Path(args.against).resolve():
+        raise UserError(
+            f"--save-reference {args.save_reference} would overwrite the reference read with --against; save to another file"
+        )
     return args
 
 
@@ -154,6 +174,12 @@ def run(args: argparse.Namespace, out: Console, err: Console, argv) -> int:
             report, raw = compare(model, options, step=status.update)
         for part in render(report):
             out.print(part)
+        if not report.compared and not args.save_reference:
+            not_run = ", ".join(f"{b.name} ({b.status})" for b in report.backends if b.name != report.reference)
+            raise UserError(
+                f"{model}: nothing was compared against {report.reference}"
+                + (f"; not run: {not_run}" if not_run else "") + "; choose backends this host can run"
+            )
         if args.save_reference:
             from . import reference
 

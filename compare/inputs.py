@@ -10,6 +10,7 @@ import numpy as np
 from exporter.errors import UserError
 
 SAMPLE_IMAGE = "grace_hopper.jpg"  # public domain, from matplotlib's sample data
+MAX_PIXELS = 64_000_000  # refused above this, before decoding: a 15000x15000 image would need 675 MB as RGB
 
 
 def default_image() -> Path:
@@ -22,17 +23,40 @@ def image_batch(path: Path, data_config: dict, batch_size: int) -> np.ndarray:
     from timm.data import create_transform
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"image {path} is a folder; pass --image with a JPEG/PNG file, or --input random")
     if not path.is_file():
         raise UserError(f"image {path} does not exist; pass --image with a JPEG/PNG file, or --input random")
     try:
         with Image.open(path) as image:
-            rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
+            pixels = image.width * image.height
+            if pixels > MAX_PIXELS:
+                raise UserError(
+                    f"image {path} is {image.width}x{image.height} ({pixels / 1e6:.0f} Mpixels), over the limit of "
+                    f"{MAX_PIXELS / 1e6:.0f} Mpixels; pass a smaller image (the model sees {data_config['input_size'][1]}x"
+                    f"{data_config['input_size'][2]} anyway)"
+                )
+            rgb = to_rgb(image, path)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise UserError(f"{path} is not an image PIL can read ({type(error).__name__}); pass a JPEG or PNG file") from error
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
     transform = create_transform(**config, is_training=False)
     tensor = transform(rgb).numpy().astype(np.float32)
     return np.repeat(tensor[None], batch_size, axis=0)
+
+
+def to_rgb(image, path: Path):
+    """8-bit RGB. 16-bit and 32-bit integer greyscale is scaled to 8 bits (PIL's own convert would clip
+    every value above 255); float images are refused, since their range is unknown."""
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        image = Image.fromarray(np.round(values / top * 255.0).clip(0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        raise UserError(f"image {path} holds floating-point pixels, whose range is unknown; save it as 8- or 16-bit PNG")
+    return image.convert("RGB")
 
 
 def random_batch(input_size, batch_size: int, seed: int) -> np.ndarray:

@@ -100,6 +100,11 @@ class Report:
         )
 
     @property
+    def compared(self) -> bool:
+        """Whether any backend besides the reference produced outputs, or tried to and failed."""
+        return bool(self.accuracy) or any(b.status == "error" for b in self.backends)
+
+    @property
     def exit_code(self) -> int:
         return 0 if self.passed else 1
 

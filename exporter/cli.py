@@ -7,12 +7,15 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import registry
+from . import artifact
 from .artifact import MANIFEST, artifact_folder
 from .errors import UserError
 
 DEFAULT_ARTIFACTS = "artifacts"
+MIN_OPSET = 18  # torch.onnx's dynamo exporter writes opset 18; lower ones need a down-conversion it does not promise
 
 
 class Parser(argparse.ArgumentParser):
@@ -40,7 +43,19 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--if-missing", action="store_true", help="export only models that have no artifact yet")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the exporter's own log")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.opset is not None:
+        import onnx.defs
+
+        newest = onnx.defs.onnx_opset_version()
+        if not MIN_OPSET <= args.opset <= newest:
+            raise UserError(
+                f"--opset {args.opset} is out of range: the dynamo exporter traces at opset {MIN_OPSET}, "
+                f"and the installed onnx knows opsets up to {newest}; pick one in {MIN_OPSET}..{newest}"
+            )
+    if args.seed < 0:
+        raise UserError(f"--seed must be at least 0, got {args.seed}")
+    return args
 
 
 def aliases_table() -> Table:
@@ -73,8 +88,8 @@ def summary_table(results) -> Table:
 
 
 RANDOM_WARNING = (
-    "[bold yellow]WARNING: {model} uses random weights ({source}). The numbers validate the export, "
-    "not the model's quality. Pass --weights PATH or fill the Hugging Face cache for real weights.[/]"
+    "WARNING: {model} uses random weights ({source}). The numbers validate the export, "
+    "not the model's quality. Pass --weights PATH or fill the Hugging Face cache for real weights."
 )
 
 
@@ -85,9 +100,17 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
     names = args.models or list(registry.ALIASES)
     specs = [registry.resolve(name) for name in names]  # fail on a bad name before minutes of work
     if args.if_missing:
-        present = [s.key for s in specs if (artifact_folder(args.artifacts, s.key) / MANIFEST).is_file()]
-        for key in present:
-            err.print(f"{key}: an artifact exists under {args.artifacts}/, not exporting it again")
+        present = []
+        for spec in specs:
+            if not (artifact_folder(args.artifacts, spec.key) / MANIFEST).is_file():
+                continue
+            try:
+                artifact.load(args.artifacts, spec.key)  # every hash checked: a damaged artifact is not "present"
+            except UserError as why:
+                err.print(f"{spec.key}: exporting again, the artifact there is unusable: {why}")
+                continue
+            present.append(spec.key)
+            err.print(f"{spec.key}: an artifact exists under {args.artifacts}/, not exporting it again")
         names = [s.timm_name for s in specs if s.key not in present]
         if not names:
             return 0
@@ -106,7 +129,7 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
             result = exporting.export(name, Path(args.artifacts), options, step=status.update)
             err.log(f"{result.model}: exported and verified in {result.seconds:.1f} s -> {result.folder}")
             if is_random(result.weights_source):
-                err.print(RANDOM_WARNING.format(model=result.model, source=result.weights_source))
+                err.print(Text(RANDOM_WARNING.format(model=result.model, source=result.weights_source), style="bold yellow"))
             results.append(result)
     if args.json:
         out.print_json(exporting.result_json(results))
@@ -116,9 +139,17 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def console(stderr: bool = False) -> Console:
-    """A Rich console; piped output (CI, make, files) gets a wide one so tables keep their columns."""
-    probe = Console(stderr=stderr)
-    return probe if probe.is_terminal else Console(stderr=stderr, width=200)
+    """A Rich console; piped output (CI, make, files) gets a wide one so tables keep their columns.
+
+    Markup is off: messages and table cells carry user text (model names, paths, key names such as
+    "[blocks.0.norm1.weight]") that must print as written. Styles come from Text objects.
+    """
+    probe = Console(stderr=stderr, markup=False)
+    return probe if probe.is_terminal else Console(stderr=stderr, width=200, markup=False)
+
+
+def _error(message: str) -> Text:
+    return Text.assemble(("error:", "bold red"), " ", message)
 
 
 def guarded(body, err: Console, interrupted: str = "interrupted") -> int:
@@ -126,13 +157,13 @@ def guarded(body, err: Console, interrupted: str = "interrupted") -> int:
     try:
         return body()
     except UserError as error:
-        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        err.print(_error(str(error)), highlight=False, soft_wrap=True)
         return error.exit_code
     except OSError as error:  # a path the user gave cannot be written or read: full disk, no permission
-        err.print(f"[bold red]error:[/] {error}; check the path and the free space", highlight=False, soft_wrap=True)
+        err.print(_error(f"{error}; check the path and the free space"), highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
-        err.print(f"[bold red]{interrupted}[/]")
+        err.print(Text(interrupted, style="bold red"))
         return 130
 
 

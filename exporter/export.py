@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import inspect
 import io
 import json
@@ -196,9 +197,6 @@ def export(
     step: Callable[[str], None] = lambda message: None,
 ) -> ExportResult:
     """Export, verify and publish one model under `root`/<alias or name>/. `step` hears progress."""
-    import onnx
-    from safetensors.torch import save_file
-
     started = time.perf_counter()
     spec = registry.resolve(name)
     step(f"{spec.key}: building {spec.timm_name}")
@@ -207,6 +205,46 @@ def export(
     input_size = list(config["input_size"])
     sample = sample_batch(input_size)
     folder = artifact.artifact_folder(root, spec.key)
+    try:
+        manifest, onnx_bytes = _stage_and_publish(spec, model, source, config, sample, folder, options, step, started)
+    except Exception as error:
+        if _disk_full(error):
+            raise UserError(
+                f"no space left on the device while writing the {spec.key} artifact under {root}; "
+                f"free some space and export again (the previous artifact, if any, is untouched)"
+            ) from error
+        raise
+    return ExportResult(
+        model=spec.key,
+        timm_name=spec.timm_name,
+        folder=str(folder),
+        input_size=input_size,
+        params=manifest["params"],
+        opset=options.opset,
+        nodes=manifest["nodes"],
+        onnx_mb=round(onnx_bytes / 1e6, 1),
+        seconds=manifest["export_seconds"],
+        cosine=manifest["verify"]["cosine"],
+        max_abs=manifest["verify"]["max_abs"],
+        weights_source=source,
+    )
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    """Whether `error`, or anything in its chain, is a full disk (safetensors reports it in its message)."""
+    while error is not None:
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _stage_and_publish(spec, model, source, config, sample, folder, options, step, started) -> tuple[dict, int]:
+    """Trace, verify and write everything into a staging folder, then publish it; return (manifest, model.onnx bytes)."""
+    import onnx
+    from safetensors.torch import save_file
+
+    input_size = list(config["input_size"])
     with artifact.staging(folder) as stage:
         step(f"{spec.key}: tracing at {input_size[1]}x{input_size[2]} with the dynamo exporter")
         trace_to_onnx(model, input_size, stage / "model.onnx", options.opset, options.verbose)
@@ -239,26 +277,13 @@ def export(
             "nodes": len(graph.graph.node),
             "verify": {"cosine": worst_cos, "max_abs": worst_abs, "batches": [TRACE_BATCH, *VERIFY_BATCHES]},
             "variants": variants,
-            "export_seconds": round(seconds, 2),
+            "export_seconds": round(seconds, 1),
             "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         onnx_bytes = (stage / "model.onnx").stat().st_size
         # Everything staged, including model.onnx.data if the exporter split off weights over 2 GB.
         artifact.publish(folder, {p.name: p for p in sorted(stage.iterdir()) if p.is_file()}, manifest)
-    return ExportResult(
-        model=spec.key,
-        timm_name=spec.timm_name,
-        folder=str(folder),
-        input_size=input_size,
-        params=manifest["params"],
-        opset=options.opset,
-        nodes=manifest["nodes"],
-        onnx_mb=round(onnx_bytes / 1e6, 1),
-        seconds=round(seconds, 1),
-        cosine=worst_cos,
-        max_abs=worst_abs,
-        weights_source=source,
-    )
+    return manifest, onnx_bytes
 
 
 def result_json(results: list[ExportResult]) -> str:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import socket
 import sys
 import threading
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -117,11 +119,20 @@ def read_state_dict(path: Path) -> dict:
             state = load_file(str(path))
         elif path.suffix in PICKLE_SUFFIXES:
             # weights_only refuses to unpickle arbitrary objects: a checkpoint cannot run code.
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's own notes (pickle protocol, weights_only=False) are noise here
+                warnings.simplefilter("ignore")
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
         else:
             raise UserError(f"weights file {path} has suffix '{path.suffix}'; expected .safetensors, .bin or .pth")
     except UserError:
         raise
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise UserError(f"cannot read weights from {path}: {_first_line(error)}") from error
+        raise UserError(
+            f"weights file {path} holds pickled Python objects besides tensors; refused, since loading them could run "
+            f"code. Convert it to .safetensors where you trust its origin, and pass that file"
+        ) from error
     except Exception as error:  # noqa: BLE001 - corrupt or foreign files come in many shapes
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"cannot read weights from {path}: {first_line}") from error
@@ -162,6 +173,11 @@ def apply_state_dict(model, state: dict) -> None:
     except RuntimeError as error:
         mismatch = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
         raise UserError(f"weights do not fit the architecture: {'; '.join(mismatch[:3]) or error}") from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _few(keys: list[str], limit: int = 5) -> str:

@@ -1,4 +1,5 @@
 """Entry point for `python -m compare`."""
+import os
 import sys
 
 try:
@@ -7,4 +8,11 @@ except KeyboardInterrupt:  # Ctrl-C while rich, numpy and the rest are still imp
     print("interrupted", file=sys.stderr)
     sys.exit(130)
 
-sys.exit(main())
+code = main()
+if code == 130:
+    # Interrupted, possibly halfway through importing torch: leave without the interpreter's teardown,
+    # which a half-imported extension can turn into a second KeyboardInterrupt and a traceback.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+sys.exit(code)

@@ -32,12 +32,14 @@ def image_batch(path: Path, data_config: dict, batch_size: int) -> np.ndarray:
             pixels = image.width * image.height
             if pixels > MAX_PIXELS:
                 raise UserError(
-                    f"image {path} is {image.width}x{image.height} ({pixels / 1e6:.0f} Mpixels), over the limit of "
+                    f"image {path} is too large: {image.width}x{image.height} ({pixels / 1e6:.0f} Mpixels), over the limit of "
                     f"{MAX_PIXELS / 1e6:.0f} Mpixels; pass a smaller image (the model sees {data_config['input_size'][1]}x"
                     f"{data_config['input_size'][2]} anyway)"
                 )
             rgb = to_rgb(image, path)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:  # PIL refuses far larger images before we can ask
+        raise UserError(f"image {path} is too large: {error}; pass a smaller image") from error
+    except (UnidentifiedImageError, OSError) as error:
         raise UserError(f"{path} is not an image PIL can read ({type(error).__name__}); pass a JPEG or PNG file") from error
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
     transform = create_transform(**config, is_training=False)

@@ -136,7 +136,7 @@ def verdict(report: Report) -> str:
     elif compared:
         text = f"**PASS**: {', '.join(compared)} {_verb(compared, 'agree')} with {report.reference} within the thresholds"
     else:
-        text = f"**PASS**, but no backend was compared: only the reference {report.reference} ran"
+        text = f"**NOT COMPARED**: only the reference {report.reference} ran"
     # A PASS that skipped the NPU says nothing about the NPU; the verdict line must say so.
     return text + (f"; not run here: {', '.join(skipped)}." if skipped else ".")
 

@@ -117,6 +117,8 @@ def layers_table(report: Report) -> Table:
 
 
 def verdict_text(report: Report) -> Text:
+    if not report.compared:
+        return Text(f"{report.model}: NOT COMPARED (only the reference {report.reference} ran)", style="bold yellow")
     if report.passed:
         return Text(f"{report.model}: PASS (every backend that ran agrees with {report.reference})", style="bold green")
     failed = sorted({r.backend for r in report.accuracy if not r.passed} | {b.name for b in report.backends if b.status == "error"})

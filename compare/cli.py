@@ -174,12 +174,7 @@ def run(args: argparse.Namespace, out: Console, err: Console, argv) -> int:
             report, raw = compare(model, options, step=status.update)
         for part in render(report):
             out.print(part)
-        if not report.compared and not args.save_reference:
-            not_run = ", ".join(f"{b.name} ({b.status})" for b in report.backends if b.name != report.reference)
-            raise UserError(
-                f"{model}: nothing was compared against {report.reference}"
-                + (f"; not run: {not_run}" if not_run else "") + "; choose backends this host can run"
-            )
+
         if args.save_reference:
             from . import reference
 
@@ -195,6 +190,15 @@ def run(args: argparse.Namespace, out: Console, err: Console, argv) -> int:
         command = shlex.join(["python", "-m", "compare", *argv])
         written = markdown.write(Path(args.report), reports, command, make_compare(argv))
         err.print(f"wrote {', '.join(map(str, written))}")
+    # Nothing compared is no PASS (saving the reference alone is a real use). Said last, once the
+    # tables, the JSON and the report are out, so the user sees what was skipped and why.
+    for report in reports:
+        if not report.compared and not args.save_reference:
+            not_run = ", ".join(f"{b.name} ({b.status})" for b in report.backends if b.name != report.reference)
+            raise UserError(
+                f"{report.model}: nothing was compared against {report.reference}"
+                + (f"; not run: {not_run}" if not_run else "") + "; choose backends this host can run"
+            )
     return max(r.exit_code for r in reports)
 
 

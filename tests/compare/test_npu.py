@@ -38,7 +38,7 @@ def test_the_stand_in_crashes_a_plain_import_torch_like_the_real_one(tmp_path):
 
 def test_compare_completes_with_a_broken_torch_npu_and_shows_why(artifacts_root, tmp_path):
     env = _env(_broken_torch_npu(tmp_path / "site"))
-    result = run_cli("compare", TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,torch-npu",
+    result = run_cli("compare", TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,ort-cpu,torch-npu",
                      "--iters", "1", "--warmup", "0", env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "torch-npu" in result.stdout and "SKIPPED" in result.stdout

@@ -72,7 +72,7 @@ class Payload:
 def test_bin_with_arbitrary_objects_is_refused(tmp_path):
     torch.save({"state_dict": _reference_state(), "extra": Payload()}, tmp_path / "evil.pth")
     model = registry.create(registry.resolve(TINY))
-    with pytest.raises(UserError, match="cannot read weights"):
+    with pytest.raises(UserError, match="holds pickled Python objects"):
         weights.load_weights(model, str(tmp_path / "evil.pth"))
 
 

@@ -18,12 +18,13 @@ endif
 # Optional make variables that turn into CLI flags.
 COMPARE_FLAGS := $(if $(SAVE),--save-reference $(SAVE)) $(if $(AGAINST),--against $(AGAINST)) $(if $(REPORT),--report $(REPORT))
 
-.PHONY: setup host-deps export compare bench test clean help
+.PHONY: setup host-deps export compare bench sweep test clean help
 
 help:
 	@echo "make export  [MODEL=dinov2] [ARTIFACTS=DIR]      export and verify ONNX artifacts"
 	@echo "make compare [MODEL=dinov3] [ARTIFACTS=DIR]      compare eager CPU, NPU and onnxruntime"
 	@echo "make bench   [MODEL=dinov3]                      latency sweep over batch sizes 1,2,4,8"
+	@echo "make sweep   PATTERN='vit_*small*'                export, compare and --layers for every matching timm model"
 	@echo "make test                                        run the test suite"
 	@echo "PYTHON=python3 uses an existing environment and installs nothing"
 	@echo "make host-deps PYTHON=python3                   once, on a host with its own torch: install the rest, keep torch"
@@ -57,6 +58,11 @@ compare: $(SETUP_DEP)
 bench: $(SETUP_DEP)
 	$(PYTHON) -m exporter $(MODEL) --artifacts $(ARTIFACTS) --if-missing
 	$(PYTHON) -m compare $(MODEL) --artifacts $(ARTIFACTS) --batch-sizes 1,2,4,8 $(ARGS)
+
+# One subprocess per model, results appended to sweep/results.jsonl (a rerun resumes); ARGS e.g.
+# '--max-params 100M --shard 1/4 --readme README.md'. PATTERN words are quoted so the shell never globs them.
+sweep: $(SETUP_DEP)
+	$(PYTHON) -m exporter.sweep $(foreach p,$(PATTERN),'$(p)') $(ARGS)
 
 # pytest exits 5 when it collects no test; that is a failure here, not a pass.
 test: $(SETUP_DEP)

@@ -75,7 +75,9 @@ def build(model_path: Path, out_path: Path) -> int:
     if not any(v.name == "tokens" for v in graph.value_info):
         model = onnx.shape_inference.infer_shapes(model)
         graph = model.graph
-    values = {v.name: v for v in graph.value_info}
+    # A graph output is not in value_info: where the final norm is Identity (gap/fc_norm models, EVA),
+    # the last block's output is the graph's `tokens` output itself.
+    values = {v.name: v for v in [*graph.value_info, *graph.output]}
     taps = block_outputs(graph)
     for i, name in enumerate(taps):
         # An Identity gives each tap a stable name (block_i) whatever the exporter called the value.

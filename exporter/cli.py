@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import registry
-from . import artifact
+from . import artifact, registry
 from .artifact import MANIFEST, artifact_folder
 from .errors import UserError
 
@@ -126,7 +126,12 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
     results = []
     with err.status("starting") as status:
         for name in names:
-            result = exporting.export(name, Path(args.artifacts), options, step=status.update)
+            try:
+                result = exporting.export(name, Path(args.artifacts), options, step=status.update)
+            except UserError as error:
+                if args.verbose and error.__cause__ is not None:  # -v: the whole chain, not just its root
+                    err.print(Text("".join(traceback.format_exception(error.__cause__)), style="dim"))
+                raise
             err.log(f"{result.model}: exported and verified in {result.seconds:.1f} s -> {result.folder}")
             if is_random(result.weights_source):
                 err.print(Text(RANDOM_WARNING.format(model=result.model, source=result.weights_source), style="bold yellow"))

@@ -110,8 +110,41 @@ def _quiet(verbose: bool):
         logging.disable(previous)
 
 
-def trace_to_onnx(model, input_size, path: Path, opset: int, verbose: bool) -> None:
-    """Write `model` as ONNX with one dynamic-batch input and the outputs pooled and tokens."""
+class TraceFailed(CheckFailed):
+    """torch.onnx.export could not trace the model; `cause` is the innermost exception, in one line."""
+
+    def __init__(self, cause: str):
+        super().__init__(f"ONNX export failed: {cause}; run again with -v for the whole chain")
+        self.cause = cause
+
+
+def trace_to_onnx(model, input_size, path: Path, opset: int, verbose: bool) -> str:
+    """Write `model` as ONNX with one dynamic-batch input and the outputs pooled and tokens.
+
+    Returns the attention path that was traced: "fused", or, where the exporter cannot trace the
+    fused attention (relative-position biases, SAM's 3-D attention), "non-fused" with the reason.
+    The model itself is left on its fused path: the caller checks the graph against that.
+    """
+    try:
+        _trace(model, input_size, path, opset, verbose)
+        return "fused"
+    except TraceFailed as fused_error:
+        fused = [m for m in model.modules() if getattr(m, "fused_attn", None) is True]
+        if not fused:
+            raise
+        for module in fused:  # timm's own switch to its explicit softmax(q @ k^T) @ v path
+            module.fused_attn = False
+        try:
+            _trace(model, input_size, path, opset, verbose)
+        except TraceFailed:
+            raise fused_error from None
+        finally:
+            for module in fused:
+                module.fused_attn = True
+        return f"non-fused (the fused path could not be traced: {fused_error.cause})"
+
+
+def _trace(model, input_size, path: Path, opset: int, verbose: bool) -> None:
     parameters = inspect.signature(torch.onnx.export).parameters
     if "dynamo" not in parameters:  # the dynamo exporter arrived in torch 2.5
         raise UserError(f"torch {torch.__version__} has no dynamo ONNX exporter; install torch >= 2.5")
@@ -130,8 +163,18 @@ def trace_to_onnx(model, input_size, path: Path, opset: int, verbose: bool) -> N
                 verbose=verbose,
             )
             program.save(str(path))
-    except Exception as error:  # noqa: BLE001 - the exporter raises many types; the user needs the gist
-        raise CheckFailed(f"ONNX export failed: {_first_line(error)}; run again with -v for the exporter's log") from error
+    except Exception as error:  # noqa: BLE001 - the exporter raises many types; the user needs the real cause
+        root = innermost(error)
+        raise TraceFailed(f"{type(root).__name__}: {_first_line(root)}") from error
+
+
+def innermost(error: BaseException) -> BaseException:
+    """The exception at the bottom of `error`'s chain: what really went wrong, under the wrappers."""
+    seen = {id(error)}
+    while (error.__cause__ or error.__context__) is not None and id(error.__cause__ or error.__context__) not in seen:
+        error = error.__cause__ or error.__context__
+        seen.add(id(error))
+    return error
 
 
 def _first_line(error: BaseException) -> str:
@@ -246,10 +289,10 @@ def _stage_and_publish(spec, model, source, config, sample, folder, options, ste
 
     input_size = list(config["input_size"])
     with artifact.staging(folder) as stage:
+        outputs = eager_outputs(model, sample)  # the model as users run it: fused attention where it has one
         step(f"{spec.key}: tracing at {input_size[1]}x{input_size[2]} with the dynamo exporter")
-        trace_to_onnx(model, input_size, stage / "model.onnx", options.opset, options.verbose)
+        attention = trace_to_onnx(model, input_size, stage / "model.onnx", options.opset, options.verbose)
         step(f"{spec.key}: verifying with onnx.checker and onnxruntime")
-        outputs = eager_outputs(model, sample)
         worst_cos, worst_abs = verify_onnx(stage / "model.onnx", sample, outputs, options)
         variants = {}
         if options.decompose_layernorm:
@@ -271,6 +314,7 @@ def _stage_and_publish(spec, model, source, config, sample, folder, options, ste
             "data_config": config,
             "opset": options.opset,
             "exporter": "torch.onnx.export(dynamo=True)",
+            "attention": attention,
             "versions": environment.versions(),
             "weights_source": source,
             "params": int(sum(p.numel() for p in model.parameters())),

@@ -1,11 +1,12 @@
 """Eager PyTorch on one device: the shared code path of torch-cpu, torch-npu and torch-cuda."""
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
 
-from .base import Backend
+from .base import Backend, BackendUnavailable
 
 # fast-math is fp32 weights and activations with the device's shipped fp32 shortcuts left on.
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fast-math": "float32"}
@@ -74,12 +75,20 @@ class TorchEager(Backend):
         from exporter.blocks import tap_names
 
         model = self.module.model
+        accepts = inspect.signature(getattr(model, "forward_intermediates", lambda: None)).parameters
         prefix = bool(getattr(model, "num_prefix_tokens", 0))
+        if not {"indices", "output_fmt"} <= set(accepts) or (prefix and "return_prefix_tokens" not in accepts):
+            raise BackendUnavailable(
+                f"{type(model).__name__} (timm {type(model).__module__.rsplit('.', 1)[-1]}) has no forward_intermediates "
+                f"that returns each block's whole token sequence"
+            )
         with torch.inference_mode():
             # forward_intermediates splits off the prefix tokens (cls, registers); glue them back
             # so each tap is the block's whole output, as in the ONNX graph.
+            options = {"return_prefix_tokens": prefix} if prefix else {}
+            options |= {"norm": False} if "norm" in accepts else {}
             final, taps = model.forward_intermediates(
-                self.prepare(batch), indices=len(model.blocks), return_prefix_tokens=prefix, norm=False, output_fmt="NLC"
+                self.prepare(batch), indices=len(model.blocks), output_fmt="NLC", **options
             )
             taps = [torch.cat([tap[1], tap[0]], dim=1) if prefix else tap for tap in taps] + [final]
         self.synchronize()

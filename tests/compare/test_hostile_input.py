@@ -125,8 +125,11 @@ def test_a_malformed_manifest_is_named_in_one_line(tiny_copy, capsys, edit, prob
 
 def test_ctrl_c_while_starting_up_exits_130_without_a_traceback(artifacts_root):
     for delay in (0.3, 0.8, 2.0):
+        # SIGINT as a terminal delivers it: a runner started in the background (`cmd &`) ignores SIGINT,
+        # and Python keeps a signal that was ignored at start-up ignored.
         process = subprocess.Popen([sys.executable, "-m", "compare", TINY, "--artifacts", str(artifacts_root)],
-                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(delay)
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=60)

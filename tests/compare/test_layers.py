@@ -72,3 +72,18 @@ def test_fp16_overflow_shows_the_block_where_nan_appears(tiny_copy, capsys, tmp_
     assert rows["block_2"]["nonfinite"] > 0
     assert report["drift"][LowPrecisionCpu.name].startswith(f"{LowPrecisionCpu.name}: drift starts at block 2")
     assert "NaN/Inf" in report["drift"][LowPrecisionCpu.name]
+
+
+@pytest.mark.parametrize("model,attention", [
+    ("test_vit2", "fused"),  # gap/fc_norm: the final norm is Identity, the last block's output is `tokens`
+    ("test_vit_relpos", "non-fused"),  # relative-position bias: the fused path cannot be traced
+    ("eva02_tiny_patch14_224", "fused"),  # EVA: rope, SwiGLU, Identity final norm
+])
+def test_layers_work_on_gap_relpos_and_eva_models(model, attention, tmp_path, capsys):
+    from exporter.export import ExportOptions, export
+
+    export(model, tmp_path, ExportOptions(weights="random"))
+    code, out, report = _layers(capsys, tmp_path, model, tmp_path, "--backends", "torch-cpu,ort-cpu")
+    assert code == 0, out
+    assert report["drift"]["ort-cpu"].startswith("ort-cpu: no drift")
+    assert json.loads((tmp_path / model / "manifest.json").read_text())["attention"].startswith(attention)

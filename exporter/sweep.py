@@ -1,0 +1,308 @@
+"""A coverage sweep: export, compare and --layers for many timm models, each in a subprocess of its own.
+
+`python -m exporter.sweep 'vit_*small*' 'eva02_tiny*' --max-params 100M` (or `make sweep PATTERN=...`)
+runs, for every matching timm architecture, `python -m exporter NAME --weights random` and then
+`python -m compare NAME --backends torch-cpu,ort-cpu --no-latency --layers --json`, with a time limit
+and a memory ceiling per model. Each finished model is one line appended to a JSONL file, so a
+killed sweep resumes where it stopped, and `--shard i/n` splits the list so that several hosts each
+take a slice (their JSONL files simply concatenate). At the end it prints a matrix and writes it as
+Markdown and JSON; `--readme README.md` puts the Markdown between the README's coverage markers.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .errors import UserError
+
+COMPARE_ARGS = ("--backends", "torch-cpu,ort-cpu", "--no-latency", "--layers")
+README_START, README_END = "<!-- coverage:start -->", "<!-- coverage:end -->"
+COLUMNS = ("model", "module", "params", "input", "export s", "verify cosine", "attention", "compare", "layers", "error")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One model's outcome. `compare` is PASS, FAIL, ERROR or "-" (not reached); `error` is a first line."""
+
+    model: str
+    module: str
+    params: int
+    input: str
+    export_s: float | None = None
+    verify_cosine: float | None = None
+    attention: str = ""
+    compare: str = "-"
+    layers: str = "-"
+    error: str = ""
+    seconds: float = 0.0
+
+
+def parse_size(text: str) -> int:
+    """'100M' -> 100_000_000; '1.5G' -> 1_500_000_000; plain numbers as they are."""
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9}
+    text = text.strip().upper()
+    try:
+        return int(float(text[:-1]) * scale[text[-1]]) if text[-1:] in scale else int(float(text))
+    except (ValueError, IndexError):
+        raise UserError(f"'{text}' is not a size; write e.g. 100M or 16G") from None
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'2/4' -> (2, 4): the second of four slices."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {text}: write i/n, e.g. 1/4") from None
+    if not 1 <= index <= count:
+        raise UserError(f"--shard {text}: i must be between 1 and n")
+    return index, count
+
+
+def shard(names: list[str], index: int, count: int) -> list[str]:
+    """Every count-th name from position index-1: the n slices cover the list with no overlap and no gap."""
+    return names[index - 1::count]
+
+
+def describe(name: str) -> tuple[str, int, str]:
+    """(timm module, parameter count, native input) of a model, built on the meta device: no memory, no weights."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+    size = model.pretrained_cfg.get("input_size") or (3, 224, 224)
+    return type(model).__module__.rsplit(".", 1)[-1], int(sum(p.numel() for p in model.parameters())), f"{size[1]}x{size[2]}"
+
+
+def select(patterns: list[str], list_file: str | None, max_params: int | None) -> list[tuple[str, str, int, str]]:
+    """Matching timm architectures (sorted, no duplicates), each with (module, params, input), within max_params."""
+    import timm
+
+    names = set()
+    for pattern in patterns:
+        names.update(timm.list_models(pattern) or ([pattern] if timm.is_model(pattern) else []))
+    if list_file:
+        lines = Path(list_file).read_text().splitlines()
+        names.update(line.split("#")[0].strip() for line in lines if line.split("#")[0].strip())
+    chosen = []
+    for name in sorted(names):
+        try:
+            module, params, size = describe(name)
+        except Exception as error:  # noqa: BLE001 - a model timm cannot even build is a row, not a crash
+            chosen.append((name, "?", 0, "?"))
+            continue
+        if max_params is None or params <= max_params:
+            chosen.append((name, module, params, size))
+    return chosen
+
+
+def _limits(memory: int | None):
+    def apply():
+        os.setsid()  # its own process group: a timeout stops the worker processes it starts too
+        if memory:
+            resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    return apply
+
+
+def _run(command: list[str], timeout: float, memory: int | None, cwd: Path) -> tuple[int | str, str, str]:
+    """(exit code or "timeout", stdout, stderr) of `command` under the time limit and memory ceiling."""
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               stdin=subprocess.DEVNULL, preexec_fn=_limits(memory))
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        return "timeout", out, err
+    return process.returncode, out, err
+
+
+def _last_error(code, err: str, what: str, timeout: float) -> str:
+    if code == "timeout":
+        return f"{what}: no answer in {timeout:g} s"
+    if isinstance(code, int) and code < 0:
+        return f"{what}: killed by {signal.Signals(-code).name}" + (" (memory ceiling?)" if code == -signal.SIGKILL else "")
+    lines = [line.strip() for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    return f"{what}: " + (errors[-1][len("error:"):].strip() if errors else (lines[-1] if lines else f"exit code {code}"))[:300]
+
+
+def run_model(name: str, module: str, params: int, size: str, root: Path, timeout: float, memory: int | None) -> Row:
+    """Export, compare and --layers for one model in subprocesses; every failure becomes the row's error."""
+    started = time.monotonic()
+    base = Row(model=name, module=module, params=params, input=size)
+    python = [sys.executable, "-m"]
+    code, out, err = _run([*python, "exporter", name, "--weights", "random", "--artifacts", str(root), "--json"], timeout, memory, root)
+    if code != 0:
+        return _done(base, started, error=_last_error(code, err, "export", timeout))
+    manifest = json.loads((root / name / "manifest.json").read_text())
+    exported = dict(export_s=manifest.get("export_seconds"), verify_cosine=manifest["verify"]["cosine"],
+                    attention=manifest.get("attention", ""))
+    report_path = root / "report.json"
+    code, out, err = _run([*python, "compare", name, "--artifacts", str(root), *COMPARE_ARGS, "--json", str(report_path)],
+                          timeout, memory, root)
+    if not report_path.is_file():
+        return _done(base, started, **exported, compare="ERROR", error=_last_error(code, err, "compare", timeout))
+    report = json.loads(report_path.read_text())["reports"][0]
+    drift = "; ".join(report.get("drift", {}).values())
+    no_taps = [w for w in report.get("warnings", []) if "per-block" in w]
+    layers = "skipped: " + no_taps[0] if no_taps and not drift else (drift or "-")
+    verdict = "PASS" if report["exit_code"] == 0 else "FAIL"
+    return _done(base, started, **exported, compare=verdict, layers=layers,
+                 error="" if code in (0, 1) else _last_error(code, err, "compare", timeout))
+
+
+def _done(row: Row, started: float, **fields) -> Row:
+    return Row(**{**asdict(row), **fields, "seconds": round(time.monotonic() - started, 1)})
+
+
+def read_rows(path: Path) -> list[Row]:
+    """The rows a JSONL file holds; a line cut short by a killed sweep is ignored (that model runs again)."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(Row(**json.loads(line)))
+            except (ValueError, TypeError):
+                continue
+    return rows
+
+
+def append_row(path: Path, row: Row) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(asdict(row)) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def matrix_markdown(rows: list[Row], command: str, version: str) -> str:
+    """The coverage matrix as Markdown, with the tool version, the date and the command that made it."""
+    passed = sum(r.compare == "PASS" and not r.error for r in rows)
+    lines = [
+        f"Generated by `{command}` with vit-parity {version} on {datetime.now(timezone.utc):%Y-%m-%d}: "
+        f"{passed} of {len(rows)} models export, verify and pass (random weights, CPU: torch-cpu against ort-cpu).",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for r in rows:
+        cells = [f"`{r.model}`", r.module, f"{r.params / 1e6:.1f}M", r.input,
+                 "-" if r.export_s is None else f"{r.export_s:.1f}",
+                 "-" if r.verify_cosine is None else f"{r.verify_cosine:.7f}",
+                 r.attention.split(" (")[0] or "-", r.compare, r.layers.replace("|", "/"), r.error.replace("|", "/") or "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def matrix_table(rows: list[Row]):
+    from rich.table import Table
+
+    table = Table(title="Coverage")
+    for column in COLUMNS:
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        table.add_row(r.model, r.module, f"{r.params / 1e6:.1f}M", r.input, "-" if r.export_s is None else f"{r.export_s:.1f}",
+                      "-" if r.verify_cosine is None else f"{r.verify_cosine:.7f}", r.attention.split(" (")[0] or "-",
+                      r.compare, r.layers, r.error or "-")
+    return table
+
+
+def update_readme(readme: Path, markdown: str) -> None:
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise UserError(f"{readme} has no {README_START} ... {README_END} block to fill")
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    readme.write_text(f"{head}{README_START}\n{markdown}{README_END}{tail}")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    from .cli import Parser
+
+    parser = Parser(prog="python -m exporter.sweep", description="Export, compare and localise drift for many timm models, one subprocess each.")
+    parser.add_argument("patterns", nargs="*", help="timm name patterns, e.g. 'vit_*small*' 'eva02_tiny*'")
+    parser.add_argument("--list", dest="list_file", default=None, help="a file of model names, one a line (# comments)")
+    parser.add_argument("--max-params", default=None, help="skip models larger than this, e.g. 100M")
+    parser.add_argument("--shard", default="1/1", help="i/n: run the i-th of n slices of the list (default 1/1)")
+    parser.add_argument("--out", default="sweep", help="folder for results.jsonl, coverage.md and coverage.json (default: sweep)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds each of a model's steps may take (default: 1800)")
+    parser.add_argument("--memory", default="16G", help="address-space ceiling of each step, e.g. 16G; 0 for none (default: 16G)")
+    parser.add_argument("--keep", action="store_true", help="keep each model's artifact under OUT/artifacts (default: delete it)")
+    parser.add_argument("--readme", default=None, help="also write the matrix between the coverage markers of this README")
+    args = parser.parse_args(argv)
+    if not args.patterns and not args.list_file:
+        raise UserError("name at least one pattern or --list FILE, e.g. python -m exporter.sweep 'vit_*small*'")
+    return args
+
+
+def main(argv=None) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .cli import console, guarded
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out, err = console(), console(stderr=True)
+
+    def body() -> int:
+        args = parse(argv)
+        index, count = parse_shard(args.shard)
+        max_params = parse_size(args.max_params) if args.max_params else None
+        memory = parse_size(args.memory) or None
+        folder = Path(args.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        jsonl = folder / "results.jsonl"
+        with err.status("listing models"):
+            chosen = shard(select(args.patterns, args.list_file, max_params), index, count)
+        done = {row.model for row in read_rows(jsonl)}
+        todo = [entry for entry in chosen if entry[0] not in done]
+        err.print(f"{len(chosen)} models in this shard; {len(chosen) - len(todo)} already in {jsonl}, {len(todo)} to run")
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+        with Progress(*columns, console=err) as progress:
+            task = progress.add_task("sweep", total=len(todo))
+            for name, module, params, size in todo:
+                progress.update(task, description=f"{name} ({params / 1e6:.0f}M, {size})")
+                root = folder / "artifacts" if args.keep else Path(tempfile.mkdtemp(prefix="sweep-", dir=folder))
+                root.mkdir(parents=True, exist_ok=True)
+                try:
+                    row = run_model(name, module, params, size, root, args.timeout, memory)
+                finally:
+                    if not args.keep:
+                        shutil.rmtree(root, ignore_errors=True)
+                append_row(jsonl, row)
+                progress.advance(task)
+        wanted = {entry[0] for entry in chosen}
+        rows = [row for row in read_rows(jsonl) if row.model in wanted]
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            tool = version("vit-parity")
+        except PackageNotFoundError:
+            tool = "(not installed)"
+        command = " ".join(["python -m exporter.sweep", *argv])
+        markdown = matrix_markdown(rows, command, tool)
+        (folder / "coverage.md").write_text(markdown)
+        (folder / "coverage.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+        out.print(matrix_table(rows))
+        err.print(f"wrote {folder / 'coverage.md'} and {folder / 'coverage.json'}")
+        if args.readme:
+            update_readme(Path(args.readme), markdown)
+            err.print(f"updated the coverage table in {args.readme}")
+        return 0
+
+    return guarded(body, err)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,6 +25,20 @@ def run_cli(module: str, *args: str, env: dict | None = None, timeout: int = 600
     )
 
 
+def call(main, capsys, *args):
+    """Run a CLI's main in-process; return (exit code, stdout, stderr)."""
+    code = main([*args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line_error(err: str) -> str:
+    """The single line of a user error; fails when stderr holds more, or a traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
 def rewrite_weights(folder: Path, change) -> None:
     """Apply `change(state_dict)` to an artifact's weights.safetensors and update the manifest hash,
     so the loader accepts the edited artifact as genuine."""

@@ -95,11 +95,15 @@ class OnnxRuntime(Backend):
         path = self.model_file(artifact)
         # A model this onnxruntime cannot open is a finding about the artifact, not a missing
         # backend: the error propagates and the comparison reports it as a failure.
-        with runtime.captured_output() as said:
-            self.session = runtime.session(path, providers, self.threads, profile_prefix=str(Path(self.profile_dir) / "run"))
-        in_use = self.session.get_providers()
-        if in_use[0] != self.provider:
-            raise BackendUnavailable(f"onnxruntime fell back to the CPU: {self.provider} was not created ({_reason(said)})")
+        try:
+            with runtime.captured_output() as said:
+                self.session = runtime.session(path, providers, self.threads, profile_prefix=str(Path(self.profile_dir) / "run"))
+            in_use = self.session.get_providers()
+            if in_use[0] != self.provider:
+                raise BackendUnavailable(f"onnxruntime fell back to the CPU: {self.provider} was not created ({_reason(said)})")
+        except BaseException:
+            shutil.rmtree(self.profile_dir, ignore_errors=True)
+            raise
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.placement: dict[str, dict[str, int]] = {}

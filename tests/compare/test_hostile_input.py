@@ -17,21 +17,13 @@ import pytest
 from compare.cli import main
 from compare.inputs import image_batch
 from exporter import artifact
-from tests.helpers import ROOT, TINY, run_cli
+from tests.helpers import ROOT, TINY, call, one_line_error
 
 FAST = ["--iters", "1", "--warmup", "0"]
 
 
 def _main(capsys, *args):
-    code = main([*args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
+    return call(main, capsys, *args)
 
 
 def test_against_and_save_reference_on_one_file_is_refused_and_the_file_kept(artifacts_root, capsys, tmp_path):
@@ -39,7 +31,7 @@ def test_against_and_save_reference_on_one_file_is_refused_and_the_file_kept(art
     stored.write_bytes(b"the other host's outputs")
     code, _, err = _main(capsys, TINY, "--artifacts", str(artifacts_root), "--against", str(stored),
                          "--save-reference", str(tmp_path / "." / "R.npz"))
-    assert code == 2 and "would overwrite the reference read with --against" in _one_line_error(err)
+    assert code == 2 and "would overwrite the reference read with --against" in one_line_error(err)
     assert stored.read_bytes() == b"the other host's outputs"
 
 
@@ -47,7 +39,7 @@ def test_against_and_save_reference_on_one_file_is_refused_and_the_file_kept(art
 def test_a_run_that_compared_nothing_is_not_a_pass(artifacts_root, capsys, backends):
     code, out, err = _main(capsys, TINY, "--artifacts", str(artifacts_root), "--backends", backends, *FAST)
     assert code == 2 and "PASS" not in out
-    assert "nothing was compared against torch-cpu" in _one_line_error(err) and "torch-npu (skipped)" in err
+    assert "nothing was compared against torch-cpu" in one_line_error(err) and "torch-npu (skipped)" in err
 
 
 def test_saving_the_reference_alone_is_a_real_use_and_passes(artifacts_root, capsys, tmp_path):
@@ -68,18 +60,18 @@ def test_saving_the_reference_alone_is_a_real_use_and_passes(artifacts_root, cap
 def test_bad_options_are_one_line_usage_errors_before_any_work(artifacts_root, capsys, args, message):
     started = time.monotonic()
     code, _, err = _main(capsys, TINY, "--artifacts", str(artifacts_root), *args)
-    assert code == 2 and message in _one_line_error(err)
+    assert code == 2 and message in one_line_error(err)
     assert time.monotonic() - started < 5  # refused before loading anything heavy
 
 
 def test_user_text_that_looks_like_markup_is_printed_as_written(tmp_path, capsys):
     code, _, err = _main(capsys, "dinov3", "--artifacts", str(tmp_path / "[draft]"))
-    assert code == 2 and f"no artifact for dinov3 under {tmp_path / '[draft]'}" in _one_line_error(err)
+    assert code == 2 and f"no artifact for dinov3 under {tmp_path / '[draft]'}" in one_line_error(err)
 
 
 def test_an_image_path_that_is_a_folder_says_so(artifacts_root, capsys, tmp_path):
     code, _, err = _main(capsys, TINY, "--artifacts", str(artifacts_root), "--image", str(tmp_path))
-    assert code == 2 and "is a folder" in _one_line_error(err)
+    assert code == 2 and "is a folder" in one_line_error(err)
 
 
 def _png_header_only(path, width, height):
@@ -94,7 +86,7 @@ def _png_header_only(path, width, height):
 def test_a_huge_image_is_refused_with_its_size(artifacts_root, capsys, tmp_path, side):
     _png_header_only(tmp_path / "huge.png", side, side)
     code, _, err = _main(capsys, TINY, "--artifacts", str(artifacts_root), "--image", str(tmp_path / "huge.png"))
-    assert code == 2 and "too large" in _one_line_error(err) and "smaller image" in err
+    assert code == 2 and "too large" in one_line_error(err) and "smaller image" in err
 
 
 def test_a_16_bit_png_is_scaled_not_clipped(artifacts_root, tmp_path):
@@ -120,7 +112,7 @@ def test_a_malformed_manifest_is_named_in_one_line(tiny_copy, capsys, edit, prob
     replaced = edit(manifest)
     path.write_text(json.dumps(replaced if isinstance(replaced, list) else manifest))
     code, _, err = _main(capsys, TINY, "--artifacts", str(tiny_copy), *FAST)
-    assert code == 2 and "manifest.json is malformed" in _one_line_error(err) and problem in err
+    assert code == 2 and "manifest.json is malformed" in one_line_error(err) and problem in err
 
 
 def test_ctrl_c_while_starting_up_exits_130_without_a_traceback(artifacts_root):

@@ -10,30 +10,22 @@ import pytest
 
 from exporter import artifact
 from exporter.cli import main
-from tests.helpers import TINY
+from tests.helpers import TINY, call, one_line_error
 
 
 def _main(capsys, *args):
-    code = main([*args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
+    return call(main, capsys, *args)
 
 
 def test_a_name_that_looks_like_markup_is_printed_as_written(capsys):
     code, _, err = _main(capsys, "vit[/x]")
-    assert code == 2 and "model 'vit[/x]' is not known" in _one_line_error(err)
+    assert code == 2 and "model 'vit[/x]' is not known" in one_line_error(err)
 
 
 def test_weights_of_another_architecture_name_the_keys(artifacts_root, capsys, tmp_path):
     code, _, err = _main(capsys, TINY, "--weights", str(artifacts_root / "dinov3" / "weights.safetensors"),
                          "--artifacts", str(tmp_path))
-    line = _one_line_error(err)
+    line = one_line_error(err)
     assert code == 2 and "missing keys [" in line and "unexpected keys [" in line and "more" in line
 
 
@@ -46,7 +38,7 @@ def test_a_pickle_disguised_as_weights_is_refused_in_one_line(capsys, tmp_path):
     with open(tmp_path / "model.pth", "wb") as handle:
         pickle.dump({"blocks.0.weight": Payload()}, handle)
     code, out, err = _main(capsys, TINY, "--weights", str(tmp_path / "model.pth"), "--artifacts", str(tmp_path))
-    line = _one_line_error(err)
+    line = one_line_error(err)
     assert code == 2 and "holds pickled Python objects" in line and "weights_only" not in line
     assert "this must never run" not in out + err
 
@@ -59,7 +51,7 @@ def test_a_pickle_disguised_as_weights_is_refused_in_one_line(capsys, tmp_path):
 def test_bad_options_are_refused_before_any_tracing(capsys, tmp_path, args, message):
     started = time.monotonic()
     code, _, err = _main(capsys, TINY, "--artifacts", str(tmp_path), "--weights", "random", *args)
-    assert code == 2 and message in _one_line_error(err)
+    assert code == 2 and message in one_line_error(err)
     assert time.monotonic() - started < 5
 
 
@@ -89,10 +81,10 @@ def small_disk(artifacts_root, tmp_path):
 
 def test_a_full_disk_is_an_environment_error_and_keeps_the_previous_artifact(artifacts_root, small_disk, capsys):
     code, _, err = _main(capsys, "dinov3", "--artifacts", str(small_disk), "--weights", "random")
-    assert code == 2 and "no space left on the device" in _one_line_error(err)
+    assert code == 2 and "no space left on the device" in one_line_error(err)
     assert not list(small_disk.iterdir()) or not any(small_disk.rglob("*.onnx"))  # nothing half-written is left
     shutil.copytree(artifacts_root / TINY, small_disk / TINY)
     before = artifact.load(small_disk, TINY).manifest
     code, _, err = _main(capsys, TINY, "--artifacts", str(small_disk), "--weights", "random", "--seed", "3")
-    assert code == 2 and "no space left on the device" in _one_line_error(err)
+    assert code == 2 and "no space left on the device" in one_line_error(err)
     assert artifact.load(small_disk, TINY).manifest == before

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -83,7 +83,10 @@ def describe(name: str) -> tuple[str, int, str]:
     with torch.device("meta"):
         model = timm.create_model(name, pretrained=False, num_classes=0)
     size = model.pretrained_cfg.get("input_size") or (3, 224, 224)
-    return type(model).__module__.rsplit(".", 1)[-1], int(sum(p.numel() for p in model.parameters())), f"{size[1]}x{size[2]}"
+    # The module that registers the name (deit_* lives in deit though its class is VisionTransformer).
+    registry = getattr(timm.models, "_registry", None)
+    module = getattr(registry, "_model_to_module", {}).get(name) or type(model).__module__.rsplit(".", 1)[-1]
+    return module, int(sum(p.numel() for p in model.parameters())), f"{size[1]}x{size[2]}"
 
 
 def select(patterns: list[str], list_file: str | None, max_params: int | None, modules: tuple[str, ...] = ()
@@ -299,7 +302,8 @@ def main(argv=None) -> int:
                 append_row(jsonl, row)
                 progress.advance(task)
         finished = {row.model: row for row in read_rows(jsonl)}
-        rows = [finished.get(name) or Row(name, module, params, size, error="not run yet: run the same command again to resume")
+        rows = [replace(finished[name], module=module) if name in finished
+                else Row(name, module, params, size, error="not run yet: run the same command again to resume")
                 for name, module, params, size in chosen]
         from importlib.metadata import PackageNotFoundError, version
 

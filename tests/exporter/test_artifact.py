@@ -49,17 +49,48 @@ def test_export_killed_midway_leaves_no_accepted_artifact(tmp_path):
         artifact.load(tmp_path, TINY)
 
 
-def _kill_at(root, delay=None, publishing=False):
-    """Start an export over `root`'s artifact and SIGKILL it after `delay` seconds, or, with `publishing`,
-    the moment its staged manifest exists (the publish step has begun)."""
-    process = _start_export(root, "--seed", "3")
+# Loaded at start-up by the exporter under test (a sitecustomize on PYTHONPATH): every rename,
+# replace or unlink of a path under the artifacts root takes 0.1 s longer, so the publish step,
+# normally a few milliseconds, is a window wide enough to kill the exporter at many instants in it.
+# The first such call on a manifest (publishing has begun) touches SLOW_MARK.
+SLOW_FILESYSTEM = """
+import os, time
+_root, _mark = os.environ["SLOW_ROOT"], os.environ["SLOW_MARK"]
+def _slow(call):
+    def slowed(*args, **kwargs):
+        paths = [os.fsdecode(a) for a in args if isinstance(a, (str, bytes, os.PathLike))]
+        if any(_root in p and "manifest.json" in p for p in paths) and not os.path.exists(_mark):
+            open(_mark, "w").close()
+        result = call(*args, **kwargs)
+        if any(_root in p for p in paths):
+            time.sleep(0.1)
+        return result
+    return slowed
+for _name in ("rename", "replace", "unlink"):
+    setattr(os, _name, _slow(getattr(os, _name)))
+"""
+
+
+def _kill_at(root, delay, slow_site=None):
+    """Start an export over `root`'s artifact and SIGKILL it `delay` seconds after it starts or, with
+    `slow_site` (a folder holding SLOW_FILESYSTEM), `delay` seconds after publishing begins."""
+    env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
+    mark = (slow_site or root) / "publishing"
+    mark.unlink(missing_ok=True)
+    if slow_site:
+        env |= {"PYTHONPATH": str(slow_site), "SLOW_ROOT": str(root), "SLOW_MARK": str(mark)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "exporter", TINY, "--artifacts", str(root), "--weights", "random", "--seed", "3"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
     started = time.monotonic()
     while process.poll() is None:
-        if publishing and list(root.glob(f".{TINY}{artifact.STAGING_PREFIX}*/{artifact.MANIFEST}")):
+        if slow_site and mark.exists():
+            time.sleep(delay)
             break
-        if not publishing and time.monotonic() - started >= delay:
+        if not slow_site and time.monotonic() - started >= delay:
             break
-        time.sleep(0.0005 if publishing else 0.01)
+        time.sleep(0.002)
     process.send_signal(signal.SIGKILL)
     process.wait()
 
@@ -77,18 +108,21 @@ def test_kill_at_any_instant_of_an_export_leaves_the_previous_or_the_new_artifac
     duration = time.monotonic() - start
     after = _hashes(artifact.load(tmp_path / "timing", TINY).manifest)
     assert after != before
-    # Six kills evenly over a whole export, publish included, then three the moment publishing begins.
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_FILESYSTEM)
+    # Four kills spread over a whole export, then seven across the (slowed) publish window.
+    kills = [(duration * i / 5, None) for i in range(1, 5)] + [(0.05 * i, tmp_path / "site") for i in range(7)]
     outcomes = []
-    for delay in [duration * i / 6 for i in range(1, 7)] + [None] * 3:
-        _kill_at(tiny_copy, delay, publishing=delay is None)
+    for delay, slow_site in kills:
+        _kill_at(tiny_copy, delay, slow_site)
         found = _hashes(artifact.load(tiny_copy, TINY).manifest)  # verifies every file's sha256
-        assert found in (before, after)
+        assert found in (before, after), (delay, slow_site)
         outcomes.append("old" if found == before else "new")
         if found == after:  # start the next kill from the previous artifact again
             shutil.rmtree(tiny_copy / TINY)
             shutil.copytree(original, tiny_copy / TINY)
     print("kill outcomes:", outcomes)
-    assert outcomes.count("old") >= 3, outcomes
+    assert "old" in outcomes[4:] and "new" in outcomes[4:], outcomes  # the publish window was really crossed
     with artifact.staging(tiny_copy / TINY):  # the next run removes what the killed ones left behind
         pass
     assert not list(tiny_copy.glob(f".{TINY}{artifact.STAGING_PREFIX}*"))

@@ -68,23 +68,32 @@ def _folder_bytes(folder) -> int:
 
 
 @pytest.fixture
-def small_disk(artifacts_root, tmp_path):
-    """A filesystem with room for the tiny artifact once, not for a second copy while staging."""
-    target = tmp_path / "small"
-    target.mkdir()
-    size = int(_folder_bytes(artifacts_root / TINY) * 1.5)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)], capture_output=True).returncode:
-        pytest.skip("this host does not let the tests mount a small filesystem")
-    yield target
-    subprocess.run(["umount", str(target)], check=True)
+def small_disk(tmp_path):
+    """A factory of small filesystems (tmpfs of a given size in bytes), unmounted afterwards."""
+    mounted = []
+
+    def make(size: int):
+        target = tmp_path / f"small{len(mounted)}"
+        target.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)], capture_output=True).returncode:
+            pytest.skip("this host does not let the tests mount a small filesystem")
+        mounted.append(target)
+        return target
+
+    yield make
+    for target in mounted:
+        subprocess.run(["umount", str(target)], check=True)
 
 
 def test_a_full_disk_is_an_environment_error_and_keeps_the_previous_artifact(artifacts_root, small_disk, capsys):
-    code, _, err = _main(capsys, "dinov3", "--artifacts", str(small_disk), "--weights", "random")
+    size = _folder_bytes(artifacts_root / TINY)
+    fresh = small_disk(size // 3)  # not even room for one artifact
+    code, _, err = _main(capsys, TINY, "--artifacts", str(fresh), "--weights", "random")
     assert code == 2 and "no space left on the device" in one_line_error(err)
-    assert not list(small_disk.iterdir()) or not any(small_disk.rglob("*.onnx"))  # nothing half-written is left
-    shutil.copytree(artifacts_root / TINY, small_disk / TINY)
-    before = artifact.load(small_disk, TINY).manifest
-    code, _, err = _main(capsys, TINY, "--artifacts", str(small_disk), "--weights", "random", "--seed", "3")
+    assert not any(fresh.rglob("*.onnx")), "nothing half-written is left"
+    full = small_disk(int(size * 1.5))  # room for the artifact once, not for a second copy while staging
+    shutil.copytree(artifacts_root / TINY, full / TINY)
+    before = artifact.load(full, TINY).manifest
+    code, _, err = _main(capsys, TINY, "--artifacts", str(full), "--weights", "random", "--seed", "3")
     assert code == 2 and "no space left on the device" in one_line_error(err)
-    assert artifact.load(small_disk, TINY).manifest == before
+    assert artifact.load(full, TINY).manifest == before

@@ -11,7 +11,6 @@ Markdown and JSON; `--readme README.md` puts the Markdown between the README's c
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
 import resource

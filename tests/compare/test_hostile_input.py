@@ -3,7 +3,6 @@ nothing, no lost data. Each test names the case from the field report it covers.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import struct
 import subprocess

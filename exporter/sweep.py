@@ -310,7 +310,17 @@ def main(argv=None) -> int:
             tool = version("vit-parity")
         except PackageNotFoundError:
             tool = "(not installed)"
-        command = " ".join(["python -m exporter.sweep", *argv])
+        # The command that runs this sweep: --report-only and --readme change where it is shown, not what it holds.
+        shown, skip = [], False
+        for word in argv:
+            if skip or word == "--report-only":
+                skip = False
+                continue
+            if word == "--readme":
+                skip = True
+                continue
+            shown.append(word if word.isidentifier() or word.startswith("-") or "/" in word else f"'{word}'")
+        command = " ".join(["python -m exporter.sweep", *shown])
         markdown = matrix_markdown(rows, command, tool, over, args.max_params or "")
         (folder / "coverage.md").write_text(markdown)
         (folder / "coverage.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")

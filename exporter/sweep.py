@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -319,7 +320,7 @@ def main(argv=None) -> int:
             if word == "--readme":
                 skip = True
                 continue
-            shown.append(word if word.isidentifier() or word.startswith("-") or "/" in word else f"'{word}'")
+            shown.append(shlex.quote(word))
         command = " ".join(["python -m exporter.sweep", *shown])
         markdown = matrix_markdown(rows, command, tool, over, args.max_params or "")
         (folder / "coverage.md").write_text(markdown)

@@ -39,6 +39,12 @@ def compare_layers(taps: dict[str, dict], reference: str, tolerances: dict) -> t
     for name, got in taps.items():
         if name == reference:
             continue
+        mismatch = [layer for layer in want if layer not in got or np.shape(got[layer]) != np.shape(want[layer])]
+        if mismatch or len(got) != len(want):
+            # e.g. a reference saved from another export of the model: say so, never crash the comparison.
+            drift[name] = (f"{name}: per-block outputs not comparable: {len(got)} taps against {len(want)}"
+                           + (f", first differing: {mismatch[0]}" if mismatch else ""))
+            continue
         backend_rows = layer_rows(name, got, want, tolerances[name])
         rows += backend_rows
         drift[name] = drift_line(name, backend_rows, tolerances[name])

@@ -18,6 +18,7 @@ from .errors import UserError
 
 BLOCKS_FILE = "blocks.onnx"
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+FLOAT_TYPES = (1, 10, 11, 16)  # onnx.TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
 BLOCK_SCOPE = re.compile(r"(?:.*\.)?blocks\.(\d+)")
 
 
@@ -52,17 +53,22 @@ def block_outputs(graph) -> list[str]:
     for node, block in zip(graph.node, owner):
         for name in node.input:
             consumers.setdefault(name, set()).add(block)
+    floats = {v.name for v in [*graph.value_info, *graph.output] if v.type.tensor_type.elem_type in FLOAT_TYPES}
     outputs = []
     for block in blocks:
         leaving = [
             name
             for node, b in zip(graph.node, owner) if b == block
             for name in node.output
-            if (consumers.get(name, set()) - {block}) and shapes.get(name) == token_shape
+            if (consumers.get(name, set()) - {block} or name == "tokens") and name in floats
         ]
-        if len(leaving) != 1:
-            raise UserError(f"cannot tell block {block}'s output in model.onnx ({len(leaving)} candidates); re-export the model")
-        outputs.append(leaving[0])
+        # The token stream where blocks keep the output's shape; else (SAM's NHWC windows, CaiT's and
+        # XCiT's patch-only blocks) the one float tensor that leaves the block.
+        streams = [name for name in leaving if shapes.get(name) == token_shape]
+        chosen = streams if len(streams) == 1 else leaving
+        if len(chosen) != 1:
+            raise UserError(f"cannot tell block {block}'s output in model.onnx ({len(chosen)} candidates); re-export the model")
+        outputs.append(chosen[0])
     return outputs
 
 

@@ -37,7 +37,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18)")
     parser.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help="artifacts root (default: artifacts)")
     parser.add_argument("--min-cosine", type=float, default=0.99999, help="verify: lowest cosine ONNX vs eager (default: 0.99999)")
-    parser.add_argument("--max-abs", type=float, default=1e-4, help="verify: largest abs diff ONNX vs eager (default: 1e-4)")
+    parser.add_argument("--max-abs", type=float, default=1e-4, help="verify: largest abs diff ONNX vs eager, per unit of the output's peak |value| when that exceeds 1 (default: 1e-4)")
     parser.add_argument("--decompose-layernorm", action="store_true",
                         help="also write model.ln-decomposed.onnx, LayerNorms as primitive ops, verified; ort-cann runs it so every node can stay on the NPU")
     parser.add_argument("--if-missing", action="store_true", help="export only models that have no artifact yet")

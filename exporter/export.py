@@ -212,10 +212,14 @@ def verify_onnx(path: Path, sample: np.ndarray, reference: dict[str, np.ndarray]
                 raise CheckFailed(f"output {name} at batch {batch_size} has shape {got[name].shape}, eager gives {want.shape}")
             cos, diff = cosine(got[name], want), max_abs_diff(got[name], want)
             worst_cos, worst_abs = min(worst_cos, cos), max(worst_abs, diff)
-            if not (cos >= options.min_cosine and diff <= options.max_abs):
+            # fp32 rounding grows with the values: the bound is per unit of the output's peak |value|
+            # (absolute for outputs within +-1), so a wide model's large activations are judged alike.
+            peak = max(1.0, float(np.abs(want).max()) if want.size else 1.0)
+            if not (cos >= options.min_cosine and diff <= options.max_abs * peak):
+                bound = f"{options.max_abs}" if peak == 1.0 else f"{options.max_abs * peak:.3g} = {options.max_abs} x peak {peak:.3g}"
                 raise CheckFailed(
                     f"ONNX output {name} at batch {batch_size} differs from eager: cosine {cos:.7f} "
-                    f"(need >= {options.min_cosine}), max abs diff {diff:.3g} (need <= {options.max_abs})"
+                    f"(need >= {options.min_cosine}), max abs diff {diff:.3g} (need <= {bound})"
                 )
     return worst_cos, worst_abs
 

@@ -1,7 +1,6 @@
 """Eager PyTorch on one device: the shared code path of torch-cpu, torch-npu and torch-cuda."""
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import numpy as np
@@ -70,29 +69,33 @@ class TorchEager(Backend):
         return result
 
     def layers(self, artifact, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Each block's output as the model's own forward computes it (a forward hook on every entry of
+        `model.blocks`), then the final norm's, which is `tokens`. Hooks need no per-family API: prefix
+        tokens, NHWC windows (SAM) and patch-only blocks (CaiT, XCiT) are tapped as they are."""
         import torch
 
         from exporter.blocks import tap_names
 
         model = self.module.model
-        accepts = inspect.signature(getattr(model, "forward_intermediates", lambda: None)).parameters
-        prefix = bool(getattr(model, "num_prefix_tokens", 0))
-        if not {"indices", "output_fmt"} <= set(accepts) or (prefix and "return_prefix_tokens" not in accepts):
-            raise BackendUnavailable(
-                f"{type(model).__name__} (timm {type(model).__module__.rsplit('.', 1)[-1]}) has no forward_intermediates "
-                f"that returns each block's whole token sequence"
-            )
-        with torch.inference_mode():
-            # forward_intermediates splits off the prefix tokens (cls, registers); glue them back
-            # so each tap is the block's whole output, as in the ONNX graph.
-            options = {"return_prefix_tokens": prefix} if prefix else {}
-            options |= {"norm": False} if "norm" in accepts else {}
-            final, taps = model.forward_intermediates(
-                self.prepare(batch), indices=len(model.blocks), output_fmt="NLC", **options
-            )
-            taps = [torch.cat([tap[1], tap[0]], dim=1) if prefix else tap for tap in taps] + [final]
+        blocks = getattr(model, "blocks", None)
+        if not isinstance(blocks, (torch.nn.ModuleList, torch.nn.Sequential)) or not len(blocks):
+            raise BackendUnavailable(f"{type(model).__name__} (timm {type(model).__module__.rsplit('.', 1)[-1]}) has no `blocks` list to tap")
+        taps = []
+
+        def keep(module, args, output):
+            taps.append(output[0] if isinstance(output, (tuple, list)) else output)
+
+        hooks = [block.register_forward_hook(keep) for block in blocks]
+        try:
+            with torch.inference_mode():
+                final = model.forward_features(self.prepare(batch))
+        finally:
+            for hook in hooks:
+                hook.remove()
         self.synchronize()
-        return {name: tap.float().cpu().numpy() for name, tap in zip(tap_names(len(taps) - 1), taps)}
+        if len(taps) != len(blocks):
+            raise RuntimeError(f"{len(blocks)} blocks but {len(taps)} block outputs in one forward pass")
+        return {name: tap.float().cpu().numpy() for name, tap in zip(tap_names(len(taps)), [*taps, final])}
 
     def to_numpy(self, result) -> dict[str, np.ndarray]:
         pooled, tokens = result

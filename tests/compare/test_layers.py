@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 
 from compare.backends import BACKENDS
@@ -87,3 +89,33 @@ def test_layers_work_on_gap_relpos_and_eva_models(model, attention, tmp_path, ca
     assert code == 0, out
     assert report["drift"]["ort-cpu"].startswith("ort-cpu: no drift")
     assert json.loads((tmp_path / model / "manifest.json").read_text())["attention"].startswith(attention)
+
+
+def test_layers_tap_patch_only_blocks_and_name_the_drifting_one(tmp_path, capsys):
+    # XCiT's blocks carry patch tokens only (the CLS token joins later, in class-attention blocks) and
+    # its forward_intermediates has no prefix-token option: the taps are forward hooks on model.blocks.
+    from exporter.export import ExportOptions, export
+
+    model = "xcit_nano_12_p16_224"
+    export(model, tmp_path, ExportOptions(weights="random"))
+
+    def perturb(state):
+        state["blocks.5.mlp.fc1.weight"] *= 1.05
+
+    rewrite_weights(tmp_path / model, perturb)
+    code, out, report = _layers(capsys, tmp_path, model, tmp_path, "--backends", "torch-cpu,ort-cpu")
+    assert code == 1 and not report.get("warnings")
+    rows = [r for r in report["layers"] if r["backend"] == "ort-cpu"]
+    assert [r["layer"] for r in rows] == [f"block_{i}" for i in range(12)] + ["norm"]
+    assert report["drift"]["ort-cpu"].startswith("ort-cpu: drift starts at block 5 (cos")
+    assert all(r["passed"] for r in rows[:5]) and not rows[5]["passed"]
+
+
+def test_taps_of_another_layout_are_reported_not_compared():
+    from compare.layers import compare_layers
+    from compare.tolerances import TOLERANCES
+
+    ones = np.ones((1, 5, 8), dtype=np.float32)
+    taps = {"torch-cpu": {"block_0": ones, "norm": ones}, "ort-cpu": {"block_0": ones[:, 1:], "norm": ones}}
+    rows, drift = compare_layers(taps, "torch-cpu", {"ort-cpu": TOLERANCES["same-host"]})
+    assert rows == [] and drift["ort-cpu"] == "ort-cpu: per-block outputs not comparable: 2 taps against 2, first differing: block_0"

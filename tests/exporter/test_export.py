@@ -111,3 +111,28 @@ def test_if_missing_exports_only_what_is_not_there(tiny_copy):
     assert f"{TINY}: an artifact exists" in result.stderr
     assert manifest.read_bytes() == before
     artifact.load(tiny_copy, "test_vit2.r160_in1k")
+
+
+def test_verify_bounds_the_abs_diff_per_unit_of_the_outputs_peak(tmp_path):
+    from onnx import TensorProto, helper
+
+    from exporter.errors import CheckFailed
+    from exporter.export import verify_onnx
+
+    # pooled = x * 100 and tokens = x: an eager reference 1e-3 away is fp32 rounding at values near
+    # 100 (within 1e-4 per unit of the peak) but a real difference at values within +-1.
+    x = helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 4])
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 4]) for name in ("pooled", "tokens")]
+    hundred = helper.make_tensor("hundred", TensorProto.FLOAT, [], [100.0])
+    graph = helper.make_graph([helper.make_node("Mul", ["pixel_values", "hundred"], ["pooled"]),
+                               helper.make_node("Identity", ["pixel_values"], ["tokens"])], "scaled", [x], outputs, [hundred])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), str(path))
+    sample = np.linspace(0.5, 0.9, 8, dtype=np.float32).reshape(2, 4)
+    near = {"pooled": sample * 100 + 1e-3, "tokens": sample}
+    cos, diff = verify_onnx(path, sample, near, ExportOptions())
+    assert cos > 0.99999 and diff == pytest.approx(1e-3, rel=1e-2)
+    with pytest.raises(CheckFailed, match=r"output tokens at batch 2 .* max abs diff 0.001 \(need <= 0.0001\)"):
+        verify_onnx(path, sample, {"pooled": sample * 100, "tokens": sample + 1e-3}, ExportOptions())
+    with pytest.raises(CheckFailed, match=r"output pooled .* \(need <= 0.009 = 0.0001 x peak 90\)"):
+        verify_onnx(path, sample, {"pooled": sample * 100 + 2e-2, "tokens": sample}, ExportOptions())

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import signal
+import tempfile
 
 import pytest
 
-from exporter.sweep import main, parse_shard, parse_size, read_rows, shard
+from exporter.sweep import _last_error, main, parse_shard, parse_size, read_rows, shard
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 7])
@@ -24,7 +26,10 @@ def test_shard_and_size_arguments_are_checked():
             parse_shard(bad)
 
 
-def test_a_sweep_records_each_model_and_its_failure_and_resumes_without_redoing(tmp_path, capsys):
+def test_a_sweep_records_each_model_and_its_failure_and_resumes_without_redoing(tmp_path, capsys, monkeypatch):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     names = tmp_path / "models.txt"
     names.write_text("test_vit\ntest_vit2  # gap model: norm is Identity, fc_norm after pooling\nnot_a_model\n")
     out = tmp_path / "sweep"
@@ -36,7 +41,7 @@ def test_a_sweep_records_each_model_and_its_failure_and_resumes_without_redoing(
         assert rows[name].layers.endswith("no drift: every block within same-host fp32 thresholds")
         assert rows[name].module == "vision_transformer" and rows[name].input == "160x160"
     assert rows["not_a_model"].error.startswith("export: model 'not_a_model' is not known")
-    assert not list(out.glob("sweep-*")), "artifacts are deleted after each model"
+    assert not list(scratch.glob("vit-parity-sweep-*")) and not list(out.glob("*sweep*")), "artifacts are deleted after each model"
     matrix = json.loads((out / "coverage.json").read_text())
     assert [row["model"] for row in matrix] == ["not_a_model", "test_vit", "test_vit2"]
     assert "| `test_vit2` | vision_transformer |" in (out / "coverage.md").read_text()
@@ -47,11 +52,40 @@ def test_a_sweep_records_each_model_and_its_failure_and_resumes_without_redoing(
 
 
 def test_the_readme_block_is_filled_by_the_sweep_not_by_hand(tmp_path):
-    from exporter.sweep import Row, matrix_markdown, update_readme
+    from exporter.sweep import Row, summary_markdown, update_readme
 
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- coverage:start -->\nold\n<!-- coverage:end -->\noutro\n")
-    update_readme(readme, matrix_markdown([Row("test_vit", "vision_transformer", 306240, "160x160", compare="PASS")], "cmd", "0.1.0"))
+    rows = [Row("test_vit", "vision_transformer", 306240, "160x160", compare="PASS", layers="ort-cpu: no drift", seconds=4.0),
+            Row("test_vit2", "vision_transformer", 400000, "224x224", compare="PASS", layers="skipped: no taps", seconds=4.0),
+            Row("samvit_x", "vision_transformer_sam", 90e6, "1024x1024", error="export: out of memory", seconds=9.0),
+            Row("later", "eva", 1e6, "224x224")]
+    update_readme(readme, summary_markdown(rows, "cmd", "0.1.0", "docs/coverage.md", [("big", "eva", 3e8, "224x224")], "100M"))
     text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
-    assert "| `test_vit` | vision_transformer | 0.3M | 160x160 |" in text and "`cmd`" in text
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text and "`cmd`" in text
+    assert "| vision_transformer | 2 | 0.3M to 0.4M | 160x160, 224x224 | 2 | 1 | 1 | 0 |" in text
+    assert "| vision_transformer_sam | 1 | 90.0M | 1024x1024 | 0 | 0 | 0 | 1 |" in text
+    assert "- `samvit_x` (90M, 1024x1024): export: out of memory" in text and "- `test_vit2` (0M, 224x224): skipped: no taps" in text
+    assert "Not run yet: 1 (the sweep" in text and "1 architectures over 100M" in text and "(docs/coverage.md)" in text
+
+
+def test_a_step_stopped_by_the_memory_ceiling_is_named_out_of_memory():
+    # onnxruntime's words when samvit_base_patch16 (1024x1024) hit the 16G ceiling in the sweep.
+    arena = ("error: onnxruntime cannot run the graph at batch 3: [ONNXRuntimeError] : 1 : FAIL : Non-zero status code "
+             "returned while running FusedMatMul node. Status Message: bfc_arena.cc:360 void* onnxruntime::BFCArena::AllocateRawInternal "
+             "Failed to allocate memory for requested buffer of size 2415919104")
+    assert _last_error(2, arena, "export", 900).startswith("export: out of memory under the ceiling (--memory)")
+    assert _last_error(1, "Traceback\nMemoryError\n", "compare", 900).startswith("compare: out of memory")
+    assert _last_error(-signal.SIGKILL, "", "export", 900) == "export: killed by SIGKILL (memory ceiling?)"
+    assert _last_error("timeout", "", "export", 900) == "export: no answer in 900 s"
+    assert _last_error(2, "error: model 'x' is not known\n", "export", 900) == "export: model 'x' is not known"
+
+
+def test_the_parameter_limit_is_for_patterns_and_modules_and_a_listed_model_always_runs(tmp_path):
+    from exporter.sweep import select
+
+    listed = tmp_path / "big.txt"
+    listed.write_text("vit_base_patch16_224  # 86M, over the limit below\n")
+    chosen, over = select(["vit_base_patch32_224"], str(listed), 10_000_000)
+    assert [entry[0] for entry in chosen] == ["vit_base_patch16_224"]
+    assert [entry[0] for entry in over] == ["vit_base_patch32_224"] and over[0][1:] == ("vision_transformer", 87455232, "224x224")

@@ -346,6 +346,8 @@ def main(argv=None) -> int:
                         shutil.rmtree(root, ignore_errors=True)
                 append_row(jsonl, row)
                 progress.advance(task)
+                # One line per model above the bar: also the log of a sweep whose stderr is not a terminal.
+                progress.console.print(f"{name}: {row.error or f'{row.compare}, layers {row.layers}'} ({row.seconds:.0f} s)")
         finished = {row.model: row for row in read_rows(jsonl)}
         rows = [replace(finished[name], module=module) if name in finished
                 else Row(name, module, params, size, error="not run yet: run the same command again to resume")

@@ -41,12 +41,13 @@ def test_a_sweep_records_each_model_and_its_failure_and_resumes_without_redoing(
         assert rows[name].layers.endswith("no drift: every block within same-host fp32 thresholds")
         assert rows[name].module == "vision_transformer" and rows[name].input == "160x160"
     assert rows["not_a_model"].error.startswith("export: model 'not_a_model' is not known")
+    log = capsys.readouterr().err
+    assert "not_a_model: export: model 'not_a_model' is not known" in log and "test_vit: PASS, layers ort-cpu: no drift" in log
     assert not list(scratch.glob("vit-parity-sweep-*")) and not list(out.glob("*sweep*")), "artifacts are deleted after each model"
     matrix = json.loads((out / "coverage.json").read_text())
     assert [row["model"] for row in matrix] == ["not_a_model", "test_vit", "test_vit2"]
     assert "| `test_vit2` | vision_transformer |" in (out / "coverage.md").read_text()
     lines = (out / "results.jsonl").read_text()
-    capsys.readouterr()
     assert main(["--list", str(names), "--out", str(out)]) == 0
     assert "3 already in" in capsys.readouterr().err and (out / "results.jsonl").read_text() == lines
 

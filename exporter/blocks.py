@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -72,11 +73,49 @@ def block_outputs(graph) -> list[str]:
     return outputs
 
 
-def build(model_path: Path, out_path: Path) -> int:
-    """Write the per-block graph of `model_path` to `out_path`; return the number of blocks."""
+def load_graph(path: Path):
+    """model.onnx without its external data: weights over 2 GB stay in model.onnx.data and are referenced,
+    never copied (a protobuf cannot hold more than 2 GB, so loading them in makes the graph unsavable)."""
     import onnx
 
-    model = onnx.load(str(model_path))
+    return onnx.load(str(path), load_external_data=False)
+
+
+def link_external_data(model, source_folder: Path, folder: Path) -> None:
+    """Make the external data files `model` refers to (relative to `source_folder`) present in `folder` too.
+
+    A hard link where the filesystem allows, else a copy: onnxruntime refuses external data that
+    resolves outside the model's folder, so a symbolic link will not do.
+    """
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    if Path(source_folder).resolve() == Path(folder).resolve():
+        return
+    # The dynamo exporter keeps every weight in an initializer of the main graph.
+    for location in {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}:
+        source, target = Path(source_folder) / location, Path(folder) / location
+        if target.exists():
+            continue
+        try:
+            os.link(source, target)
+        except OSError:  # another filesystem, or links not allowed
+            fd, tmp = tempfile.mkstemp(prefix=".data-", dir=folder)
+            os.close(fd)
+            try:
+                shutil.copyfile(source, tmp)
+                os.replace(tmp, target)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+
+
+def build(model_path: Path, out_path: Path) -> int:
+    """Write the per-block graph of `model_path` to `out_path`; return the number of blocks.
+
+    External data (weights over 2 GB) is referenced, not copied: blocks.onnx must sit beside
+    model.onnx.data, or be given a link to it (see `link_external_data`)."""
+    import onnx
+
+    model = load_graph(model_path)
     graph = model.graph
     if not any(v.name == "tokens" for v in graph.value_info):
         model = onnx.shape_inference.infer_shapes(model)
@@ -136,6 +175,7 @@ def _cached(art: artifact.Artifact, source: str) -> Path:
         os.close(fd)
         try:
             build(art.path("model.onnx"), Path(tmp))
+            link_external_data(load_graph(art.path("model.onnx")), art.folder, path.parent)
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)

@@ -70,10 +70,13 @@ def decompose_layernorm(model) -> int:
 
 
 def write_ln_decomposed(source, target) -> int:
-    """Write model `source` with its LayerNormalizations decomposed to `target`; return how many were rewritten."""
+    """Write model `source` with its LayerNormalizations decomposed to `target` (in the same folder, where
+    the external data of a model over 2 GB is shared, not copied); return how many were rewritten."""
     import onnx
 
-    model = onnx.load(str(source))
+    from .blocks import load_graph
+
+    model = load_graph(source)
     count = decompose_layernorm(model)
     onnx.save(model, str(target))
     return count

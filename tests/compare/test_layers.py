@@ -119,3 +119,39 @@ def test_taps_of_another_layout_are_reported_not_compared():
     taps = {"torch-cpu": {"block_0": ones, "norm": ones}, "ort-cpu": {"block_0": ones[:, 1:], "norm": ones}}
     rows, drift = compare_layers(taps, "torch-cpu", {"ort-cpu": TOLERANCES["same-host"]})
     assert rows == [] and drift["ort-cpu"] == "ort-cpu: per-block outputs not comparable: 2 taps against 2, first differing: block_0"
+
+
+def test_blocks_onnx_references_external_weights_instead_of_copying_them(artifacts_root, tmp_path):
+    # Models over 2 GB keep their weights in model.onnx.data; loading them into blocks.onnx made it
+    # unsavable ("Failed to serialize proto", vit_huge). Here the tiny model's weights are made external.
+    import onnx
+    import onnxruntime as ort
+
+    from exporter import blocks
+    from exporter.variants import write_ln_decomposed
+
+    source = artifact.load(artifacts_root, TINY).path("model.onnx")
+    onnx.save(onnx.load(str(source)), str(tmp_path / "model.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="model.onnx.data")
+    elsewhere = tmp_path / "cache"
+    elsewhere.mkdir()
+    batch = np.load(artifact.load(artifacts_root, TINY).path("sample.npz"))["pixel_values"]
+    blocks.build(source, tmp_path / "inline.onnx")
+    want = ort.InferenceSession(str(tmp_path / "inline.onnx")).run(None, {"pixel_values": batch})
+    for out in (tmp_path / "blocks.onnx", elsewhere / "blocks.onnx"):
+        blocks.build(tmp_path / "model.onnx", out)
+        blocks.link_external_data(blocks.load_graph(tmp_path / "model.onnx"), tmp_path, out.parent)
+        assert _weights_referenced(out), "weights were copied in"
+        got = ort.InferenceSession(str(out)).run(None, {"pixel_values": batch})
+        assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    assert write_ln_decomposed(tmp_path / "model.onnx", tmp_path / "ln.onnx") > 0
+    assert _weights_referenced(tmp_path / "ln.onnx")
+
+
+def _weights_referenced(path) -> bool:
+    from onnx.external_data_helper import uses_external_data
+
+    from exporter.blocks import load_graph
+
+    external = [t for t in load_graph(path).graph.initializer if uses_external_data(t)]
+    return bool(external) and not any(t.raw_data for t in external)

@@ -75,13 +75,21 @@ EXTRAS = {"onnxruntime": "cpu", "onnxruntime-gpu": "gpu", "onnxruntime-cann": "c
 
 
 def host_constraints() -> list[str]:
-    """`name==version` for every installed distribution in KEPT."""
+    """`name==version` for every installed distribution in KEPT, and NumPy kept to its major version.
+
+    The host's accelerator builds are compiled against its NumPy: onnxruntime-cann 1.24.4 cannot be
+    imported under NumPy 2, and ml_dtypes 0.6 (through onnxscript) would make pip upgrade to 2.
+    """
     pins = []
     for name in KEPT:
         try:
             pins.append(f"{name}=={md.version(name)}")
         except md.PackageNotFoundError:
             continue
+    try:
+        pins.append(f"numpy<{int(md.version('numpy').split('.')[0]) + 1}")
+    except (md.PackageNotFoundError, ValueError):
+        pass
     return pins
 
 

@@ -44,7 +44,8 @@ def test_host_deps_pins_the_host_builds_and_keeps_its_onnxruntime_variant():
 
 def test_an_installed_onnxruntime_cann_is_pinned_and_chooses_the_cann_extra(tmp_path):
     """pip treats onnxruntime-cann as another project than onnxruntime: host-deps must ask for the
-    cann extra and pin the installed build, or pip would put plain onnxruntime over it."""
+    cann extra and pin the installed build, or pip would put plain onnxruntime over it, and keep
+    NumPy 1.x, or the build could not be imported."""
     import os
     import sys
 
@@ -54,6 +55,10 @@ def test_an_installed_onnxruntime_cann_is_pinned_and_chooses_the_cann_extra(tmp_
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-cann\nVersion: 1.24.4\n")
     (info / "RECORD").write_text("onnxruntime/__init__.py,,\n")
+    # The NumPy 1.x that build needs: pip must not upgrade it to 2 (ml_dtypes 0.6 would ask it to).
+    numpy_info = tmp_path / "numpy-1.26.4.dist-info"
+    numpy_info.mkdir()
+    (numpy_info / "METADATA").write_text("Metadata-Version: 2.1\nName: numpy\nVersion: 1.26.4\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
 
     def ask(what):
@@ -61,4 +66,4 @@ def test_an_installed_onnxruntime_cann_is_pinned_and_chooses_the_cann_extra(tmp_
                               capture_output=True, text=True, check=True).stdout.split()
 
     assert ask("extra") == ["cann"]
-    assert "onnxruntime-cann==1.24.4" in ask("constraints")
+    assert {"onnxruntime-cann==1.24.4", "numpy<2"} <= set(ask("constraints"))

@@ -7,13 +7,37 @@ import os
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
 
+def _interrupt_handler(interrupted: str):
+    """SIGINT handler: KeyboardInterrupt, except inside an import, where it leaves at once.
+
+    Raised while an extension module (torch, onnx and onnxruntime are pybind11) runs Python code
+    during its import, the interrupt escapes as a C++ exception and the process aborts ("terminate
+    called after throwing an instance of 'pybind11::error_already_set'"; seen under load about once
+    in a hundred Ctrl-Cs at startup). Leaving with os._exit is then no worse than a kill -9, which an
+    export survives by design (exporter/artifact.py).
+    """
+
+    def handler(signum, frame) -> None:
+        while frame is not None:
+            if frame.f_code.co_filename.startswith("<frozen importlib"):
+                os.write(2, f"{interrupted}\n".encode())
+                os._exit(130)
+            frame = frame.f_back
+        raise KeyboardInterrupt
+
+    return handler
+
+
 def entry_point(load_main, interrupted: str) -> None:
     """Run a `python -m` entry point: Ctrl-C while importing or while running exits 130 without a traceback.
 
     `load_main` imports and returns the CLI's main, so that an interrupt during those imports is caught too.
     """
+    import signal
     import sys
 
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored
+        signal.signal(signal.SIGINT, _interrupt_handler(interrupted))
     try:
         main = load_main()
     except KeyboardInterrupt:

@@ -149,8 +149,9 @@ def console(stderr: bool = False) -> Console:
     Markup is off: messages and table cells carry user text (model names, paths, key names such as
     "[blocks.0.norm1.weight]") that must print as written. Styles come from Text objects.
     """
-    probe = Console(stderr=stderr, markup=False)
-    return probe if probe.is_terminal else Console(stderr=stderr, width=200, markup=False)
+    # log_path=False: a log line ends with its time, not with the source line that printed it.
+    probe = Console(stderr=stderr, markup=False, log_path=False)
+    return probe if probe.is_terminal else Console(stderr=stderr, width=200, markup=False, log_path=False)
 
 
 def _error(message: str) -> Text:

@@ -64,9 +64,12 @@ bench: $(SETUP_DEP)
 sweep: $(SETUP_DEP)
 	$(PYTHON) -m exporter.sweep $(foreach p,$(PATTERN),'$(p)') $(ARGS)
 
-# pytest exits 5 when it collects no test; that is a failure here, not a pass.
+# pytest exits 5 when it collects no test; that is a failure here, not a pass. Most tests wait on
+# subprocesses (a worker per backend, an export), so two pytest workers (pytest-xdist, the dev extra)
+# use both cores; an environment without xdist runs the tests one by one.
+TEST_WORKERS ?= 2
 test: $(SETUP_DEP)
-	@status=0; $(PYTHON) -m pytest $(ARGS) || status=$$?; \
+	@status=0; $(PYTHON) -m pytest $$($(PYTHON) -c 'import xdist' 2>/dev/null && echo --numprocesses=$(TEST_WORKERS)) $(ARGS) || status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$status
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 
 from exporter import registry
-from exporter.cli import Parser, console, guarded
+from exporter.cli import Parser, check_thresholds, console, guarded
 from exporter.artifact import write_json_atomic
 from exporter.errors import UserError
 
@@ -22,7 +22,8 @@ MAKE_VARIABLES = {"artifacts": "ARTIFACTS", "report": "REPORT", "save_reference"
 
 
 def _names(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+    """Comma-separated names, each once, in the order first given."""
+    return tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -76,6 +77,7 @@ def parse(argv=None) -> argparse.Namespace:
         raise UserError(f"--budget must be a positive number of seconds, got {args.budget}")
     if args.timeout <= 0 or not math.isfinite(args.timeout):
         raise UserError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    check_thresholds(args.min_cosine, args.max_rel, "--max-rel", "a relative error")
     if args.fast_math and args.dtype != "fp32":
         raise UserError(f"--fast-math measures the fp32 defaults; it does not combine with --dtype {args.dtype}")
     for flag, least in (("batch_size", 1), ("warmup", 0), ("seed", 0)):
@@ -152,7 +154,7 @@ def options_from(args: argparse.Namespace):
         dtype="fast-math" if args.fast_math else args.dtype, timeout_s=args.timeout,
         batch_sizes=args.batch_sizes, warmup=args.warmup, iters=args.iters, budget_s=args.budget,
         latency=not args.no_latency, min_cosine=args.min_cosine, max_rel=args.max_rel,
-        layers=args.layers, against=args.against,
+        layers=args.layers, against=args.against, save_reference=bool(args.save_reference),
     )
 
 
@@ -180,8 +182,9 @@ def run(args: argparse.Namespace, out: Console, err: Console, argv) -> int:
             reference.save(args.save_reference, report, raw)
             err.print(f"saved the input and every backend's outputs to {args.save_reference}")
         reports.append(report)
+    code = max(r.exit_code for r in reports)
     if args.json:
-        write_json_atomic(Path(args.json), {"reports": [r.to_dict() for r in reports]})
+        write_json_atomic(Path(args.json), {"exit_code": code, "reports": [r.to_dict() for r in reports]})
         err.print(f"wrote {args.json}")
     if args.report:
         from . import markdown
@@ -189,16 +192,16 @@ def run(args: argparse.Namespace, out: Console, err: Console, argv) -> int:
         command = shlex.join(["python", "-m", "compare", *argv])
         written = markdown.write(Path(args.report), reports, command, make_compare(argv))
         err.print(f"wrote {', '.join(map(str, written))}")
-    # Nothing compared is no PASS (saving the reference alone is a real use). Said last, once the
-    # tables, the JSON and the report are out, so the user sees what was skipped and why.
+    # Nothing compared is no PASS (saving the reference alone is a real use: the verdict says so).
+    # Said last, once the tables, the JSON and the report are out, so the user sees what was skipped and why.
     for report in reports:
-        if not report.compared and not args.save_reference:
+        if report.verdict.status == "NOT COMPARED" and report.exit_code == 2:
             not_run = ", ".join(f"{b.name} ({b.status})" for b in report.backends if b.name != report.reference)
             raise UserError(
                 f"{report.model}: nothing was compared against {report.reference}"
                 + (f"; not run: {not_run}" if not_run else "") + "; choose backends this host can run"
             )
-    return max(r.exit_code for r in reports)
+    return code
 
 
 def main(argv=None) -> int:

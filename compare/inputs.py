@@ -25,8 +25,10 @@ def image_batch(path: Path, data_config: dict, batch_size: int) -> np.ndarray:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"image {path} is a folder; pass --image with a JPEG/PNG file, or --input random")
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"image {path} does not exist; pass --image with a JPEG/PNG file, or --input random")
+    if not path.is_file():
+        raise UserError(f"image {path} is not a regular file (a device, pipe or socket); pass --image with a JPEG/PNG file")
     try:
         with Image.open(path) as image:
             pixels = image.width * image.height

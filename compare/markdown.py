@@ -120,25 +120,26 @@ def overall_verdict(reports: list[Report]) -> str:
     """One line for the whole document: the model's verdict, or how many models pass."""
     if len(reports) == 1:
         return verdict(reports[0])
-    failed = [r.model for r in reports if not r.passed]
+    failed = [r.model for r in reports if r.verdict.status != "PASS"]
     passed = len(reports) - len(failed)
     summary = f"{passed} of {len(reports)} models pass"
-    return f"**{'FAIL' if failed else 'PASS'}**: {summary}" + (f"; failing: {', '.join(failed)}." if failed else ".")
+    return f"**{'FAIL' if failed else 'PASS'}**: {summary}" + (f"; not passing: {', '.join(failed)}." if failed else ".")
 
 
 def verdict(report: Report) -> str:
-    """One line: PASS/FAIL, what was compared against the reference, and what was not."""
-    compared = [s.name for s in report.backends if s.status in ("ran", "stored") and s.name != report.reference]
-    failed = sorted({r.backend for r in report.accuracy if not r.passed} | {s.name for s in report.backends if s.status == "error"})
-    skipped = [s.name for s in report.backends if s.status == "skipped"]
-    if failed:
-        text = f"**FAIL**: {', '.join(failed)} {_verb(failed, 'disagree')} with {report.reference}"
-    elif compared:
-        text = f"**PASS**: {', '.join(compared)} {_verb(compared, 'agree')} with {report.reference} within the thresholds"
+    """One line: PASS/FAIL/NOT COMPARED, read from report.verdict, what was compared and what was not."""
+    from .render import overrides_text
+
+    judged = report.verdict
+    if judged.status == "FAIL":
+        text = f"**FAIL**: {', '.join(judged.failed)} {_verb(judged.failed, 'disagree')} with {report.reference}"
+    elif judged.status == "PASS":
+        text = f"**PASS**: {', '.join(judged.compared)} {_verb(judged.compared, 'agree')} with {report.reference} within the thresholds"
     else:
         text = f"**NOT COMPARED**: only the reference {report.reference} ran"
+    text += overrides_text(judged.overrides)
     # A PASS that skipped the NPU says nothing about the NPU; the verdict line must say so.
-    return text + (f"; not run here: {', '.join(skipped)}." if skipped else ".")
+    return text + (f"; not run here: {', '.join(judged.skipped)}." if judged.skipped else ".")
 
 
 def _verb(names: list, verb: str) -> str:

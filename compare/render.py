@@ -116,13 +116,26 @@ def layers_table(report: Report) -> Table:
     return table
 
 
+def overrides_text(overrides: dict) -> str:
+    """How the user's thresholds replaced the classes, e.g. "thresholds overridden for every class: --min-cosine 0.9"."""
+    if not overrides:
+        return ""
+    flags = ", ".join(f"--{key.replace('_', '-')} {value:g}" for key, value in overrides.items())
+    return f"; thresholds overridden for every class, same-host fp32 included: {flags}"
+
+
 def verdict_text(report: Report) -> Text:
-    if not report.compared:
-        return Text(f"{report.model}: NOT COMPARED (only the reference {report.reference} ran)", style="bold yellow")
-    if report.passed:
-        return Text(f"{report.model}: PASS (every backend that ran agrees with {report.reference})", style="bold green")
-    failed = sorted({r.backend for r in report.accuracy if not r.passed} | {b.name for b in report.backends if b.status == "error"})
-    return Text(f"{report.model}: FAIL ({', '.join(failed)} disagree with {report.reference})", style="bold red")
+    """The verdict line, read from report.verdict (never judged here)."""
+    judged = report.verdict
+    skipped = f"; not run here: {', '.join(judged.skipped)}" if judged.skipped else ""
+    if judged.status == "NOT COMPARED":
+        text, style = f"{report.model}: NOT COMPARED (only the reference {report.reference} ran{skipped})", "bold yellow"
+    elif judged.status == "PASS":
+        verb = "agrees" if len(judged.compared) == 1 else "agree"
+        text, style = f"{report.model}: PASS ({', '.join(judged.compared)} {verb} with {report.reference}{skipped})", "bold green"
+    else:
+        text, style = f"{report.model}: FAIL ({', '.join(judged.failed)} disagree with {report.reference})", "bold red"
+    return Text(text + overrides_text(judged.overrides), style=style)
 
 
 def render(report: Report) -> list:

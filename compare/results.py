@@ -73,8 +73,44 @@ class LayerComparison:
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """The outcome of one comparison, as every output states it: the terminal, JSON, Markdown and sweep.
+
+    `status` is PASS, FAIL or NOT COMPARED. `exit_code` is the process's: 0 PASS, 1 FAIL, 2 NOT COMPARED
+    (0 when the run's purpose was to save the reference). `overrides` are the --min-cosine/--max-rel
+    values that replaced the class thresholds.
+    """
+
+    status: str
+    exit_code: int
+    failed: list
+    compared: list
+    skipped: list
+    overrides: dict
+
+    def __bool__(self) -> bool:
+        return self.status == "PASS"
+
+
+def verdict(report: "Report") -> Verdict:
+    """The one verdict function: a PASS needs at least one compared backend, no failed row and no error."""
+    failed = sorted({r.backend for r in report.accuracy if not r.passed}
+                    | {b.name for b in report.backends if b.status == "error"})
+    compared = [b.name for b in report.backends if b.status in ("ran", "stored") and b.name != report.reference
+                and any(r.backend == b.name for r in report.accuracy)]
+    skipped = [b.name for b in report.backends if b.status == "skipped"]
+    if failed:
+        status, code = "FAIL", 1
+    elif compared:
+        status, code = "PASS", 0
+    else:
+        status, code = "NOT COMPARED", 0 if report.saved_reference else 2
+    return Verdict(status, code, failed, compared, skipped, dict(report.overrides))
+
+
+@dataclass(frozen=True)
 class Report:
-    """Everything one comparison of one model found. `exit_code` is 0 when all that ran passed, else 1."""
+    """Everything one comparison of one model found; `verdict` says what it means."""
 
     model: str
     timm_name: str
@@ -91,22 +127,27 @@ class Report:
     latency: list[LatencyStats]
     layers: list[LayerComparison] = field(default_factory=list)
     drift: dict = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)  # {"min_cosine": x, "max_rel": y}: what replaced the classes
+    saved_reference: bool = False  # this run saves the reference's outputs (--save-reference): a real use alone
+
+    @property
+    def verdict(self) -> Verdict:
+        return verdict(self)
 
     @property
     def passed(self) -> bool:
-        return (
-            all(c.passed for c in self.accuracy)
-            and not any(b.status == "error" for b in self.backends)
-        )
+        return self.verdict.status == "PASS"
 
     @property
     def compared(self) -> bool:
         """Whether any backend besides the reference produced outputs, or tried to and failed."""
-        return bool(self.accuracy) or any(b.status == "error" for b in self.backends)
+        return self.verdict.status != "NOT COMPARED"
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.passed else 1
+        return self.verdict.exit_code
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed, "exit_code": self.exit_code}
+        judged = self.verdict
+        return {**asdict(self), "verdict": judged.status, "passed": judged.status == "PASS",
+                "exit_code": judged.exit_code, "verdict_details": asdict(judged)}

@@ -52,6 +52,7 @@ class CompareOptions:
     max_rel: float | None = None
     layers: bool = False
     against: str | None = None
+    save_reference: bool = False  # the run saves the reference's outputs: a real use even if nothing else runs
     timeout_s: float = 600.0
 
 
@@ -145,18 +146,21 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
         backend="", artifacts=str(art.folder.parent.resolve()), key=art.key, precision=options.dtype,
         batch_sizes=(options.batch_sizes or (batch.shape[0],)) if options.latency else (),
         warmup=options.warmup, iters=options.iters, budget_s=options.budget_s, layers=options.layers,
+        artifact_id=worker.artifact_identity(art),
     )
-    cwd = compile_cache(art, options.dtype)
     statuses, run, timings, warnings = [], Run(batch=batch), [], []
     for name in names:
         cls = BACKENDS[name]
+        # The reference is the truth the others are judged against: it always runs in true fp32.
+        precision = "fp32" if name == options.reference else options.dtype
         try:
             cls.probe()
         except BackendUnavailable as why:
             outcome = worker.Outcome("skipped", str(why))
         else:
             step(f"{art.key}: {name} (in its own process)")
-            outcome = worker.run_backend(cls, job, batch, options.timeout_s, cwd)
+            outcome = worker.run_backend(cls, replace(job, precision=precision), batch, options.timeout_s,
+                                         compile_cache(art, precision))
         statuses.append(BackendStatus(name, outcome.status, outcome.reason, outcome.details))
         if outcome.status == "ran":
             run.outputs[name] = outcome.outputs[name]
@@ -165,7 +169,7 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
         warnings += outcome.warnings
         if name == options.reference and outcome.status != "ran":
             raise UserError(f"the reference backend {name} cannot run here: {outcome.reason}; pick another with --reference")
-        if name in options.require and outcome.status == "skipped":
+        if name in options.require and outcome.status == "skipped":  # a row mostly on the CPU included
             raise UserError(f"required backend {name} is unavailable: {outcome.reason}")
     return statuses, run, timings, warnings
 
@@ -208,12 +212,14 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
         reference=options.reference,
         dtype=options.dtype,
         versions=_environment(statuses),
-        warnings=version_warnings(manifest) + warnings,
+        warnings=version_warnings(manifest) + artifact.verify_warnings(manifest) + warnings,
         backends=statuses,
         accuracy=accuracy,
         latency=_with_speedups(timings, options.reference),
         layers=layer_rows,
         drift=drift,
+        overrides={k: v for k, v in (("min_cosine", options.min_cosine), ("max_rel", options.max_rel)) if v is not None},
+        saved_reference=options.save_reference,
     )
     return report, run
 

@@ -18,14 +18,24 @@ import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
+import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from exporter import processes
+
 RESULT, ARRAYS, JOB, INPUT, LOG = "result.json", "arrays.npz", "job.json", "input.npy", "worker.log"
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # so `python -m compare.worker` works uninstalled
+TEMP_PREFIX = "vit-parity-worker-"  # + the parent's pid: a killed run's folders are removed by the next run
+# Exceptions that mean a mistake in Python code, ours or a backend's, not a device's finding.
+BUG_TYPES = (AssertionError, AttributeError, IndexError, KeyError, NameError, TypeError, ZeroDivisionError)
+LIBRARIES = tuple({sysconfig.get_paths()[key] for key in ("purelib", "platlib", "stdlib", "platstdlib")})
+OURS = (str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "exporter"))
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,7 @@ class Job:
     budget_s: float = 3.0
     layers: bool = False
     sys_path: tuple[str, ...] = ()
+    artifact_id: dict = field(default_factory=dict)  # what the parent verified: see artifact_identity
 
 
 @dataclass
@@ -61,18 +72,36 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+def artifact_identity(art) -> dict:
+    """What identifies the artifact the parent verified: its folder's inode (a publish swaps the folder,
+    so a new export has a new one) and the manifest's records (size, sha256) of every file but the
+    derived ones, which a backend of this very run may add (blocks.onnx)."""
+    from exporter.artifact import DERIVED_SUFFIX
+
+    files = {name: record for name, record in art.manifest["files"].items() if not name.endswith(DERIVED_SUFFIX)}
+    return {"inode": os.stat(art.folder).st_ino, "files": files}
+
+
 def run_backend(cls: type, job: Job, batch: np.ndarray, timeout_s: float, cwd: Path) -> Outcome:
-    """Run `job` for backend class `cls` in a worker whose working directory is `cwd`; never raises for what the worker does."""
+    """Run `job` for backend class `cls` in a worker whose working directory is `cwd`; never raises for what the worker does.
+
+    The worker dies with this process (PR_SET_PDEATHSIG, and a parent watch in the worker). An
+    interrupt or SIGTERM here stops it before the exception goes on; the temp folder is removed
+    whatever happens, and folders left by a run that was killed outright are removed by the next.
+    """
+    processes.remove_stale(TEMP_PREFIX)
     job = Job(**{**asdict(job), "backend": class_path(cls), "sys_path": tuple(sys.path)})
-    with tempfile.TemporaryDirectory(prefix="vit-parity-worker-") as folder:
+    with tempfile.TemporaryDirectory(prefix=processes.owned_prefix(TEMP_PREFIX)) as folder:
         folder = Path(folder)
         (folder / JOB).write_text(json.dumps(asdict(job)))
         np.save(folder / INPUT, batch)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])),
+               "VIT_PARITY_PARENT": str(os.getpid())}
         with open(folder / LOG, "wb") as log:
             child = subprocess.Popen(
                 [sys.executable, "-m", "compare.worker", str(folder)],
                 cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=processes.die_with_parent(),
             )
             try:
                 code = child.wait(timeout=timeout_s)
@@ -81,7 +110,7 @@ def run_backend(cls: type, job: Job, batch: np.ndarray, timeout_s: float, cwd: P
                 child.wait()
                 return Outcome("error", f"no answer in {timeout_s:g} s; the worker was stopped (raise --timeout if the device is just slow)")
             finally:
-                if child.poll() is None:  # interrupted (Ctrl-C) while waiting: take the child down too
+                if child.poll() is None:  # interrupted (Ctrl-C, SIGTERM) while waiting: take the child down too
                     child.kill()
                     child.wait()
         last = _last_line(folder / LOG)
@@ -91,8 +120,35 @@ def run_backend(cls: type, job: Job, batch: np.ndarray, timeout_s: float, cwd: P
                 why = f"worker killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
             else:
                 why = f"worker exited with code {code} before reporting"
-            return Outcome("error", why + (f": {last}" if last else ""))
-        return _read(folder)
+            outcome = Outcome("error", why + (f": {last}" if last else ""))
+        else:
+            outcome = _read(folder)
+        if outcome.status == "error" or outcome.details.get("bugs"):
+            keep_log(outcome, folder, cls, job)
+        return outcome
+
+
+def log_folder() -> Path:
+    """Where the logs of failed workers are kept: $XDG_CACHE_HOME/vit-parity/logs, else ~/.cache/vit-parity/logs."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vit-parity" / "logs"
+
+
+def keep_log(outcome: Outcome, folder: Path, cls: type, job: Job) -> None:
+    """Copy a failed worker's output, and its traceback, where the user can read them; the reason names the file."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        logs = log_folder()
+        logs.mkdir(parents=True, exist_ok=True)
+        path = logs / f"{job.key}-{getattr(cls, 'name', cls.__name__)}-{stamp}-{os.getpid()}.log"
+        text = (folder / LOG).read_text(errors="replace") if (folder / LOG).is_file() else ""
+        tracebacks = [outcome.details.get("traceback", "")] + [bug["traceback"] for bug in outcome.details.get("bugs", [])]
+        path.write_text(text + "".join(f"\n{t}" for t in tracebacks if t))
+    except OSError as error:  # a read-only home: the traceback is still in the JSON details
+        outcome.details["log"] = f"not written: {error}"
+        return
+    outcome.details["log"] = str(path)
+    if outcome.status == "error":
+        outcome.reason += f"; full log: {path}"
 
 
 def _last_line(path: Path) -> str:
@@ -115,6 +171,40 @@ def _read(folder: Path) -> Outcome:
 # The child side.
 
 
+def is_bug(error: BaseException) -> bool:
+    """True when `error` is a mistake in Python code outside the libraries (ours, or a backend's), not a device finding.
+
+    A device finding (out of memory, a kernel that fails) is raised from inside torch or onnxruntime;
+    a TypeError or KeyError raised in our own frames is a bug, and is never turned into a warning.
+    """
+    if not isinstance(error, BUG_TYPES):
+        return False
+    tb, last = error.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    if last is None:
+        return False
+    filename = last.tb_frame.f_code.co_filename
+    return filename.startswith(OURS) or not filename.startswith(LIBRARIES)
+
+
+def _bug(part: str, error: BaseException) -> dict:
+    return {"part": part, "error": f"{type(error).__name__}: {_first_line(error)}",
+            "traceback": "".join(traceback.format_exception(error))}
+
+
+def _changed(art, expected: dict) -> str:
+    """Why the artifact on disk is not the one the parent verified, or ""."""
+    if not expected:
+        return ""
+    from exporter.artifact import Artifact, read_manifest
+
+    if artifact_identity(Artifact(art.folder, read_manifest(art.folder))) != expected:  # from disk, as it is now
+        return (f"the artifact {art.folder} changed while this run compared it (an export finished in between); "
+                f"run the comparison again")
+    return ""
+
+
 def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
     """Everything a worker does for one backend, in order. Returns the outcome and its arrays by key."""
     from exporter import artifact
@@ -125,8 +215,11 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
 
     module, _, name = job.backend.partition(":")
     backend = getattr(importlib.import_module(module), name)()
-    art = artifact.load(job.artifacts, job.key, verify=False)  # the parent verified every hash
+    # The parent verified every hash; what is checked here is that this is still that artifact.
+    art = artifact.load(job.artifacts, job.key, verify=False)
     outcome, arrays = Outcome("ran"), {}
+    if _changed(art, job.artifact_id):
+        return Outcome("error", _changed(art, job.artifact_id)), arrays
     try:
         outcome.details = backend.load(art, job.precision)
     except BackendUnavailable as why:
@@ -134,33 +227,57 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
     except UserError as error:
         return Outcome("error", str(error)), arrays
     except Exception as error:  # noqa: BLE001 - present but unable to load this artifact: a finding
-        return Outcome("error", f"failed to load the artifact: {_first_line(error)}"), arrays
+        return _failure("failed to load the artifact", error), arrays
+    if _changed(art, job.artifact_id):  # swapped while the backend read its files
+        return Outcome("error", _changed(art, job.artifact_id)), arrays
     try:
         outputs = backend.run(batch)
         outcome.details.update(backend.observed())
-    except BackendUnavailable as why:  # e.g. the profile shows the provider ran nothing
+    except BackendUnavailable as why:  # e.g. the profile shows the provider ran (almost) nothing
         return Outcome("skipped", str(why), {**outcome.details, **backend.observed()}), arrays
     except Exception as error:  # noqa: BLE001 - a device failing mid-run is a finding, not a crash
-        return Outcome("error", f"failed while running: {_first_line(error)}", outcome.details), arrays
+        failure = _failure("failed while running", error)
+        failure.details = {**outcome.details, **failure.details}
+        return failure, arrays
     arrays.update({f"outputs/{backend.name}/{k}": v for k, v in outputs.items()})
+    bugs = []
     for size in job.batch_sizes:
         rows = np.resize(np.arange(batch.shape[0]), size)  # cycle the input's samples up to `size`
         try:
             stats = latency.measure(backend, np.ascontiguousarray(batch[rows]), job.warmup, job.iters, job.budget_s)
             outcome.latency.append(asdict(stats))
         except Exception as error:  # noqa: BLE001 - a batch too big for the device is a finding
+            if is_bug(error):
+                bugs.append(_bug(f"latency at batch {size}", error))
+                break
             outcome.warnings.append(f"{backend.name} could not be timed at batch {size}: {_first_line(error)}")
-    if job.batch_sizes:
+    if job.batch_sizes and not bugs:
         outcome.details["timed"] = backend.timed()
-    if job.layers:
+    if job.layers and not bugs:
         try:
             taps = backend.layers(art, batch)
             arrays.update({f"taps/{backend.name}/{k}": v for k, v in taps.items()})
+            outcome.details.update(backend.observed())  # e.g. where the tap session's nodes ran
         except BackendUnavailable as why:
             outcome.warnings.append(f"{backend.name}: no per-block outputs: {why}")
-        except Exception as error:  # noqa: BLE001 - an optional part must not sink the comparison
-            outcome.warnings.append(f"{backend.name}: per-block outputs failed: {_first_line(error)}")
+        except Exception as error:  # noqa: BLE001 - a device failing in this optional part must not sink the comparison
+            if is_bug(error):
+                bugs.append(_bug("per-block outputs", error))
+            else:
+                outcome.warnings.append(f"{backend.name}: per-block outputs failed: {_first_line(error)}")
+    if bugs:
+        # A bug in our code is never a warning: the row is an error, with the traceback kept.
+        outcome.status = "error"
+        outcome.reason = f"internal error in the {bugs[0]['part']} step (a bug, not a device finding): {bugs[0]['error']}"
+        outcome.details["bugs"] = bugs
     return outcome, arrays
+
+
+def _failure(what: str, error: BaseException) -> Outcome:
+    """An error outcome for `error`, with its traceback kept, and a bug told apart from a device finding."""
+    kind = "internal error (a bug, not a device finding) " if is_bug(error) else ""
+    reason = f"{kind}{what}: {type(error).__name__ + ': ' if kind else ''}{_first_line(error)}"
+    return Outcome("error", reason, {"traceback": "".join(traceback.format_exception(error))})
 
 
 def _first_line(error: BaseException) -> str:
@@ -172,10 +289,17 @@ def main(folder: str) -> int:
     from exporter.artifact import write_json_atomic
 
     folder = Path(folder)
+    parent = os.environ.get("VIT_PARITY_PARENT")
+    if parent:  # PR_SET_PDEATHSIG is Linux's; this watch also covers other systems
+        processes.watch_parent(int(parent))
+    tempfile.tempdir = str(folder)  # every temp file of this worker (onnxruntime profiles...) dies with its folder
     job = json.loads((folder / JOB).read_text())
     job = Job(**{**job, "batch_sizes": tuple(job["batch_sizes"]), "sys_path": tuple(job["sys_path"])})
     sys.path += [entry for entry in job.sys_path if entry not in sys.path]  # e.g. where a test's backend lives
-    outcome, arrays = work(job, np.load(folder / INPUT, allow_pickle=False))
+    try:
+        outcome, arrays = work(job, np.load(folder / INPUT, allow_pickle=False))
+    except Exception as error:  # noqa: BLE001 - anything uncaught is reported with its traceback, not lost
+        outcome, arrays = _failure("the worker failed", error), {}
     if arrays:
         np.savez(folder / ARRAYS, **arrays)
     payload = asdict(outcome)

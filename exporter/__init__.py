@@ -7,6 +7,19 @@ import os
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled like Ctrl-C: the same clean stop, then exit 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def exit_code(interrupt: KeyboardInterrupt) -> int:
+    """130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
+    return 128 + getattr(interrupt, "signum", 2)
+
+
 def _interrupt_handler(interrupted: str):
     """SIGINT handler: KeyboardInterrupt, except inside an import, where it leaves at once.
 
@@ -21,9 +34,9 @@ def _interrupt_handler(interrupted: str):
         while frame is not None:
             if frame.f_code.co_filename.startswith("<frozen importlib"):
                 os.write(2, f"{interrupted}\n".encode())
-                os._exit(130)
+                os._exit(128 + signum)
             frame = frame.f_back
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt if signum == 2 else Stopped(signum)
 
     return handler
 
@@ -36,15 +49,21 @@ def entry_point(load_main, interrupted: str) -> None:
     import signal
     import sys
 
+    handler = _interrupt_handler(interrupted)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored
-        signal.signal(signal.SIGINT, _interrupt_handler(interrupted))
+        signal.signal(signal.SIGINT, handler)
+    # SIGTERM (Slurm, Kubernetes, systemd) and SIGHUP (a closed terminal) stop as cleanly as Ctrl-C:
+    # the running worker is stopped, temp folders are removed, and the exit code says which signal.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, handler)
     try:
         main = load_main()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print(interrupted, file=sys.stderr)
-        sys.exit(130)
+        sys.exit(exit_code(stop))
     code = main()
-    if code == 130:
+    if code in (129, 130, 143):
         # Interrupted, possibly halfway through importing torch: leave without the interpreter's teardown,
         # which a half-imported extension can turn into a second KeyboardInterrupt and a traceback.
         sys.stdout.flush()

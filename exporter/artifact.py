@@ -21,8 +21,10 @@ MANIFEST = "manifest.json"
 CORE_FILES = ("model.onnx", "weights.safetensors", "sample.npz")
 STAGING_PREFIX = ".staging-"
 LOCK = ".lock"
-DERIVED_FILES = ("blocks.onnx",)  # made from model.onnx on first use; never required
+DERIVED_SUFFIX = "blocks.onnx"  # blocks.onnx and <variant>.blocks.onnx: made on first use, never required
 PREVIOUS_MARK = ".previous"  # marks a previous artifact moved aside during a non-atomic publish
+# The exporter's verify thresholds, ONNX against eager; the manifest records the ones that passed it.
+VERIFY_DEFAULTS = {"min_cosine": 0.99999, "max_abs": 1e-4}
 
 
 def sha256(path: Path) -> str:
@@ -257,6 +259,46 @@ def load(root: Path | str, key: str, verify: bool = True) -> Artifact:
 REQUIRED_KEYS = {"model": str, "timm_name": str, "data_config": dict, "files": dict}
 
 
+def verify_warnings(manifest: dict) -> list[str]:
+    """A warning when the artifact was verified with thresholds looser than the defaults, or none recorded."""
+    thresholds = manifest.get("verify", {}).get("thresholds")
+    if not isinstance(thresholds, dict):
+        return [f"{manifest.get('model', 'the artifact')} records no verify thresholds (exported by an older "
+                f"vit-parity): re-export it to know what it was verified against"]
+    looser = []
+    if thresholds.get("min_cosine", 1.0) < VERIFY_DEFAULTS["min_cosine"]:
+        looser.append(f"--min-cosine {thresholds['min_cosine']:g} (default {VERIFY_DEFAULTS['min_cosine']:g})")
+    if thresholds.get("max_abs", 0.0) > VERIFY_DEFAULTS["max_abs"]:
+        looser.append(f"--max-abs {thresholds['max_abs']:g} (default {VERIFY_DEFAULTS['max_abs']:g})")
+    if not looser:
+        return []
+    return [f"{manifest.get('model', 'the artifact')} was verified looser than the defaults: {', '.join(looser)}; "
+            f"re-export it without those options for an artifact verified as strictly as usual"]
+
+
+def _positive_ints(value, count: int) -> bool:
+    return (isinstance(value, list) and len(value) == count
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))
+
+
+def _finite_numbers(value, count: int, positive: bool = False) -> bool:
+    return (isinstance(value, list) and len(value) == count
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
+                    for v in value))
+
+
+def data_config_problem(config: dict) -> str | None:
+    """What is wrong with a manifest's data_config, or None: 3 positive ints, one mean and std per channel."""
+    size = config.get("input_size")
+    if not _positive_ints(size, 3):
+        return f"data_config.input_size is {size!r}, not 3 positive integers (channels, height, width)"
+    for key, positive in (("mean", False), ("std", True)):
+        if not _finite_numbers(config.get(key), size[0], positive):
+            return (f"data_config.{key} is {config.get(key)!r}, not {size[0]} finite numbers"
+                    + (" above 0" if positive else "") + " (one per channel)")
+    return None
+
+
 def manifest_problem(manifest) -> str | None:
     """What is wrong with the manifest's shape, in words, or None: the loader never trusts its layout blindly."""
     if not isinstance(manifest, dict):
@@ -267,13 +309,13 @@ def manifest_problem(manifest) -> str | None:
     for name, record in manifest["files"].items():
         if not (isinstance(record, dict) and isinstance(record.get("sha256"), str) and isinstance(record.get("bytes"), int)):
             return f"the record of {name} is not {{sha256, bytes}}"
-    return None
+    return data_config_problem(manifest["data_config"])
 
 
 def verify_files(artifact: Artifact, export_hint: str = "re-export the model") -> None:
     """Raise a UserError naming the first file that is missing, truncated or changed.
 
-    Derived files (blocks.onnx) are not checked here: whoever uses one checks and rebuilds it, so a
+    Derived files (blocks.onnx, <variant>.blocks.onnx) are not checked here: whoever uses one checks and rebuilds it, so a
     missing or damaged derived file never makes the artifact unusable.
     """
     files = artifact.manifest.get("files", {})
@@ -281,7 +323,7 @@ def verify_files(artifact: Artifact, export_hint: str = "re-export the model") -
         if name not in files:
             raise UserError(f"artifact {artifact.folder} lists no {name} in its manifest; {export_hint}")
     for name, record in files.items():
-        if name in DERIVED_FILES:
+        if name.endswith(DERIVED_SUFFIX):
             continue
         path = artifact.path(name)
         if not path.is_file():

@@ -135,31 +135,39 @@ def build(model_path: Path, out_path: Path) -> int:
     return len(taps)
 
 
-def ensure(art: artifact.Artifact) -> Path:
-    """The artifact's blocks.onnx, derived from model.onnx and added to the manifest on first use.
+def blocks_file(source: str) -> str:
+    """The per-block graph's file name for graph `source`: blocks.onnx for model.onnx, else e.g.
+    model.ln-decomposed.blocks.onnx, so that taps come from the very graph an accuracy row ran."""
+    return BLOCKS_FILE if source == "model.onnx" else source.removesuffix(".onnx") + ".blocks.onnx"
 
-    It is rebuilt when it is missing, damaged, or derived from another model.onnx (its source hash
-    is recorded). On a read-only artifact (a shared or mounted copy) it goes to the user's cache
-    instead, keyed by model.onnx's sha256: a derived file never makes the artifact unusable.
+
+def ensure(art: artifact.Artifact, source: str = "model.onnx") -> Path:
+    """The per-block graph of the artifact's graph `source`, derived from it and added to the manifest on first use.
+
+    It is rebuilt when it is missing, damaged, or derived from another file (its source hash is
+    recorded). On a read-only artifact (a shared or mounted copy) it goes to the user's cache
+    instead, keyed by the source's sha256: a derived file never makes the artifact unusable.
     """
     # Read from disk, not art.manifest: another backend of this run may have added blocks.onnx since.
     manifest = artifact.read_manifest(art.folder)
-    source = manifest["files"]["model.onnx"]["sha256"]
-    record = manifest["files"].get(BLOCKS_FILE)
-    path = art.path(BLOCKS_FILE)
-    if record and manifest.get("blocks", {}).get("model_sha256") == source and _intact(path, record):
+    name = blocks_file(source)
+    key = "blocks" if name == BLOCKS_FILE else f"blocks of {source}"
+    digest = manifest["files"][source]["sha256"]
+    record = manifest["files"].get(name)
+    path = art.path(name)
+    if record and manifest.get(key, {}).get("model_sha256") == digest and _intact(path, record):
         return path
     try:
         with artifact.staging(art.folder) as stage:
-            count = build(art.path("model.onnx"), stage / BLOCKS_FILE)
+            count = build(art.path(source), stage / name)
             artifact.publish(
-                art.folder, {BLOCKS_FILE: stage / BLOCKS_FILE},
-                {"blocks": {"model_sha256": source, "count": count, "taps": tap_names(count)}},
+                art.folder, {name: stage / name},
+                {key: {"model_sha256": digest, "source": source, "count": count, "taps": tap_names(count)}},
                 replace=False,
             )
         return path
     except OSError:  # the artifact cannot be written to
-        return _cached(art, source)
+        return _cached(art, source, digest)
 
 
 def cache_folder() -> Path:
@@ -167,15 +175,15 @@ def cache_folder() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vit-parity"
 
 
-def _cached(art: artifact.Artifact, source: str) -> Path:
-    path = cache_folder() / "blocks" / source / BLOCKS_FILE
+def _cached(art: artifact.Artifact, source: str, digest: str) -> Path:
+    path = cache_folder() / "blocks" / digest / blocks_file(source)
     if not path.is_file():  # written atomically below, so a file that is there is whole
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".blocks-", suffix=".onnx", dir=path.parent)
         os.close(fd)
         try:
-            build(art.path("model.onnx"), Path(tmp))
-            link_external_data(load_graph(art.path("model.onnx")), art.folder, path.parent)
+            build(art.path(source), Path(tmp))
+            link_external_data(load_graph(art.path(source)), art.folder, path.parent)
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import traceback
 from pathlib import Path
@@ -36,8 +37,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random init (default: 0)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18)")
     parser.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help="artifacts root (default: artifacts)")
-    parser.add_argument("--min-cosine", type=float, default=0.99999, help="verify: lowest cosine ONNX vs eager (default: 0.99999)")
-    parser.add_argument("--max-abs", type=float, default=1e-4, help="verify: largest abs diff ONNX vs eager, per unit of the output's peak |value| when that exceeds 1 (default: 1e-4)")
+    parser.add_argument("--min-cosine", type=float, default=artifact.VERIFY_DEFAULTS["min_cosine"], help="verify: lowest cosine ONNX vs eager (default: 0.99999)")
+    parser.add_argument("--max-abs", type=float, default=artifact.VERIFY_DEFAULTS["max_abs"], help="verify: largest abs diff ONNX vs eager, per unit of the output's peak |value| when that exceeds 1 (default: 1e-4)")
     parser.add_argument("--decompose-layernorm", action="store_true",
                         help="also write model.ln-decomposed.onnx, LayerNorms as primitive ops, verified; ort-cann runs it so every node can stay on the NPU")
     parser.add_argument("--if-missing", action="store_true", help="export only models that have no artifact yet")
@@ -55,7 +56,16 @@ def parse(argv=None) -> argparse.Namespace:
             )
     if args.seed < 0:
         raise UserError(f"--seed must be at least 0, got {args.seed}")
+    check_thresholds(args.min_cosine, args.max_abs, "--max-abs", "an absolute difference")
     return args
+
+
+def check_thresholds(min_cosine: float | None, max_error: float | None, error_flag: str, what: str) -> None:
+    """Refuse thresholds no comparison can mean: a cosine outside (0, 1], an error bound that is not positive and finite."""
+    if min_cosine is not None and not (0 < min_cosine <= 1):  # NaN fails this too
+        raise UserError(f"--min-cosine must be in (0, 1], got {min_cosine:g}; e.g. --min-cosine 0.999")
+    if max_error is not None and not (0 < max_error < math.inf):
+        raise UserError(f"{error_flag} must be {what} above 0 and finite, got {max_error:g}; e.g. {error_flag} 1e-2")
 
 
 def aliases_table() -> Table:
@@ -111,6 +121,8 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
                 continue
             present.append(spec.key)
             err.print(f"{spec.key}: an artifact exists under {args.artifacts}/, not exporting it again")
+            for warning in artifact.verify_warnings(artifact.read_manifest(artifact_folder(args.artifacts, spec.key))):
+                err.print(Text(f"warning: {warning}", style="yellow"))
         names = [s.timm_name for s in specs if s.key not in present]
         if not names:
             return 0
@@ -168,9 +180,11 @@ def guarded(body, err: Console, interrupted: str = "interrupted") -> int:
     except OSError as error:  # a path the user gave cannot be written or read: full disk, no permission
         err.print(_error(f"{error}; check the path and the free space"), highlight=False, soft_wrap=True)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM/SIGHUP (exporter.Stopped)
+        from . import exit_code
+
         err.print(Text(interrupted, style="bold red"))
-        return 130
+        return exit_code(stop)
 
 
 def main(argv=None) -> int:

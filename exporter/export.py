@@ -36,8 +36,8 @@ class ExportOptions:
     weights: str = "auto"
     seed: int = 0
     opset: int = DEFAULT_OPSET
-    min_cosine: float = 0.99999
-    max_abs: float = 1e-4
+    min_cosine: float = artifact.VERIFY_DEFAULTS["min_cosine"]
+    max_abs: float = artifact.VERIFY_DEFAULTS["max_abs"]
     verbose: bool = False
     decompose_layernorm: bool = False  # also write model.ln-decomposed.onnx (for the CANN provider)
 
@@ -323,7 +323,8 @@ def _stage_and_publish(spec, model, source, config, sample, folder, options, ste
             "weights_source": source,
             "params": int(sum(p.numel() for p in model.parameters())),
             "nodes": len(graph.graph.node),
-            "verify": {"cosine": worst_cos, "max_abs": worst_abs, "batches": [TRACE_BATCH, *VERIFY_BATCHES]},
+            "verify": {"cosine": worst_cos, "max_abs": worst_abs, "batches": [TRACE_BATCH, *VERIFY_BATCHES],
+                       "thresholds": {"min_cosine": options.min_cosine, "max_abs": options.max_abs}},
             "variants": variants,
             "export_seconds": round(seconds, 1),
             "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

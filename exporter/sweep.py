@@ -11,6 +11,7 @@ Markdown and JSON; `--readme README.md` puts the Markdown between the README's c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -26,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import UserError
+from .processes import die_with_parent
 
 COMPARE_ARGS = ("--backends", "torch-cpu,ort-cpu", "--no-latency", "--layers")
 README_START, README_END = "<!-- coverage:start -->", "<!-- coverage:end -->"
@@ -117,15 +119,44 @@ def select(patterns: list[str], list_file: str | None, max_params: int | None, m
 
 
 def _limits(memory: int | None):
+    # Its own session and process group: a timeout or an interrupt stops the worker processes it
+    # starts too. SIGTERM when the sweep dies, so that the step stops its own workers cleanly.
+    leash = die_with_parent(signal.SIGTERM, new_session=True)
+
     def apply():
-        os.setsid()  # its own process group: a timeout stops the worker processes it starts too
+        leash()
         if memory:
             resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     return apply
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+GRACE_S = 5.0  # how long a stopped step may take to stop its own workers before it is killed
+
+
+class StepStopped(Exception):
+    """A step was stopped from outside (SIGTERM, SIGINT, SIGHUP): no finding about the model, so no row."""
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the step's process group (it stops its workers and removes its temp folders), then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def _run(command: list[str], timeout: float, memory: int | None, cwd: Path) -> tuple[int | str, str, str]:
-    """(exit code or "timeout", stdout, stderr) of `command` under the time limit and memory ceiling."""
+    """(exit code or "timeout", stdout, stderr) of `command` under the time limit and memory ceiling.
+
+    An interrupt of the sweep (Ctrl-C, SIGTERM) stops the step's whole process group before it goes on.
+    """
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                stdin=subprocess.DEVNULL, preexec_fn=_limits(memory))
     try:
@@ -134,7 +165,20 @@ def _run(command: list[str], timeout: float, memory: int | None, cwd: Path) -> t
         os.killpg(process.pid, signal.SIGKILL)
         out, err = process.communicate()
         return "timeout", out, err
+    except BaseException:
+        _stop(process)
+        raise
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever the step left in its group
+            os.killpg(process.pid, signal.SIGKILL)
+    if process.returncode in [-s for s in STOP_SIGNALS] + [128 + s for s in STOP_SIGNALS]:
+        raise StepStopped(f"{Path(command[2]).name if len(command) > 2 else command[0]} was stopped by "
+                          f"{_signal_name(process.returncode)}")
     return process.returncode, out, err
+
+
+def _signal_name(code: int) -> str:
+    return signal.Signals(-code if code < 0 else code - 128).name
 
 
 # What allocators say when the memory ceiling stops them: torch, onnxruntime's arena, C++ and Python.
@@ -164,18 +208,36 @@ def run_model(name: str, module: str, params: int, size: str, root: Path, timeou
     manifest = json.loads((root / name / "manifest.json").read_text())
     exported = dict(export_s=manifest.get("export_seconds"), verify_cosine=manifest["verify"]["cosine"],
                     attention=manifest.get("attention", ""))
-    report_path = root / "report.json"
+    # Each model's own report, removed first: a compare that dies before writing it never gets another's.
+    report_path = root / f"{name.replace('/', '_')}.report.json"
+    report_path.unlink(missing_ok=True)
     code, out, err = _run([*python, "compare", name, "--artifacts", str(root), *COMPARE_ARGS, "--json", str(report_path)],
                           timeout, memory, root)
-    if not report_path.is_file():
+    report = _report_of(report_path, name)
+    if report is None:
         return _done(base, started, **exported, compare="ERROR", error=_last_error(code, err, "compare", timeout))
-    report = json.loads(report_path.read_text())["reports"][0]
     drift = "; ".join(report.get("drift", {}).values())
     no_taps = [w for w in report.get("warnings", []) if "per-block" in w]
     layers = "skipped: " + no_taps[0] if no_taps and not drift else (drift or "-")
-    verdict = "PASS" if report["exit_code"] == 0 else "FAIL"
+    # The report's own verdict, as compare printed it: PASS, FAIL or NOT COMPARED.
+    verdict = report.get("verdict") or ("PASS" if report.get("exit_code") == 0 else "FAIL")
     return _done(base, started, **exported, compare=verdict, layers=layers,
                  error="" if code in (0, 1) else _last_error(code, err, "compare", timeout))
+
+
+def _report_of(path: Path, name: str) -> dict | None:
+    """The compare report at `path` if it is whole and about model `name`, else None."""
+    try:
+        reports = json.loads(path.read_text())["reports"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    mine = [r for r in reports if isinstance(r, dict) and name in (r.get("timm_name"), r.get("model"))]
+    return mine[0] if mine else None
+
+
+def passed(row: Row) -> bool:
+    """Whether one model's row is a pass: exported, verified, compared PASS, and no error."""
+    return row.compare == "PASS" and not row.error
 
 
 def _done(row: Row, started: float, **fields) -> Row:
@@ -207,10 +269,10 @@ def matrix_markdown(rows: list[Row], command: str, version: str, over: list | No
     Rows not run yet (a sweep stopped before them) say so; models `over` the parameter limit are listed by name.
     """
     ran = [r for r in rows if r.seconds]
-    passed = sum(r.compare == "PASS" and not r.error for r in ran)
+    passing = sum(passed(r) for r in ran)
     lines = [
         f"Generated by `{command}` with vit-parity {version} on {datetime.now(timezone.utc):%Y-%m-%d}: "
-        f"{passed} of {len(ran)} models run export, verify and pass, {len(rows) - len(ran)} not run yet "
+        f"{passing} of {len(ran)} models run export, verify and pass, {len(rows) - len(ran)} not run yet "
         f"(random weights, on the CPU: torch-cpu against ort-cpu, every block compared).",
         "",
         "| " + " | ".join(COLUMNS) + " |",
@@ -248,7 +310,7 @@ def summary_markdown(rows: list[Row], command: str, version: str, matrix: str, o
         inputs = sorted({r.input for r in group}, key=lambda size: int(size.split("x")[0]) if size[0].isdigit() else 0)
         cells = [module, str(len(group)), f"{params[0] / 1e6:.1f}M" + (f" to {params[-1] / 1e6:.1f}M" if len(params) > 1 else ""),
                  ", ".join(inputs) if len(inputs) <= 4 else f"{inputs[0]} to {inputs[-1]} ({len(inputs)} sizes)",
-                 str(sum(r.compare == "PASS" and not r.error for r in group)),
+                 str(sum(passed(r) for r in group)),
                  str(sum(r.layers not in ("", "-") and not r.layers.startswith("skipped") for r in group)),
                  str(sum(r.layers.startswith("skipped") for r in group)), str(sum(bool(r.error) for r in group))]
         lines.append("| " + " | ".join(cells) + " |")
@@ -327,6 +389,9 @@ def main(argv=None) -> int:
         with err.status("listing models"):
             chosen, over = select(args.patterns, args.list_file, max_params, tuple(args.module))
             chosen = shard(chosen, index, count)
+        if not chosen:
+            raise UserError(f"no timm model matches {' '.join(args.patterns + [f'--module {m}' for m in args.module]) or 'the list'}"
+                            f" in shard {args.shard}; check the names with python -c \"import timm; print(timm.list_models('PATTERN'))\"")
         done = {row.model for row in read_rows(jsonl)}
         todo = [] if args.report_only else [entry for entry in chosen if entry[0] not in done]
         err.print(f"{len(chosen)} models in this shard; {len(chosen) - len(todo)} already in {jsonl}, {len(todo)} to run")
@@ -339,6 +404,10 @@ def main(argv=None) -> int:
                 root.mkdir(parents=True, exist_ok=True)
                 try:
                     row = run_model(name, module, params, size, root.resolve(), args.timeout, memory)
+                except StepStopped as why:  # stopped from outside: nothing is known about the model
+                    progress.console.print(f"{name}: not recorded, {why}; the same command runs it again")
+                    progress.advance(task)
+                    continue
                 except Exception as error:  # noqa: BLE001 - an unreadable result is this model's row, not the sweep's end
                     row = Row(name, module, params, size, error=f"sweep: {type(error).__name__}: {str(error)[:200]}", seconds=0.1)
                 finally:
@@ -379,10 +448,16 @@ def main(argv=None) -> int:
             matrix = os.path.relpath(folder / "coverage.md", readme.resolve().parent)
             update_readme(readme, summary_markdown(rows, command, tool, matrix, over, args.max_params or ""))
             err.print(f"updated the coverage table in {args.readme}")
-        return 0
+        failing = [r.model for r in rows if not passed(r)]
+        if failing:
+            err.print(f"{len(failing)} of {len(rows)} models did not pass (or have not run yet): {', '.join(failing[:10])}"
+                      + (" ..." if len(failing) > 10 else ""))
+        return 1 if failing else 0
 
-    return guarded(body, err)
+    return guarded(body, err, "interrupted: the model in flight was not recorded; the same command resumes the sweep")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from . import entry_point
+
+    entry_point(lambda: main, "interrupted")

@@ -10,11 +10,27 @@ import sys
 import time
 from pathlib import Path
 
+from compare.backends.onnxruntime import OrtCpu
 from compare.backends.torch_cpu import TorchCpu
 from compare.backends.torch_eager import TorchEager
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "test_vit"  # timm's own tiny ViT (160x160): fast enough for tests that export or mutate
+
+
+def runnable(*names: str) -> list[str]:
+    """Those of the named backends (all, by default) whose cheap probe passes on this host: what a test may
+    expect to run. On a CUDA or Ascend host that includes the accelerator rows."""
+    from compare.backends import BACKENDS, BackendUnavailable
+
+    found = []
+    for name in names or tuple(BACKENDS):
+        try:
+            BACKENDS[name].probe()
+        except BackendUnavailable:
+            continue
+        found.append(name)
+    return found
 
 
 def run_cli(module: str, *args: str, env: dict | None = None, timeout: int = 600):
@@ -37,6 +53,44 @@ def one_line_error(err: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     return lines[0]
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid`, read from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def gone(pid: int, within_s: float) -> bool:
+    """True once process `pid` has exited (or is a zombie) within `within_s` seconds."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def wait_for(predicate, within_s: float, step_s: float = 0.1):
+    """Poll `predicate` until it returns something true; that value, or None after `within_s` seconds."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step_s)
+    return None
 
 
 def rewrite_weights(folder: Path, change) -> None:
@@ -101,6 +155,25 @@ class ReportsCwd(TorchCpu):
 
     def load(self, artifact, precision):
         return {**super().load(artifact, precision), "cwd": os.getcwd()}
+
+
+class BuggyLayers(TorchCpu):
+    """torch-cpu whose per-block code has a bug (a TypeError in Python code): an error row, never a warning."""
+
+    name = "buggy-layers"
+    tolerance = "accelerator"
+
+    def layers(self, artifact, batch):
+        return {"block_0": batch} + 1
+
+
+class DecomposedCpu(OrtCpu):
+    """ort-cpu on the LayerNorm-decomposed graph, as ort-cann runs it: its taps must come from that graph too."""
+
+    name = "ort-cpu-decomposed"
+
+    def model_file(self, artifact):
+        return artifact.path("model.ln-decomposed.onnx")
 
 
 # ---------------------------------------------------------------------------------------------

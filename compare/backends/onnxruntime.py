@@ -30,28 +30,61 @@ def short(provider: str) -> str:
     return provider.replace("ExecutionProvider", "")
 
 
+MIN_SHARE = 0.5  # below this share of kernel time on the requested provider, a row is not that provider's result
+
+
 def placement(profile: list[dict]) -> dict[str, dict[str, int]]:
     """Op type counts by provider, from the node events of an onnxruntime profile.
 
     A compiling provider (CANN) shows one event per fused subgraph it compiled, not per original node.
     """
     found: dict[str, Counter] = {}
-    for event in profile:
-        args = event.get("args", {})
-        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") and "provider" in args:
-            found.setdefault(args["provider"], Counter())[args.get("op_name", "?")] += 1
+    for event in _kernel_events(profile):
+        found.setdefault(event["args"]["provider"], Counter())[event["args"].get("op_name", "?")] += 1
     return {provider: dict(ops.most_common()) for provider, ops in found.items()}
 
 
-def placement_summary(where: dict[str, dict[str, int]], provider: str) -> str:
-    """Short form for tables, e.g. "CANN 26 / CPU 25: LayerNormalization x25"; the CPU's op types are listed
-    when the CPU is not the requested provider, since those are the nodes that fell back."""
+def kernel_share(profile: list[dict]) -> dict[str, float]:
+    """Each provider's share of the profiled kernel time (0..1). Events without a duration count as zero time,
+    so a profile with no durations at all gives every provider its share of the nodes instead."""
+    time, nodes = Counter(), Counter()
+    for event in _kernel_events(profile):
+        time[event["args"]["provider"]] += max(float(event.get("dur", 0) or 0), 0.0)
+        nodes[event["args"]["provider"]] += 1
+    weights = time if sum(time.values()) > 0 else nodes
+    total = sum(weights.values())
+    return {provider: weights[provider] / total for provider in weights} if total else {}
+
+
+def _kernel_events(profile: list[dict]):
+    for event in profile:
+        args = event.get("args", {})
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") and "provider" in args:
+            yield event
+
+
+def prove_placement(profile: list[dict], provider: str) -> tuple[dict[str, dict[str, int]], dict[str, float]]:
+    """(placement, kernel-time share) of a profiled run, or BackendUnavailable when `provider` did not do most of the work."""
+    where, share = placement(profile), kernel_share(profile)
+    if not where.get(provider):
+        raise BackendUnavailable(f"onnxruntime fell back to the CPU: the profile shows no node on {provider}")
+    if share.get(provider, 0.0) < MIN_SHARE:
+        raise BackendUnavailable(f"ran mostly on the CPU: {placement_summary(where, provider, share)}; "
+                                 f"not a {short(provider)} result")
+    return where, share
+
+
+def placement_summary(where: dict[str, dict[str, int]], provider: str, share: dict[str, float] | None = None) -> str:
+    """Short form for tables, e.g. "CANN 97% of kernel time; CANN 26 / CPU 25: LayerNormalization x25"; the CPU's
+    op types are listed when the CPU is not the requested provider, since those are the nodes that fell back."""
     order = [provider] + [p for p in where if p != provider]
     parts = [f"{short(p)} {sum(where.get(p, {}).values())}" for p in order if p in where or p == provider]
     text = " / ".join(parts)
     fell_back = where.get(CPU, {}) if provider != CPU else {}
     if fell_back:
         text += ": " + ", ".join(f"{op} x{count}" for op, count in fell_back.items())
+    if share is not None and provider != CPU:
+        text = f"{short(provider)} {share.get(provider, 0.0):.0%} of kernel time; " + text
     return text
 
 
@@ -83,30 +116,66 @@ class OnnxRuntime(Backend):
         """The graph this provider runs: model.onnx, unless a subclass prefers a verified variant."""
         return artifact.path("model.onnx")
 
+    def open_session(self, path: Path, options: dict[str, str]):
+        """A profiled session on `path` whose first provider is checked to be the one asked for.
+
+        Accuracy rows and layer taps both come through here, so both carry the same proof.
+        """
+        from exporter import runtime
+
+        providers = [(self.provider, options)] + ([] if self.provider == CPU else [CPU])
+        # In a worker this folder lies inside the worker's own temp folder, which the parent always removes.
+        profile_dir = tempfile.mkdtemp(prefix="ort-profile-")
+        # A model this onnxruntime cannot open is a finding about the artifact, not a missing
+        # backend: the error propagates and the comparison reports it as a failure.
+        try:
+            with runtime.captured_output() as said:
+                session = runtime.session(path, providers, self.threads, profile_prefix=str(Path(profile_dir) / "run"))
+            if session.get_providers()[0] != self.provider:
+                del session  # its destructor may still write a profile: let it, before the folder goes
+                raise BackendUnavailable(f"onnxruntime fell back to the CPU: {self.provider} was not created ({_reason(said)})")
+        except BaseException:
+            shutil.rmtree(profile_dir, ignore_errors=True)
+            raise
+        return session
+
+    def proven_run(self, session, feed) -> tuple[list, dict[str, dict[str, int]], dict[str, float]]:
+        """Run `session` once, profiled, and prove the provider did the work: (outputs, placement, kernel-time share).
+
+        onnxruntime may give up on the provider during the run ("EP Error ... Falling back to
+        ['CPUExecutionProvider']") and rebuild the session, and a provider may take only a few nodes:
+        under MIN_SHARE of the kernel time, the result is the CPU's, and is not an accelerator row.
+        """
+        from exporter import runtime
+
+        try:
+            with runtime.captured_output() as said:
+                outputs = feed()
+            fell_back = session.get_providers()[0] != self.provider
+        finally:
+            written = session.end_profiling()
+            profile_path = Path(written) if written else None
+            profile = json.loads(profile_path.read_text()) if profile_path and profile_path.is_file() else []
+            if profile_path and profile_path.parent.name.startswith("ort-profile-"):
+                shutil.rmtree(profile_path.parent, ignore_errors=True)  # the folder open_session made for it
+        if fell_back:
+            raise BackendUnavailable(f"onnxruntime fell back to the CPU during the run: {_reason(said)}")
+        return (outputs, *prove_placement(profile, self.provider))
+
     def load(self, artifact, precision: str) -> dict[str, Any]:
         from exporter import environment, runtime
 
         self.probe()
         precision = self.effective_precision(precision)
         requested = self.provider_options(precision)
-        providers = [(self.provider, requested)] + ([] if self.provider == CPU else [CPU])
         self.threads = runtime.cpu_threads()
-        self.profile_dir = tempfile.mkdtemp(prefix="ort-profile-")
         path = self.model_file(artifact)
-        # A model this onnxruntime cannot open is a finding about the artifact, not a missing
-        # backend: the error propagates and the comparison reports it as a failure.
-        try:
-            with runtime.captured_output() as said:
-                self.session = runtime.session(path, providers, self.threads, profile_prefix=str(Path(self.profile_dir) / "run"))
-            in_use = self.session.get_providers()
-            if in_use[0] != self.provider:
-                raise BackendUnavailable(f"onnxruntime fell back to the CPU: {self.provider} was not created ({_reason(said)})")
-        except BaseException:
-            shutil.rmtree(self.profile_dir, ignore_errors=True)
-            raise
+        self.session = self.open_session(path, requested)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.placement: dict[str, dict[str, int]] = {}
+        self.share: dict[str, float] = {}
+        self.layer_facts: dict[str, Any] = {}
         self.copies_timed = False
         return {
             "device": self.provider,
@@ -115,7 +184,7 @@ class OnnxRuntime(Backend):
             "graph": path.name,
             "onnxruntime": environment.version("onnxruntime"),
             "onnxruntime_distribution": environment.distributions("onnxruntime")[0],
-            "providers": in_use,
+            "providers": self.session.get_providers(),
             # Read back from the session: the options in force, defaults included, not the ones asked for.
             "provider_options": self.session.get_provider_options().get(self.provider, requested),
             "graph_optimization_level": "ORT_ENABLE_ALL",
@@ -147,25 +216,15 @@ class OnnxRuntime(Backend):
         return {name: np.asarray(value, dtype=np.float32) for name, value in zip(self.output_names, binding.copy_outputs_to_cpu())}
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        from exporter import runtime
-
         if self.placement:
             return super().run(batch)
-        # The first run is the profiled one. onnxruntime may also give up on the provider here
-        # ("EP Error ... Falling back to ['CPUExecutionProvider']") and rebuild the session: check again.
-        with runtime.captured_output() as said:
-            outputs = super().run(batch)
-        if self.session.get_providers()[0] != self.provider:
-            raise BackendUnavailable(f"onnxruntime fell back to the CPU during the run: {_reason(said)}")
-        profile = Path(self.session.end_profiling())
-        self.placement = placement(json.loads(profile.read_text()))
-        shutil.rmtree(self.profile_dir, ignore_errors=True)
-        if not self.placement.get(self.provider):
-            raise BackendUnavailable(f"onnxruntime fell back to the CPU: the profile shows no node on {self.provider}")
+        # The first run is the profiled one: it proves where the work ran.
+        outputs, self.placement, self.share = self.proven_run(self.session, lambda: super(OnnxRuntime, self).run(batch))
         return outputs
 
     def observed(self) -> dict[str, Any]:
-        return {"placement": self.placement, "placement_summary": placement_summary(self.placement, self.provider)}
+        return {"placement": self.placement, "kernel_time_share": self.share,
+                "placement_summary": placement_summary(self.placement, self.provider, self.share), **self.layer_facts}
 
     def timed(self) -> str:
         if self.copies_timed:
@@ -175,15 +234,20 @@ class OnnxRuntime(Backend):
         return f"session.run_with_iobinding; input and outputs bound on {self.device_type}, copies outside the clock"
 
     def layers(self, artifact, batch: np.ndarray) -> dict[str, np.ndarray]:
-        from exporter import blocks, runtime
+        """The taps from the per-block graph of the very file the accuracy row ran, through the same provider
+        and fallback checks; where its nodes ran is recorded as `layers_placement`."""
+        from exporter import blocks
 
-        providers = [(self.provider, self.session.get_provider_options().get(self.provider, {}))]
-        providers += [] if self.provider == CPU else [CPU]
-        session = runtime.session(blocks.ensure(artifact), providers, self.threads)
-        got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {self.input_name: batch.astype(np.float32)})))
-        names = blocks.tap_names(sum(name.startswith("block_") for name in got))
+        graph = self.model_file(artifact)
+        session = self.open_session(blocks.ensure(artifact, graph.name), self.session.get_provider_options().get(self.provider, {}))
+        names = [o.name for o in session.get_outputs()]
+        values, where, share = self.proven_run(session, lambda: session.run(None, {self.input_name: batch.astype(np.float32)}))
+        self.layer_facts = {"layers_graph": blocks.blocks_file(graph.name), "layers_placement": where,
+                            "layers_placement_summary": placement_summary(where, self.provider, share)}
+        got = dict(zip(names, values))
+        taps = blocks.tap_names(sum(name.startswith("block_") for name in got))
         # The final norm's output is the graph's `tokens` output.
-        return {name: np.asarray(got["tokens" if name == "norm" else name], dtype=np.float32) for name in names}
+        return {name: np.asarray(got["tokens" if name == "norm" else name], dtype=np.float32) for name in taps}
 
 
 def _onnxruntime():

@@ -7,7 +7,7 @@ import pytest
 
 from compare.backends import BACKENDS
 from compare.cli import main
-from tests.helpers import TINY, LowPrecisionCpu, has_row, rewrite_weights
+from tests.helpers import TINY, LowPrecisionCpu, has_row, rewrite_weights, runnable
 
 FAST = ["--iters", "2", "--warmup", "0"]
 
@@ -25,17 +25,23 @@ def test_compare_prints_both_tables_and_passes(artifacts_root, capsys, tmp_path,
     assert "Accuracy against torch-cpu" in out and "Latency" in out
     assert has_row(out, "ort-cpu", "tokens", tokens)
     assert "PASS" in out and "FAIL" not in out
-    assert "torch-npu" in out and "SKIPPED" in out
     report = json.loads((tmp_path / "r.json").read_text())["reports"][0]
-    assert report["model"] == model and report["exit_code"] == 0
+    assert report["model"] == model and report["exit_code"] == 0 and report["verdict"] == "PASS"
     assert report["input"]["kind"] == "image" and report["input"]["source"].endswith("grace_hopper.jpg")
-    assert {(r["backend"], r["output"]) for r in report["accuracy"]} == {("ort-cpu", "pooled"), ("ort-cpu", "tokens")}
-    assert all(r["rel_error"] < 1e-4 for r in report["accuracy"])
+    # What runs depends on the host: every backend whose probe passes here (the accelerators on theirs).
+    here = runnable()
+    ran = {b["name"] for b in report["backends"] if b["status"] == "ran"}
+    assert {"torch-cpu", "ort-cpu"} <= ran <= set(here)
+    assert {(r["backend"], r["output"]) for r in report["accuracy"]} == {(b, o) for b in ran - {"torch-cpu"} for o in ("pooled", "tokens")}
+    same_host = [r for r in report["accuracy"] if r["backend"] == "ort-cpu"]
+    assert all(r["rel_error"] < 1e-4 for r in same_host)
     latency = {r["backend"]: r for r in report["latency"]}
-    assert set(latency) == {"torch-cpu", "ort-cpu"} and latency["ort-cpu"]["iters"] == 2
+    assert set(latency) == ran and latency["ort-cpu"]["iters"] == 2
     assert latency["torch-cpu"]["speedup"] == pytest.approx(1.0)
     skipped = {b["name"]: b["reason"] for b in report["backends"] if b["status"] == "skipped"}
-    assert "torch_npu is not installed" in skipped["torch-npu"]
+    assert set(skipped) >= set(BACKENDS) - set(here)
+    if "torch-npu" not in here:
+        assert "torch_npu is not installed" in skipped["torch-npu"] and "SKIPPED" in out
 
 
 def test_perturbed_weights_fail_with_exit_1(tiny_copy, capsys):
@@ -76,7 +82,10 @@ def test_missing_artifact_says_how_to_make_it(tmp_path, capsys):
 
 def test_require_npu_without_one_exits_2(artifacts_root, capsys):
     code, _, err = _main(capsys, TINY, "--artifacts", str(artifacts_root), "--require", "torch-npu", *FAST)
-    assert code == 2 and "required backend torch-npu is unavailable" in err
+    if runnable("torch-npu"):  # an Ascend host: the requirement is met
+        assert code == 0, err
+    else:
+        assert code == 2 and "required backend torch-npu is unavailable" in err
 
 
 def test_unknown_backend_exits_2(artifacts_root, capsys):

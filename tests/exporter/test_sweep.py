@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
-from exporter.sweep import _last_error, main, parse_shard, parse_size, read_rows, shard
+from exporter.sweep import _last_error, _report_of, main, parse_shard, parse_size, read_rows, shard
+from tests.helpers import ROOT, call, children, gone, one_line_error, wait_for
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 7])
@@ -33,7 +38,7 @@ def test_a_sweep_records_each_model_and_its_failure_and_resumes_without_redoing(
     names = tmp_path / "models.txt"
     names.write_text("test_vit  # timm's tiny ViT\nnot_a_model\n")
     out = tmp_path / "sweep"
-    assert main(["--list", str(names), "--out", str(out), "--timeout", "300"]) == 0
+    assert main(["--list", str(names), "--out", str(out), "--timeout", "300"]) == 1  # one model failed
     rows = {row.model: row for row in read_rows(out / "results.jsonl")}
     assert set(rows) == {"test_vit", "not_a_model"}
     assert rows["test_vit"].compare == "PASS" and not rows["test_vit"].error
@@ -47,7 +52,7 @@ def test_a_sweep_records_each_model_and_its_failure_and_resumes_without_redoing(
     assert [row["model"] for row in matrix] == ["not_a_model", "test_vit"]
     assert "| `test_vit` | vision_transformer |" in (out / "coverage.md").read_text()
     lines = (out / "results.jsonl").read_text()
-    assert main(["--list", str(names), "--out", str(out)]) == 0
+    assert main(["--list", str(names), "--out", str(out)]) == 1
     assert "2 already in" in capsys.readouterr().err and (out / "results.jsonl").read_text() == lines
 
 
@@ -89,3 +94,33 @@ def test_the_parameter_limit_is_for_patterns_and_modules_and_a_listed_model_alwa
     chosen, over = select(["vit_base_patch32_224"], str(listed), 10_000_000)
     assert [entry[0] for entry in chosen] == ["vit_base_patch16_224"]
     assert [entry[0] for entry in over] == ["vit_base_patch32_224"] and over[0][1:] == ("vision_transformer", 87455232, "224x224")
+
+
+def test_patterns_that_match_nothing_are_a_usage_error(tmp_path, capsys):
+    code, _, err = call(main, capsys, "no_such_vit_*", "--out", str(tmp_path / "sweep"))
+    assert code == 2 and "no timm model matches no_such_vit_*" in one_line_error(err)
+
+
+def test_a_report_is_used_only_if_it_names_the_model(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"reports": [{"model": "test_vit", "timm_name": "test_vit", "verdict": "PASS"}]}))
+    assert _report_of(path, "test_vit")["verdict"] == "PASS"
+    assert _report_of(path, "vit_small_patch16_224") is None  # another model's report is never taken
+    path.write_text('{"reports": [')  # cut short
+    assert _report_of(path, "test_vit") is None and _report_of(tmp_path / "missing.json", "test_vit") is None
+
+
+def test_ctrl_c_stops_the_sweep_and_its_steps_and_the_model_in_flight_is_not_recorded(tmp_path):
+    out = tmp_path / "sweep"
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    sweep = subprocess.Popen([sys.executable, "-m", "exporter.sweep", "test_vit", "--out", str(out), "--timeout", "300"],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    step = wait_for(lambda: children(sweep.pid), 120)  # the export step is running
+    assert step, sweep.communicate()
+    sweep.send_signal(signal.SIGINT)
+    _, err = sweep.communicate(timeout=30)
+    assert sweep.returncode == 130, err
+    assert "the model in flight was not recorded" in err and "Traceback" not in err
+    assert all(gone(pid, 10) for pid in step), "a sweep step outlived the sweep"
+    assert read_rows(out / "results.jsonl") == []  # a resume runs test_vit again
+    assert not list(Path(tmp_path).glob("vit-parity-sweep-*"))

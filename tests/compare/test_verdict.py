@@ -1,0 +1,178 @@
+"""One verdict, in every output: the terminal, the JSON, the Markdown and the sweep read Report.verdict;
+thresholds are data (range-checked, overrides named); the reference is always fp32."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from compare import markdown, render
+from compare.backends import BACKENDS
+from compare.cli import main
+from compare.results import BackendStatus, OutputComparison, Report
+from exporter import artifact
+from tests.helpers import TINY, LowPrecisionCpu, call, one_line_error, runnable
+
+FAST = ["--iters", "1", "--warmup", "0"]
+
+
+def _row(backend: str, passed: bool) -> OutputComparison:
+    return OutputComparison(backend, "pooled", [1, 4], [1, 4], True, 0.9 if not passed else 1.0, 1.0, 0.0, 0.0, 0.0, 0,
+                            "same-host fp32", 0.99999, 1e-4, passed)
+
+
+def _report(backends: list[BackendStatus], accuracy: list[OutputComparison], **extra) -> Report:
+    return Report(model="m", timm_name="t", artifact="a", weights_source="w", weights_sha256="0" * 64,
+                  input={"kind": "random", "source": "s", "shape": [1, 3, 4, 4], "sha256": "x"}, reference="torch-cpu",
+                  dtype="fp32", versions={}, warnings=[], backends=backends, accuracy=accuracy, latency=[], **extra)
+
+
+REF = BackendStatus("torch-cpu", "ran")
+CASES = {
+    "PASS": ([REF, BackendStatus("ort-cpu", "ran")], [_row("ort-cpu", True)], {}, 0),
+    "FAIL": ([REF, BackendStatus("ort-cpu", "ran")], [_row("ort-cpu", False)], {}, 1),
+    "FAIL, error row": ([REF, BackendStatus("ort-cpu", "ran"), BackendStatus("torch-npu", "error", "SIGSEGV")],
+                        [_row("ort-cpu", True)], {}, 1),
+    "NOT COMPARED": ([REF, BackendStatus("torch-npu", "skipped", "no torch_npu")], [], {}, 2),
+    "NOT COMPARED, reference saved": ([REF, BackendStatus("torch-npu", "skipped", "no torch_npu")], [],
+                                      {"saved_reference": True}, 0),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_terminal_json_and_markdown_state_the_same_verdict_and_exit_code(case):
+    backends, accuracy, extra, code = CASES[case]
+    report = _report(backends, accuracy, **extra)
+    status = case.split(",")[0]
+    assert (report.verdict.status, report.exit_code) == (status, code)
+    data = report.to_dict()
+    assert (data["verdict"], data["exit_code"], data["passed"]) == (status, code, status == "PASS")
+    console = Console(file=io.StringIO(), width=300)
+    console.print(render.verdict_text(report))
+    assert f"m: {status}" in console.file.getvalue()
+    assert markdown.verdict(report).startswith(f"**{status}**")
+
+
+def test_an_empty_report_is_never_a_pass():
+    # Report.passed used to be all([]) == True: a run that compared nothing read as a pass in the JSON.
+    report = _report([REF], [])
+    assert not report.passed and report.to_dict()["exit_code"] == 2 and report.to_dict()["verdict"] == "NOT COMPARED"
+
+
+def test_a_not_compared_run_writes_not_compared_and_exit_2_in_its_json(artifacts_root, capsys, tmp_path):
+    if runnable("torch-npu"):
+        pytest.skip("this host has an NPU: the run compares something")
+    code, out, err = call(main, capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,torch-npu",
+                          "--no-latency", "--json", str(tmp_path / "r.json"))
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert code == 2 and data["exit_code"] == 2
+    [report] = data["reports"]
+    assert report["verdict"] == "NOT COMPARED" and report["passed"] is False and report["exit_code"] == 2
+    assert "NOT COMPARED" in out
+
+
+def test_a_stored_reference_whose_outputs_were_tampered_with_fails(artifacts_root, capsys, tmp_path):
+    saved, tampered = tmp_path / "ref.npz", tmp_path / "tampered.npz"
+    assert call(main, capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,ort-cpu", "--no-latency",
+                "--save-reference", str(saved))[0] == 0
+    with np.load(saved, allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    key = "outputs/ort-cpu/pooled"
+    arrays[key] = arrays[key] * 1.05  # 5% off: far outside same-host fp32
+    np.savez(tampered, **arrays)
+    code, out, _ = call(main, capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu", "--no-latency",
+                        "--against", str(tampered), "--json", str(tmp_path / "r.json"))
+    [report] = json.loads((tmp_path / "r.json").read_text())["reports"]
+    assert code == 1 and report["verdict"] == "FAIL" and "FAIL" in out
+    failing = {(r["backend"].split("@")[0], r["output"]) for r in report["accuracy"] if not r["passed"]}
+    assert failing == {("ort-cpu", "pooled")}
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--min-cosine", "inf"), "--min-cosine must be in (0, 1]"),
+    (("--min-cosine", "1.5"), "--min-cosine must be in (0, 1]"),
+    (("--min-cosine", "0"), "--min-cosine must be in (0, 1]"),
+    (("--min-cosine", "nan"), "--min-cosine must be in (0, 1]"),
+    (("--max-rel", "nan"), "--max-rel must be a relative error above 0 and finite"),
+    (("--max-rel", "0"), "--max-rel must be a relative error above 0 and finite"),
+    (("--max-rel", "inf"), "--max-rel must be a relative error above 0 and finite"),
+])
+def test_thresholds_outside_their_range_are_usage_errors_not_failed_checks(artifacts_root, capsys, flags, message):
+    code, _, err = call(main, capsys, TINY, "--artifacts", str(artifacts_root), *flags)
+    assert code == 2 and message in one_line_error(err)
+
+
+def test_exporter_thresholds_are_range_checked_too(capsys):
+    from exporter.cli import main as export_main
+
+    code, _, err = call(export_main, capsys, TINY, "--max-abs", "-1")
+    assert code == 2 and "--max-abs must be an absolute difference above 0" in one_line_error(err)
+
+
+def test_an_override_is_named_in_the_verdict_line_and_the_json(artifacts_root, capsys, tmp_path):
+    code, out, _ = call(main, capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,ort-cpu",
+                        "--no-latency", "--min-cosine", "0.9", "--json", str(tmp_path / "r.json"))
+    [report] = json.loads((tmp_path / "r.json").read_text())["reports"]
+    assert code == 0 and report["overrides"] == {"min_cosine": 0.9}
+    verdict_line = [line for line in out.splitlines() if line.startswith(f"{TINY}: PASS")]
+    assert verdict_line and "thresholds overridden for every class, same-host fp32 included: --min-cosine 0.9" in verdict_line[0]
+    assert all(r["tolerance"].endswith("(overridden)") for r in report["accuracy"])
+
+
+def test_the_reference_always_runs_in_fp32_whatever_dtype_the_others_get(artifacts_root, capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(BACKENDS, LowPrecisionCpu.name, LowPrecisionCpu)
+    code, _, err = call(main, capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,torch-cpu-lowp",
+                        "--reference", "torch-cpu-lowp", "--dtype", "fp16", "--no-latency", "--json", str(tmp_path / "r.json"))
+    [report] = json.loads((tmp_path / "r.json").read_text())["reports"]
+    status = {b["name"]: b for b in report["backends"]}
+    assert status["torch-cpu-lowp"]["details"]["precision"] == "fp32"
+    assert status["torch-cpu-lowp"]["details"]["dtype"] == "float32"
+    # torch-cpu against an fp32 reference on the same host: judged, and passed, by the strict class.
+    assert code == 0, err
+    assert {r["tolerance"] for r in report["accuracy"]} == {"same-host fp32"}
+
+
+def test_repeated_backend_names_run_once(artifacts_root, capsys, tmp_path):
+    code, _, _ = call(main, capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "ort-cpu,torch-cpu,ort-cpu",
+                      "--no-latency", "--json", str(tmp_path / "r.json"))
+    [report] = json.loads((tmp_path / "r.json").read_text())["reports"]
+    assert code == 0 and [b["name"] for b in report["backends"]] == ["torch-cpu", "ort-cpu"]
+    assert len(report["accuracy"]) == 2
+
+
+def test_a_path_that_is_not_a_regular_file_gets_its_own_message(artifacts_root, capsys):
+    code, _, err = call(main, capsys, TINY, "--artifacts", str(artifacts_root), "--image", "/dev/zero")
+    assert code == 2 and "/dev/zero is not a regular file" in one_line_error(err)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("input_size", [3, -5, 256], "data_config.input_size is [3, -5, 256], not 3 positive integers"),
+    ("input_size", [3, 160], "not 3 positive integers"),
+    ("mean", [0.5, 0.5], "data_config.mean is [0.5, 0.5], not 3 finite numbers (one per channel)"),
+    ("std", [0.5, 0.0, 0.5], "not 3 finite numbers above 0"),
+])
+def test_a_malformed_data_config_is_refused_when_the_manifest_loads(tiny_copy, capsys, key, value, message):
+    path = tiny_copy / TINY / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["data_config"][key] = value
+    path.write_text(json.dumps(manifest))
+    code, _, err = call(main, capsys, TINY, "--artifacts", str(tiny_copy), "--no-latency")
+    assert code == 2 and message in one_line_error(err) and "is malformed" in err
+
+
+def test_the_manifest_records_the_verify_thresholds_and_looser_ones_are_warned(tiny_copy, capsys, artifacts_root):
+    recorded = json.loads((artifacts_root / TINY / "manifest.json").read_text())["verify"]["thresholds"]
+    assert recorded == artifact.VERIFY_DEFAULTS
+    path = tiny_copy / TINY / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["verify"]["thresholds"]["max_abs"] = 1.0  # as `python -m exporter --max-abs 1` records it
+    path.write_text(json.dumps(manifest))
+    from exporter.cli import main as export_main
+
+    code, _, err = call(export_main, capsys, TINY, "--artifacts", str(tiny_copy), "--if-missing")
+    assert code == 0 and "verified looser than the defaults: --max-abs 1 (default 0.0001)" in err
+    code, out, _ = call(main, capsys, TINY, "--artifacts", str(tiny_copy), "--backends", "torch-cpu,ort-cpu", "--no-latency")
+    assert code == 0 and "verified looser than the defaults" in out

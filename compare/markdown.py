@@ -88,6 +88,7 @@ def model_section(report: Report, charts: dict | None, with_verdict: bool = True
     lines += [""] if report.warnings else []
     lines += ["### Accuracy", "", f"Each output of each backend against `{report.reference}`.", ""]
     lines += [*accuracy_table(report), ""]
+    lines += [f"- {r.backend} {r.output}: {_inline(r.how_far())}" for r in report.accuracy] + [""] if report.accuracy else []
     not_compared = [s for s in report.backends if s.status in ("skipped", "error")]
     if not_compared:
         lines += ["Not compared:", ""] + [f"- {s.name}: {s.status} ({_inline(s.reason)})" for s in not_compared] + [""]
@@ -171,7 +172,8 @@ def backend_rows(report: Report) -> list[tuple[str, ...]]:
     """Each backend's status, device, dtype, precision, switches and placement as read back, and either its
     other settings or why it did not run."""
     shown = {"device", "dtype", "device_name", "torch", "torch_npu", "onnxruntime", "cann", "cuda", "precision",
-             "switches", "provider_options", "placement", "placement_summary", "timed"}
+             "switches", "provider_options", "placement", "placement_summary", "timed", "kernel_time_share",
+             "layers_placement", "layers_placement_summary", "layers_graph", "traceback", "bugs", "log"}
 
     def setting(value) -> str:
         return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
@@ -182,7 +184,8 @@ def backend_rows(report: Report) -> list[tuple[str, ...]]:
         settings = "; ".join(f"{key}={setting(value)}" for key, value in details.items() if key not in shown)
         rows.append((
             status.name, status.status, str(details.get("device", "-")), str(details.get("dtype", "-")),
-            str(details.get("precision", "-")), status.switches() or "-", details.get("placement_summary", "-"),
+            str(details.get("precision", "-")), status.switches() or "-",
+            status.placement(),
             status.reason or settings or "-",
         ))
     return rows

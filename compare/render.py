@@ -51,7 +51,8 @@ def backends_table(report: Report) -> Table:
             status.name + (" (stored)" if status.status == "stored" else ""),
             " ".join(filter(None, [str(details.get("device", "-")), f"({details['device_name']})" if details.get("device_name") else ""])),
             str(details.get("dtype", "-")), str(details.get("precision", "fp32")),
-            status.switches() or "-", details.get("placement_summary", "-"),
+            status.switches() or "-",
+            status.placement(),
         )
     return table
 
@@ -141,6 +142,8 @@ def verdict_text(report: Report) -> Text:
 def render(report: Report) -> list:
     """Every renderable of a report, in the order they are printed."""
     parts = [header_table(report), backends_table(report), accuracy_table(report)]
+    # How far every failing output is from passing (Polygraphy's "minimum required tolerance").
+    parts += [Text(f"{r.backend} {r.output}: FAIL, {r.how_far()}", style="red") for r in report.accuracy if not r.passed]
     if report.layers:
         parts.append(layers_table(report))
         parts += [Text(line, style="bold yellow") for line in report.drift.values()]

@@ -19,6 +19,12 @@ class BackendStatus:
         found = {**self.details.get("switches", {}), **self.details.get("provider_options", {})}
         return ", ".join(f"{key}={value}" for key, value in found.items())
 
+    def placement(self) -> str:
+        """Where the nodes ran, with the provider's share of kernel time, and the same for the --layers taps."""
+        details = self.details
+        taps = details.get("layers_placement_summary")
+        return details.get("placement_summary", "-") + (f"; taps ({details.get('layers_graph')}): {taps}" if taps else "")
+
 
 @dataclass(frozen=True)
 class OutputComparison:
@@ -39,6 +45,23 @@ class OutputComparison:
     min_cosine: float
     max_rel: float
     passed: bool
+    error_p50: float | None = None  # quantiles of |a - b| over every element
+    error_p99: float | None = None
+    would_pass_min_cosine: float | None = None  # the strictest thresholds this row still passes (None: any)
+    would_pass_max_rel: float | None = None
+
+    def how_far(self) -> str:
+        """E.g. "would pass at cos >= 0.9971, rel <= 3.1e-03; |a-b| p50 1.2e-05, p99 3.4e-04, max 1.0e-03"."""
+        if not self.shape_match:
+            return f"shapes differ: {self.shape} against {self.reference_shape}"
+        if self.nonfinite:
+            return f"{self.nonfinite} NaN/Inf values: no threshold passes"
+        cos, rel = self.would_pass_min_cosine, self.would_pass_max_rel
+        loosest = ", ".join(filter(None, [f"cos >= {cos:.6g}" if cos is not None else "",
+                                          f"rel <= {rel:.2g}" if rel is not None else ""])) or "any threshold"
+        quantiles = "" if self.error_p50 is None else (
+            f"; |a-b| p50 {self.error_p50:.2e}, p99 {self.error_p99:.2e}, max {self.max_abs:.2e}")
+        return f"would pass at {loosest}{quantiles}"
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,8 @@ def compare_outputs(backend: str, got: dict, want: dict, tolerance: Tolerance) -
             and min(cos, worst) >= tolerance.min_cosine
             and rel <= tolerance.max_rel
         )
+        p50, p99, _ = metrics.error_quantiles(a, b) if shape_match else (nan, nan, nan)
+        would_cos, would_rel = metrics.loosest_passing(min(cos, worst), rel) if shape_match else (None, None)
         rows.append(OutputComparison(
             backend=backend, output=name, shape=list(a.shape), reference_shape=list(b.shape),
             shape_match=shape_match, cosine=cos, worst_sample_cosine=worst,
@@ -110,6 +112,7 @@ def compare_outputs(backend: str, got: dict, want: dict, tolerance: Tolerance) -
             mean_abs=metrics.mean_abs_diff(a, b) if shape_match else nan,
             rel_error=rel, nonfinite=bad, tolerance=tolerance.name,
             min_cosine=tolerance.min_cosine, max_rel=tolerance.max_rel, passed=passed,
+            error_p50=p50, error_p99=p99, would_pass_min_cosine=would_cos, would_pass_max_rel=would_rel,
         ))
     return rows
 

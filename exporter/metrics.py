@@ -64,3 +64,37 @@ def relative_error(a, b) -> float:
     if ref == 0:
         return 0.0 if diff == 0 else float("inf")
     return float(diff / ref)
+
+
+def error_quantiles(a, b, quantiles=(0.5, 0.99)) -> list[float]:
+    """The given quantiles of |a - b| over every element, then its max; NaNs when a value is not finite."""
+    d = np.abs(_as_float(a) - _as_float(b)).ravel()
+    if d.size == 0:
+        return [0.0] * (len(quantiles) + 1)
+    if not np.isfinite(d).all():
+        return [float("nan")] * (len(quantiles) + 1)
+    return [float(v) for v in np.quantile(d, quantiles)] + [float(d.max())]
+
+
+def _ceil_2(x: float) -> float:
+    """`x` > 0 rounded up to 2 significant digits: 3.07e-3 -> 3.1e-3."""
+    exponent = int(np.floor(np.log10(x))) - 1
+    step = 10.0 ** exponent
+    return float(np.ceil(round(x / step, 9)) * step)
+
+
+def loosest_passing(cosine_value: float, rel_error: float) -> tuple[float | None, float | None]:
+    """The strictest thresholds that these figures still pass, in 2 significant digits of error:
+    (min cosine, max relative error), e.g. (0.9971, 3.1e-3) for cosine 0.99713 and rel 3.07e-3.
+
+    Fed back as --min-cosine / --max-rel they pass; one step stricter in the last digit (0.9972,
+    3.0e-3) they fail. None where no threshold passes (NaN), and for a cosine of exactly 1 or a
+    relative error of 0, which every threshold passes.
+    """
+    cos = None
+    if np.isfinite(cosine_value) and cosine_value < 1.0:
+        cos = 1.0 - _ceil_2(1.0 - float(cosine_value)) if cosine_value > 0 else None
+        if cos is not None and cos > cosine_value:  # float rounding of 1 - x: never claim more than was measured
+            cos = float(np.nextafter(cosine_value, 0.0))
+    rel = _ceil_2(float(rel_error)) if np.isfinite(rel_error) and rel_error > 0 else None
+    return cos, rel

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import UserError
-from .processes import die_with_parent
+from .processes import die_with_parent, owned_prefix, remove_stale
 
 COMPARE_ARGS = ("--backends", "torch-cpu,ort-cpu", "--no-latency", "--layers")
 README_START, README_END = "<!-- coverage:start -->", "<!-- coverage:end -->"
@@ -130,6 +130,7 @@ def _limits(memory: int | None):
     return apply
 
 
+SCRATCH_PREFIX = "vit-parity-sweep-"  # + the sweep's pid: each model's artifacts, unless --keep
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 GRACE_S = 5.0  # how long a stopped step may take to stop its own workers before it is killed
 
@@ -392,6 +393,7 @@ def main(argv=None) -> int:
         if not chosen:
             raise UserError(f"no timm model matches {' '.join(args.patterns + [f'--module {m}' for m in args.module]) or 'the list'}"
                             f" in shard {args.shard}; check the names with python -c \"import timm; print(timm.list_models('PATTERN'))\"")
+        remove_stale(SCRATCH_PREFIX)  # what a sweep killed outright left behind
         done = {row.model for row in read_rows(jsonl)}
         todo = [] if args.report_only else [entry for entry in chosen if entry[0] not in done]
         err.print(f"{len(chosen)} models in this shard; {len(chosen) - len(todo)} already in {jsonl}, {len(todo)} to run")
@@ -400,7 +402,7 @@ def main(argv=None) -> int:
             task = progress.add_task("sweep", total=len(todo))
             for name, module, params, size in todo:
                 progress.update(task, description=f"{name} ({params / 1e6:.0f}M, {size})")
-                root = folder / "artifacts" if args.keep else Path(tempfile.mkdtemp(prefix="vit-parity-sweep-"))
+                root = folder / "artifacts" if args.keep else Path(tempfile.mkdtemp(prefix=owned_prefix(SCRATCH_PREFIX)))
                 root.mkdir(parents=True, exist_ok=True)
                 try:
                     row = run_model(name, module, params, size, root.resolve(), args.timeout, memory)

@@ -276,7 +276,8 @@ def test_conclusions_give_each_backend_one_line_with_numbers_from_the_json(tiny_
 def test_a_failing_output_shows_fail_in_verdict_table_and_conclusion(artifacts_root, tmp_path):
     _, text, results = run_cli(artifacts_root, tmp_path, "--backends", "torch-cpu,ort-cpu", "--no-latency", "--max-rel", "1e-12")
     assert results["reports"][0]["exit_code"] == 1
-    assert text.splitlines()[2] == "**FAIL**: ort-cpu disagrees with torch-cpu."
+    assert text.splitlines()[2] == ("**FAIL**: ort-cpu disagrees with torch-cpu; thresholds overridden for every class, "
+                                    "same-host fp32 included: --max-rel 1e-12.")
     assert {row["verdict"] for row in table(section(text, "### Accuracy"))} == {"**FAIL**"}
     assert conclusions(text)["ort-cpu"].startswith("ort-cpu: FAIL (pooled, tokens)")
     assert "Not measured (`--no-latency`)." in section(text, "### Latency and throughput")

@@ -12,7 +12,7 @@ import pytest
 from compare import reference
 from compare.cli import main
 from compare.run import CompareOptions, compare
-from tests.helpers import TINY, rewrite_weights
+from tests.helpers import TINY, rewrite_weights, runnable
 
 HOST = socket.gethostname()
 FAST = ["--backends", "torch-cpu,ort-cpu", "--iters", "1", "--warmup", "0"]

@@ -176,3 +176,34 @@ def test_the_manifest_records_the_verify_thresholds_and_looser_ones_are_warned(t
     assert code == 0 and "verified looser than the defaults: --max-abs 1 (default 0.0001)" in err
     code, out, _ = call(main, capsys, TINY, "--artifacts", str(tiny_copy), "--backends", "torch-cpu,ort-cpu", "--no-latency")
     assert code == 0 and "verified looser than the defaults" in out
+
+
+def _one_step_stricter(error: float) -> float:
+    """The next smaller 2-significant-digit value: 3.1e-3 -> 3.0e-3, 1.0e-3 -> 9.9e-4."""
+    import math
+
+    exponent = math.floor(math.log10(error))
+    mantissa = round(error / 10 ** exponent, 6)
+    return 9.9 * 10 ** (exponent - 1) if mantissa == 1.0 else (mantissa - 0.1) * 10 ** exponent
+
+
+def test_would_pass_at_fed_back_passes_and_one_step_stricter_fails(tiny_copy, capsys, tmp_path):
+    from tests.helpers import rewrite_weights
+
+    def perturb(state):
+        state["blocks.2.mlp.fc1.weight"] *= 1.02
+
+    rewrite_weights(tiny_copy / TINY, perturb)
+    base = [TINY, "--artifacts", str(tiny_copy), "--backends", "torch-cpu,ort-cpu", "--no-latency"]
+    code, out, _ = call(main, capsys, *base, "--json", str(tmp_path / "r.json"))
+    [report] = json.loads((tmp_path / "r.json").read_text())["reports"]
+    assert code == 1
+    rows = report["accuracy"]
+    assert all(f"{r['backend']} {r['output']}: FAIL, would pass at" in out for r in rows if not r["passed"])
+    assert all(r["error_p50"] <= r["error_p99"] <= r["max_abs"] for r in rows)
+    cos = min(r["would_pass_min_cosine"] for r in rows)
+    rel = max(r["would_pass_max_rel"] for r in rows)
+    assert call(main, capsys, *base, "--min-cosine", repr(cos), "--max-rel", repr(rel))[0] == 0
+    stricter_cos = 1 - _one_step_stricter(1 - cos)
+    assert call(main, capsys, *base, "--min-cosine", repr(stricter_cos), "--max-rel", repr(rel))[0] == 1
+    assert call(main, capsys, *base, "--min-cosine", repr(cos), "--max-rel", repr(_one_step_stricter(rel)))[0] == 1

@@ -49,3 +49,22 @@ def test_worst_sample_cosine_finds_the_bad_sample_that_the_flat_cosine_hides():
     got[3, :50] = -1.0  # one sample orthogonal to its reference
     assert worst_sample_cosine(got, want) == pytest.approx(0.0)
     assert cosine(got, want) > 0.7
+
+
+def test_error_quantiles_are_over_every_element_with_the_max_last():
+    from exporter.metrics import error_quantiles
+
+    a, b = np.zeros(101), np.arange(101.0)
+    assert error_quantiles(a, b) == [50.0, 99.0, 100.0]
+    assert error_quantiles(np.array([]), np.array([])) == [0.0, 0.0, 0.0]
+    assert all(np.isnan(error_quantiles(np.array([np.nan]), np.array([1.0]))))
+
+
+def test_loosest_passing_thresholds_round_towards_passing():
+    from exporter.metrics import loosest_passing
+
+    cos, rel = loosest_passing(0.99713, 3.07e-3)
+    assert cos == pytest.approx(0.9971) and rel == pytest.approx(3.1e-3)
+    assert cos <= 0.99713 and rel >= 3.07e-3
+    assert loosest_passing(1.0, 0.0) == (None, None)  # every threshold passes
+    assert loosest_passing(float("nan"), float("nan")) == (None, None)

@@ -3,36 +3,67 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporter import metrics
+from exporter import metrics, registry
 
 from .results import LayerComparison
 
 
-def layer_rows(backend: str, got: dict, want: dict, tolerance) -> list[LayerComparison]:
-    """Every tap of `got` against the reference taps `want`, judged by `tolerance`."""
+def _figures(a: np.ndarray, b: np.ndarray) -> dict:
+    return {"cosine": metrics.cosine(a, b), "max_abs": metrics.max_abs_diff(a, b),
+            "rel_error": metrics.relative_error(a, b), "nonfinite": metrics.nonfinite_count(a)}
+
+
+def _passes(figures: dict, tolerance) -> bool:
+    return bool(figures["nonfinite"] == 0 and figures["cosine"] >= tolerance.min_cosine and figures["rel_error"] <= tolerance.max_rel)
+
+
+def layer_rows(backend: str, got: dict, want: dict, tolerance, layout: dict | None = None) -> list[LayerComparison]:
+    """Every tap of `got` against the reference taps `want`, judged by `tolerance`; per token group too where
+    a tap is the [prefix tokens, patches] stream that `layout` describes."""
     rows = []
+    groups = registry.token_groups(layout)
+    tokens = sum(part.stop - part.start for part in groups.values())
     for layer, reference in want.items():
         a = np.asarray(got[layer])
-        cos, rel, bad = metrics.cosine(a, reference), metrics.relative_error(a, reference), metrics.nonfinite_count(a)
-        rows.append(LayerComparison(
-            backend=backend, layer=layer, cosine=cos, max_abs=metrics.max_abs_diff(a, reference),
-            rel_error=rel, nonfinite=bad,
-            passed=bool(bad == 0 and cos >= tolerance.min_cosine and rel <= tolerance.max_rel),
-        ))
+        whole = _figures(a, reference)
+        per_group = {}
+        if groups and a.ndim == 3 and a.shape[1] == tokens:
+            per_group = {name: _figures(a[:, part], reference[:, part]) for name, part in groups.items()}
+            for figures in per_group.values():
+                figures["passed"] = _passes(figures, tolerance)
+        rows.append(LayerComparison(backend=backend, layer=layer, passed=_passes(whole, tolerance), groups=per_group, **whole))
     return rows
 
 
+def first_drifting_group(rows: list[LayerComparison]) -> tuple[str, LayerComparison] | None:
+    """(group, row) of the token group that breaks its thresholds at the earliest tap (the larger relative
+    error breaks a tie), or None when no group does."""
+    for row in rows:
+        failing = [(figures["rel_error"], name) for name, figures in row.groups.items() if not figures["passed"]]
+        if failing:
+            return max(failing)[1], row
+    return None
+
+
 def drift_line(backend: str, rows: list[LayerComparison], tolerance) -> str:
-    """One sentence naming the first tap that breaks the thresholds, or saying none does."""
+    """One sentence naming the first tap that breaks the thresholds, or saying none does, and which token
+    group drifts first."""
     first = next((row for row in rows if not row.passed), None)
+    group = first_drifting_group(rows)
+    where_group = ""
+    if group:
+        name, row = group
+        where_group = (f"; first token group to drift: {name} at {row.layer.replace('_', ' ')} "
+                       f"(rel err {row.groups[name]['rel_error']:.2e})")
     if first is None:
-        return f"{backend}: no drift: every block within {tolerance.name} thresholds"
+        return f"{backend}: no drift: every block within {tolerance.name} thresholds" + where_group
     where = first.layer.replace("_", " ")
     nan = f", {first.nonfinite} NaN/Inf" if first.nonfinite else ""
-    return f"{backend}: drift starts at {where} (cos {first.cosine:.4f}, rel err {first.rel_error:.2e}{nan})"
+    return f"{backend}: drift starts at {where} (cos {first.cosine:.4f}, rel err {first.rel_error:.2e}{nan})" + where_group
 
 
-def compare_layers(taps: dict[str, dict], reference: str, tolerances: dict) -> tuple[list[LayerComparison], dict[str, str]]:
+def compare_layers(taps: dict[str, dict], reference: str, tolerances: dict, layout: dict | None = None
+                   ) -> tuple[list[LayerComparison], dict[str, str]]:
     """Every backend's taps against the reference's, each judged by its own tolerance. Returns (rows, drift lines)."""
     want = taps[reference]
     rows, drift = [], {}
@@ -45,7 +76,7 @@ def compare_layers(taps: dict[str, dict], reference: str, tolerances: dict) -> t
             drift[name] = (f"{name}: per-block outputs not comparable: {len(got)} taps against {len(want)}"
                            + (f", first differing: {mismatch[0]}" if mismatch else ""))
             continue
-        backend_rows = layer_rows(name, got, want, tolerances[name])
+        backend_rows = layer_rows(name, got, want, tolerances[name], layout)
         rows += backend_rows
         drift[name] = drift_line(name, backend_rows, tolerances[name])
     return rows, drift

@@ -88,7 +88,7 @@ def model_section(report: Report, charts: dict | None, with_verdict: bool = True
     lines += [""] if report.warnings else []
     lines += ["### Accuracy", "", f"Each output of each backend against `{report.reference}`.", ""]
     lines += [*accuracy_table(report), ""]
-    lines += [f"- {r.backend} {r.output}: {_inline(r.how_far())}" for r in report.accuracy] + [""] if report.accuracy else []
+    lines += [f"- {r.backend} {r.label}: {_inline(r.how_far())}" for r in report.accuracy] + [""] if report.accuracy else []
     not_compared = [s for s in report.backends if s.status in ("skipped", "error")]
     if not_compared:
         lines += ["Not compared:", ""] + [f"- {s.name}: {s.status} ({_inline(s.reason)})" for s in not_compared] + [""]
@@ -213,7 +213,7 @@ def accuracy_table(report: Report) -> list[str]:
     for r in report.accuracy:
         shape = "x".join(map(str, r.shape)) + ("" if r.shape_match else f" (reference {'x'.join(map(str, r.reference_shape))})")
         rows.append((
-            r.backend, r.output, shape, _num(r.cosine, COSINE), _num(r.worst_sample_cosine, COSINE),
+            r.backend, r.label, shape, _num(r.cosine, COSINE), _num(r.worst_sample_cosine, COSINE),
             _num(r.max_abs, ERROR), _num(r.mean_abs, ERROR), _num(r.rel_error, ERROR), str(r.nonfinite),
             r.tolerance, repr(r.min_cosine), repr(r.max_rel), _passfail(r.passed),
         ))
@@ -267,7 +267,7 @@ def conclusion(report: Report, status: BackendStatus) -> str:
     rows = [r for r in report.accuracy if r.backend == name]
     if not rows:
         return f"{name}: ran, but produced no compared output"
-    failing = [r.output for r in rows if not r.passed]
+    failing = [r.label for r in rows if not r.passed]
     parts = [f"{name}: " + (f"FAIL ({', '.join(failing)})" if failing else "PASS")]
     parts.append(f"max rel err {_num(_worst(r.rel_error for r in rows), ERROR)}")
     parts.append(f"min cosine {_num(_worst((r.worst_sample_cosine for r in rows), lowest=True), COSINE)}")

@@ -64,7 +64,7 @@ def accuracy_table(report: Report) -> Table:
     for row in report.accuracy:
         shape = "x".join(map(str, row.shape)) + ("" if row.shape_match else f" != {'x'.join(map(str, row.reference_shape))}")
         table.add_row(
-            row.backend, row.output, shape,
+            row.backend, row.label, shape,
             _num(row.cosine, ".7f"), _num(row.worst_sample_cosine, ".7f"),
             _num(row.max_abs, ".2e"), _num(row.mean_abs, ".2e"), _num(row.rel_error, ".2e"),
             str(row.nonfinite),
@@ -143,7 +143,7 @@ def render(report: Report) -> list:
     """Every renderable of a report, in the order they are printed."""
     parts = [header_table(report), backends_table(report), accuracy_table(report)]
     # How far every failing output is from passing (Polygraphy's "minimum required tolerance").
-    parts += [Text(f"{r.backend} {r.output}: FAIL, {r.how_far()}", style="red") for r in report.accuracy if not r.passed]
+    parts += [Text(f"{r.backend} {r.label}: FAIL, {r.how_far()}", style="red") for r in report.accuracy if not r.passed]
     if report.layers:
         parts.append(layers_table(report))
         parts += [Text(line, style="bold yellow") for line in report.drift.values()]

@@ -49,6 +49,12 @@ class OutputComparison:
     error_p99: float | None = None
     would_pass_min_cosine: float | None = None  # the strictest thresholds this row still passes (None: any)
     would_pass_max_rel: float | None = None
+    group: str = ""  # a token group of `tokens` (cls, registers, patches); "" for the whole output
+
+    @property
+    def label(self) -> str:
+        """The output as tables name it: pooled, tokens, tokens[registers]."""
+        return f"{self.output}[{self.group}]" if self.group else self.output
 
     def how_far(self) -> str:
         """E.g. "would pass at cos >= 0.9971, rel <= 3.1e-03; |a-b| p50 1.2e-05, p99 3.4e-04, max 1.0e-03"."""
@@ -84,7 +90,8 @@ class LatencyStats:
 
 @dataclass(frozen=True)
 class LayerComparison:
-    """One tap (a block's output tokens, or the final norm) of one backend against the reference."""
+    """One tap (a block's output tokens, or the final norm) of one backend against the reference.
+    `groups` holds the same figures per token group ({"registers": {"cosine", "rel_error", ...}})."""
 
     backend: str
     layer: str
@@ -93,6 +100,7 @@ class LayerComparison:
     rel_error: float
     nonfinite: int
     passed: bool
+    groups: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

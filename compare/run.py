@@ -87,34 +87,50 @@ def version_warnings(manifest: dict) -> list[str]:
     ]
 
 
-def compare_outputs(backend: str, got: dict, want: dict, tolerance: Tolerance) -> list[OutputComparison]:
-    """Each output of `got` against the reference `want`, judged by `tolerance`."""
+def compare_outputs(backend: str, got: dict, want: dict, tolerance: Tolerance, layout: dict | None = None) -> list[OutputComparison]:
+    """Each output of `got` against the reference `want`, judged by `tolerance`; `tokens` also per token group
+    (cls, registers, patches: the groups `layout` has), since a drifting register hides in the whole."""
     rows = []
     for name in OUTPUTS:
         a, b = np.asarray(got[name]), np.asarray(want[name])
-        shape_match = a.shape == b.shape
-        bad = metrics.nonfinite_count(a)
-        nan = float("nan")
-        cos = metrics.cosine(a, b) if shape_match else nan
-        worst = metrics.worst_sample_cosine(a, b) if shape_match else nan
-        rel = metrics.relative_error(a, b) if shape_match else nan
-        passed = bool(
-            shape_match and bad == 0
-            and min(cos, worst) >= tolerance.min_cosine
-            and rel <= tolerance.max_rel
-        )
-        p50, p99, _ = metrics.error_quantiles(a, b) if shape_match else (nan, nan, nan)
-        would_cos, would_rel = metrics.loosest_passing(min(cos, worst), rel) if shape_match else (None, None)
-        rows.append(OutputComparison(
-            backend=backend, output=name, shape=list(a.shape), reference_shape=list(b.shape),
-            shape_match=shape_match, cosine=cos, worst_sample_cosine=worst,
-            max_abs=metrics.max_abs_diff(a, b) if shape_match else nan,
-            mean_abs=metrics.mean_abs_diff(a, b) if shape_match else nan,
-            rel_error=rel, nonfinite=bad, tolerance=tolerance.name,
-            min_cosine=tolerance.min_cosine, max_rel=tolerance.max_rel, passed=passed,
-            error_p50=p50, error_p99=p99, would_pass_min_cosine=would_cos, would_pass_max_rel=would_rel,
-        ))
+        rows.append(_compared(backend, name, "", a, b, tolerance))
+        if name == "tokens" and a.shape == b.shape:
+            rows += [_compared(backend, name, group, a[:, part], b[:, part], tolerance)
+                     for group, part in registry.token_groups(layout).items()]
     return rows
+
+
+def _compared(backend: str, output: str, group: str, a: np.ndarray, b: np.ndarray, tolerance: Tolerance) -> OutputComparison:
+    shape_match = a.shape == b.shape
+    bad = metrics.nonfinite_count(a)
+    nan = float("nan")
+    cos = metrics.cosine(a, b) if shape_match else nan
+    worst = metrics.worst_sample_cosine(a, b) if shape_match else nan
+    rel = metrics.relative_error(a, b) if shape_match else nan
+    passed = bool(
+        shape_match and bad == 0
+        and min(cos, worst) >= tolerance.min_cosine
+        and rel <= tolerance.max_rel
+    )
+    p50, p99, _ = metrics.error_quantiles(a, b) if shape_match else (nan, nan, nan)
+    would_cos, would_rel = metrics.loosest_passing(min(cos, worst), rel) if shape_match else (None, None)
+    return OutputComparison(
+        backend=backend, output=output, shape=list(a.shape), reference_shape=list(b.shape),
+        shape_match=shape_match, cosine=cos, worst_sample_cosine=worst,
+        max_abs=metrics.max_abs_diff(a, b) if shape_match else nan,
+        mean_abs=metrics.mean_abs_diff(a, b) if shape_match else nan,
+        rel_error=rel, nonfinite=bad, tolerance=tolerance.name,
+        min_cosine=tolerance.min_cosine, max_rel=tolerance.max_rel, passed=passed,
+        error_p50=p50, error_p99=p99, would_pass_min_cosine=would_cos, would_pass_max_rel=would_rel, group=group,
+    )
+
+
+def layout(manifest: dict) -> dict | None:
+    """The artifact's token layout: recorded by the exporter, or derived from timm for older artifacts."""
+    if "token_layout" in manifest:
+        return manifest["token_layout"]
+    tokens = manifest.get("outputs", {}).get("tokens")
+    return registry.layout_of(manifest["timm_name"], tokens) if tokens else None
 
 
 def compile_cache(art: artifact.Artifact, precision: str) -> Path:
@@ -197,14 +213,15 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
         run.outputs.update(stored.outputs)
         run.taps.update(stored.taps)
     judged = {name: judged_by(name, statuses, stored, options) for name in run.outputs}
+    groups = layout(manifest)
     accuracy = [
         row
         for name, outputs in run.outputs.items() if name != options.reference
-        for row in compare_outputs(name, outputs, want, judged[name])
+        for row in compare_outputs(name, outputs, want, judged[name], groups)
     ]
     layer_rows, drift = [], {}
     if options.layers and options.reference in run.taps:
-        layer_rows, drift = layers.compare_layers(run.taps, options.reference, judged)
+        layer_rows, drift = layers.compare_layers(run.taps, options.reference, judged, groups)
     report = Report(
         model=spec.key,
         timm_name=manifest["timm_name"],

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .processes import alive as _alive
 
 MANIFEST = "manifest.json"
 CORE_FILES = ("model.onnx", "weights.safetensors", "sample.npz")
@@ -124,18 +125,6 @@ def recover(folder: Path) -> None:
 def _owner(path: Path, prefix: str) -> int:
     pid = path.name[len(prefix):].split("-", 1)[0]
     return int(pid) if pid.isdigit() else -1
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -315,6 +315,7 @@ def _stage_and_publish(spec, model, source, config, sample, folder, options, ste
             "pretrained_tag": model.pretrained_cfg.get("tag") or spec.pretrained_tag,
             "input": {"name": INPUT_NAME, "shape": ["batch", *input_size], "dtype": "float32", "layout": "NCHW"},
             "outputs": {n: ["batch", *outputs[n].shape[1:]] for n in OUTPUT_NAMES},
+            "token_layout": registry.token_layout(model, outputs["tokens"].shape),
             "data_config": config,
             "opset": options.opset,
             "exporter": "torch.onnx.export(dynamo=True)",

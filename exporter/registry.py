@@ -62,3 +62,42 @@ def data_config(model) -> dict:
 
     config = resolve_model_data_config(model)
     return {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
+
+
+GROUPS = ("cls", "registers", "patches")
+
+
+def token_layout(model, tokens_shape) -> dict | None:
+    """How the `tokens` output splits, from timm's own attributes: {"cls": n, "registers": n, "patches": n,
+    "grid": [h, w]}, or None when the model's tokens are not a [prefix tokens, patch grid] sequence (SAM's
+    NHWC map, XCiT) or the attributes do not add up to the output's length."""
+    prefix = getattr(model, "num_prefix_tokens", None)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if prefix is None or grid is None or len(tokens_shape) != 3:
+        return None
+    cls = 1 if getattr(model, "cls_token", None) is not None else 0
+    reg_token = getattr(model, "reg_token", None)  # Eva has reg_token but no num_reg_tokens
+    registers = int(reg_token.shape[1]) if reg_token is not None else int(getattr(model, "num_reg_tokens", 0) or 0)
+    patches = int(grid[0]) * int(grid[1])
+    if cls + registers != prefix or prefix + patches != tokens_shape[1]:
+        return None
+    return {"cls": cls, "registers": registers, "patches": patches, "grid": [int(grid[0]), int(grid[1])]}
+
+
+def layout_of(timm_name: str, tokens_shape) -> dict | None:
+    """The token layout of an architecture, built on the meta device (no memory, no weights): for artifacts
+    exported before the manifest recorded it."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(timm_name, pretrained=False, num_classes=0)
+    return token_layout(model, tokens_shape)
+
+
+def token_groups(layout: dict | None) -> dict[str, slice]:
+    """The token axis slice of each group the model has, in order: cls, registers, patches."""
+    if not layout:
+        return {}
+    starts = {"cls": 0, "registers": layout["cls"], "patches": layout["cls"] + layout["registers"]}
+    return {name: slice(starts[name], starts[name] + layout[name]) for name in GROUPS if layout.get(name)}

@@ -16,13 +16,13 @@ SETUP_DEP := $(VENV)/.installed
 endif
 
 # Optional make variables that turn into CLI flags.
-COMPARE_FLAGS := $(if $(SAVE),--save-reference $(SAVE)) $(if $(AGAINST),--against $(AGAINST)) $(if $(REPORT),--report $(REPORT))
+COMPARE_FLAGS := $(if $(SAVE),--save-reference $(SAVE)) $(if $(AGAINST),--against $(AGAINST)) $(if $(REPORT),--report $(REPORT)) $(if $(IMAGES),--images '$(IMAGES)')
 
 .PHONY: setup host-deps export compare bench sweep test clean help
 
 help:
 	@echo "make export  [MODEL=dinov2] [ARTIFACTS=DIR]      export and verify ONNX artifacts"
-	@echo "make compare [MODEL=dinov3] [ARTIFACTS=DIR]      compare eager CPU, NPU and onnxruntime"
+	@echo "make compare [MODEL=dinov3] [ARTIFACTS=DIR] [IMAGES=DIR]  compare eager CPU, NPU and onnxruntime"
 	@echo "make bench   [MODEL=dinov3]                      latency sweep over batch sizes 1,2,4,8"
 	@echo "make sweep   PATTERN='vit_*small*'                export, compare and --layers for every matching timm model"
 	@echo "make test                                        run the test suite"

@@ -18,7 +18,7 @@ from .backends import BACKENDS
 from .markdown import make_variable
 
 # make variables that stand for a CLI option (see the Makefile's compare target).
-MAKE_VARIABLES = {"artifacts": "ARTIFACTS", "report": "REPORT", "save_reference": "SAVE", "against": "AGAINST"}
+MAKE_VARIABLES = {"artifacts": "ARTIFACTS", "report": "REPORT", "save_reference": "SAVE", "against": "AGAINST", "images": "IMAGES"}
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -43,6 +43,9 @@ def parse(argv=None) -> argparse.Namespace:
     group = parser.add_argument_group("input")
     group.add_argument("--input", choices=("image", "random"), default=None, help="a preprocessed photo (default) or seeded normal noise")
     group.add_argument("--image", default=None, help="image file to use (default: the bundled grace_hopper.jpg)")
+    group.add_argument("--images", default=None, metavar="PATH",
+                       help="a folder (recursive) or a glob of images: stream them all, per-image results and neighbour agreement")
+    group.add_argument("--limit", type=int, default=None, help="with --images: only the first N readable images (in sorted order)")
     group.add_argument("--seed", type=int, default=None, help="seed for --input random (default: 0)")
     group.add_argument("--batch-size", type=int, default=None, help="batch size of the accuracy run (default: 1)")
     group = parser.add_argument_group("backends")
@@ -66,6 +69,8 @@ def parse(argv=None) -> argparse.Namespace:
     group.add_argument("--no-latency", action="store_true", help="skip timing")
     group = parser.add_argument_group("diagnosis and results")
     group.add_argument("--layers", action="store_true", help="compare every block's output tokens and the final norm")
+    group.add_argument("--truth", choices=("fp64",), default=None,
+                       help="also run eager float64 on the CPU and give every backend's error against it, as a multiple of torch-cpu's")
     group.add_argument("--json", default=None, metavar="PATH", help="write the full results as JSON")
     group.add_argument("--save-reference", default=None, metavar="FILE", help="save input and outputs (npz) to compare on another host")
     group.add_argument("--against", default=None, metavar="FILE", help="also compare against outputs saved with --save-reference")
@@ -86,6 +91,12 @@ def parse(argv=None) -> argparse.Namespace:
             raise UserError(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
     if args.input == "random" and args.image:
         raise UserError("--image and --input random exclude each other; drop one")
+    if args.images and (args.image or args.input or args.seed is not None):
+        raise UserError("--images replaces --image, --input and --seed; drop those")
+    if args.limit is not None and (not args.images or args.limit < 1):
+        raise UserError(f"--limit takes a count of at least 1, and goes with --images; got {args.limit}")
+    if args.images and (args.against or args.save_reference):
+        raise UserError("--save-reference and --against carry one input batch, not an --images set yet; drop one of them")
     chosen = set(args.backends) | {args.reference}
     for name in args.require:
         if name not in chosen:
@@ -131,7 +142,7 @@ def make_compare(argv: list[str]) -> str | None:
             flags += [_flag(dest), ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
     # What the Makefile's recipe runs with these variables.
     rebuilt = [*args["models"], "--artifacts", args["artifacts"]]
-    rebuilt += [f for dest in ("save_reference", "against", "report") if args[dest] for f in (_flag(dest), args[dest])]
+    rebuilt += [f for dest in ("save_reference", "against", "report", "images") if args[dest] for f in (_flag(dest), args[dest])]
     try:
         if vars(parse(rebuilt + flags)) != args:
             return None
@@ -154,7 +165,8 @@ def options_from(args: argparse.Namespace):
         dtype="fast-math" if args.fast_math else args.dtype, timeout_s=args.timeout,
         batch_sizes=args.batch_sizes, warmup=args.warmup, iters=args.iters, budget_s=args.budget,
         latency=not args.no_latency, min_cosine=args.min_cosine, max_rel=args.max_rel,
-        layers=args.layers, against=args.against, save_reference=bool(args.save_reference),
+        layers=args.layers, against=args.against, save_reference=bool(args.save_reference), truth=args.truth,
+        images=args.images, limit=args.limit,
     )
 
 

@@ -17,10 +17,23 @@ def default_image() -> Path:
     return Path(str(resources.files("compare") / "data" / SAMPLE_IMAGE))
 
 
+def eval_transform(data_config: dict):
+    """The model's own timm eval transform (resize, centre crop, normalise) from its data config."""
+    from timm.data import create_transform
+
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
+    return create_transform(**config, is_training=False)
+
+
 def image_batch(path: Path, data_config: dict, batch_size: int) -> np.ndarray:
     """The image at `path` through the model's own timm eval transform, repeated `batch_size` times."""
+    tensor = preprocess(Path(path), data_config, eval_transform(data_config))
+    return np.repeat(tensor[None], batch_size, axis=0)
+
+
+def preprocess(path: Path, data_config: dict, transform) -> np.ndarray:
+    """One image as a float32 CHW array through `transform`; a UserError says why a file is not a usable image."""
     from PIL import Image, UnidentifiedImageError
-    from timm.data import create_transform
 
     path = Path(path)
     if path.is_dir():
@@ -43,10 +56,7 @@ def image_batch(path: Path, data_config: dict, batch_size: int) -> np.ndarray:
         raise UserError(f"image {path} is too large: {error}; pass a smaller image") from error
     except (UnidentifiedImageError, OSError) as error:
         raise UserError(f"{path} is not an image PIL can read ({type(error).__name__}); pass a JPEG or PNG file") from error
-    config = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
-    transform = create_transform(**config, is_training=False)
-    tensor = transform(rgb).numpy().astype(np.float32)
-    return np.repeat(tensor[None], batch_size, axis=0)
+    return transform(rgb).numpy().astype(np.float32)
 
 
 def to_rgb(image, path: Path):

@@ -9,6 +9,8 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
 
+import numpy as np
+
 from exporter.artifact import write_atomic
 
 from .results import BackendStatus, LayerComparison, Report
@@ -92,6 +94,32 @@ def model_section(report: Report, charts: dict | None, with_verdict: bool = True
     not_compared = [s for s in report.backends if s.status in ("skipped", "error")]
     if not_compared:
         lines += ["Not compared:", ""] + [f"- {s.name}: {s.status} ({_inline(s.reason)})" for s in not_compared] + [""]
+    if any(r.images for r in report.accuracy):
+        lines += ["### Per image", "", f"{report.input.get('count')} images from `{_inline(str(report.input.get('source')))}`; "
+                  f"the verdict is judged on the worst image of each output.", ""]
+        lines += [*table(("backend", "output", "worst cosine", "p1 cosine", "median cosine", "median rel err", "worst rel err",
+                          "worst image (lowest cosine)", "worst image (largest rel err)"),
+                         [(r.backend, r.label, _num(r.images["cos_worst"], COSINE), _num(r.images["cos_p1"], COSINE),
+                           _num(r.images["cos_median"], COSINE), _num(r.images["rel_median"], ERROR),
+                           _num(r.images["rel_worst"], ERROR), f"`{r.images['worst_image']}`", f"`{r.images['worst_rel_image']}`")
+                          for r in report.accuracy if r.images]), ""]
+        skipped = report.input.get("skipped", [])
+        lines += [f"Skipped {len(skipped)} files that are not readable images:", ""] if skipped else []
+        lines += [f"- `{entry['path']}`: {_inline(entry['reason'])}" for entry in skipped] + ([""] if skipped else [])
+        lines += _chart(charts, "images", f"{report.model} per-image cosine, CDF by backend")
+    if report.neighbours:
+        lines += ["### Neighbour agreement", "",
+                  f"The k nearest neighbours of each image by cosine of `pooled`, on `{report.reference}` and on each backend.", ""]
+        lines += [*table(("backend", "k", "mean overlap@k", "nearest neighbour unchanged", "tolerance", "min overlap", "min unchanged", "verdict"),
+                         [(r.backend, str(r.k), _num(r.overlap, ".4f"), _num(r.nearest_unchanged, ".4f"), r.tolerance,
+                           repr(r.min_overlap), repr(r.min_nearest), _passfail(r.passed)) for r in report.neighbours]), ""]
+    if report.truth:
+        lines += [f"### Against the {report.truth[0].truth} truth", "",
+                  f"Relative error of each backend against eager float64 on the CPU, and that error as a multiple of "
+                  f"`{report.reference}`'s own (over 1x: less accurate than the fp32 CPU reference).", ""]
+        lines += [*table(("backend", "output", "rel err vs truth", f"x {report.reference}"),
+                         [(r.backend, r.output, _num(r.rel_error, ERROR), "-" if r.ratio is None else f"{r.ratio:.2f}x")
+                          for r in report.truth]), ""]
     lines += ["### Latency and throughput", ""]
     if report.latency:
         lines += [*latency_table(report), ""]
@@ -396,8 +424,27 @@ def draw_charts(reports: list[Report]) -> dict[str, dict[str, bytes]] | None:
             pngs["latency"] = latency_chart(report)
         if report.layers:
             pngs["blocks"] = blocks_chart(report)
+        if report.per_image:
+            pngs["images"] = images_chart(report)
         charts[report.model] = pngs
     return charts
+
+
+def images_chart(report: Report) -> bytes:
+    """The CDF of per-image 1 - cosine of `pooled` and `tokens`, one line per backend (log x: lower is closer)."""
+    figure = _figure(9, 3.6)
+    axes = figure.subplots(1, 2, sharey=True)
+    for axis, output in zip(axes, ("pooled", "tokens")):
+        for backend, found in report.per_image.items():
+            values = np.sort(np.maximum(1.0 - np.asarray(found.get(output, {}).get("cosine", []), dtype=float), CHART_FLOOR))
+            if values.size:
+                axis.step(values, np.arange(1, values.size + 1) / values.size, where="post", label=backend)
+        axis.set_xscale("log")
+        axis.set(xlabel=f"1 - cosine of {output} (log; floor {CHART_FLOOR:g})", title=f"{output}: share of images at or below")
+        axis.grid(True, alpha=0.3)
+    axes[0].set_ylabel("share of images")
+    axes[0].legend(fontsize="small")
+    return _png(figure)
 
 
 def _figure(width: float, height: float):

@@ -5,7 +5,7 @@ import io
 import json
 import socket
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,6 +36,7 @@ class Stored:
     outputs: dict[str, dict[str, np.ndarray]]
     taps: dict[str, dict[str, np.ndarray]]
     backends: dict[str, dict]  # keyed name -> {"details", "tolerance", "precision"} as saved
+    truth: list = field(default_factory=list)  # the saving host's --truth rows, backends keyed name@host
 
     def statuses(self) -> list[BackendStatus]:
         """One "stored" status per saved backend, its saved details plus where and when it ran."""
@@ -83,6 +84,7 @@ def save(path, report: Report, run) -> None:
         "reference": report.reference,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "backends": backends,
+        "truth": [asdict(row) for row in report.truth if "@" not in row.backend],
     }
     # A unicode array, not a pickled object, so the file loads with allow_pickle=False.
     arrays["metadata"] = np.array(json.dumps(metadata))
@@ -160,4 +162,5 @@ def _stored(path: str, metadata: dict, arrays: dict[str, np.ndarray]) -> Stored:
         outputs=outputs,
         taps=taps,
         backends={f"{name}@{host}": saved for name, saved in metadata["backends"].items()},
+        truth=[{**row, "backend": f"{row['backend']}@{host}"} for row in metadata.get("truth", [])],
     )

@@ -63,6 +63,7 @@ def accuracy_table(report: Report) -> Table:
         table.add_column(column, justify="left" if column in ("backend", "output", "shape", "thresholds / reason", "verdict") else "right")
     for row in report.accuracy:
         shape = "x".join(map(str, row.shape)) + ("" if row.shape_match else f" != {'x'.join(map(str, row.reference_shape))}")
+        shape = f"{row.images['count']} images" if row.images else shape
         table.add_row(
             row.backend, row.label, shape,
             _num(row.cosine, ".7f"), _num(row.worst_sample_cosine, ".7f"),
@@ -125,6 +126,44 @@ def overrides_text(overrides: dict) -> str:
     return f"; thresholds overridden for every class, same-host fp32 included: {flags}"
 
 
+def images_table(report: Report) -> Table:
+    """--images: the distribution of each output's per-image agreement, and the worst image by name."""
+    count = report.input.get("count", 0)
+    table = Table(title=f"Per image ({count} images; the verdict is judged on the worst)", title_justify="left")
+    for column in ("backend", "output", "worst cos", "p1 cos", "median cos", "median rel err", "worst rel err", "worst image (lowest cosine)"):
+        table.add_column(column, justify="left" if column in ("backend", "output") or column.startswith("worst image") else "right")
+    for row in report.accuracy:
+        found = row.images
+        if not found:
+            continue
+        table.add_row(row.backend, row.label, _num(found["cos_worst"], ".7f"), _num(found["cos_p1"], ".7f"),
+                      _num(found["cos_median"], ".7f"), _num(found["rel_median"], ".2e"), _num(found["rel_worst"], ".2e"),
+                      found["worst_image"])
+    return table
+
+
+def neighbours_table(report: Report) -> Table:
+    """--images: whether each backend's embeddings keep the reference's nearest neighbours."""
+    table = Table(title=f"Neighbour agreement of pooled embeddings with {report.reference} (by cosine)", title_justify="left")
+    for column in ("backend", "k", "mean overlap@k", "nearest unchanged", "thresholds", "verdict"):
+        table.add_column(column, justify="right" if column in ("k", "mean overlap@k", "nearest unchanged") else "left")
+    for row in report.neighbours:
+        table.add_row(row.backend, str(row.k), _num(row.overlap, ".4f"), _num(row.nearest_unchanged, ".4f"),
+                      f"{row.tolerance}: overlap>={row.min_overlap:g}, nearest>={row.min_nearest:g}", PASS if row.passed else FAIL)
+    return table
+
+
+def truth_table(report: Report) -> Table:
+    """Each backend's error against the fp64 truth, and as a multiple of the reference's own error."""
+    table = Table(title=f"Against the {report.truth[0].truth} truth (eager float64 on the CPU): error as a multiple of {report.reference}'s own",
+                  title_justify="left")
+    for column in ("backend", "output", "rel err vs truth", f"x {report.reference}"):
+        table.add_column(column, justify="left" if column in ("backend", "output") else "right")
+    for row in report.truth:
+        table.add_row(row.backend, row.output, _num(row.rel_error, ".2e"), "-" if row.ratio is None else f"{row.ratio:.2f}x")
+    return table
+
+
 def verdict_text(report: Report) -> Text:
     """The verdict line, read from report.verdict (never judged here)."""
     judged = report.verdict
@@ -144,6 +183,12 @@ def render(report: Report) -> list:
     parts = [header_table(report), backends_table(report), accuracy_table(report)]
     # How far every failing output is from passing (Polygraphy's "minimum required tolerance").
     parts += [Text(f"{r.backend} {r.label}: FAIL, {r.how_far()}", style="red") for r in report.accuracy if not r.passed]
+    if any(row.images for row in report.accuracy):
+        parts.append(images_table(report))
+    if report.neighbours:
+        parts.append(neighbours_table(report))
+    if report.truth:
+        parts.append(truth_table(report))
     if report.layers:
         parts.append(layers_table(report))
         parts += [Text(line, style="bold yellow") for line in report.drift.values()]

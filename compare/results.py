@@ -50,6 +50,9 @@ class OutputComparison:
     would_pass_min_cosine: float | None = None  # the strictest thresholds this row still passes (None: any)
     would_pass_max_rel: float | None = None
     group: str = ""  # a token group of `tokens` (cls, registers, patches); "" for the whole output
+    # --images: cosine is then the median image's, worst_sample_cosine and rel_error the worst image's;
+    # this holds the distribution (cos_worst, cos_p1, cos_median, rel_median, rel_worst) and the worst images.
+    images: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -68,6 +71,32 @@ class OutputComparison:
         quantiles = "" if self.error_p50 is None else (
             f"; |a-b| p50 {self.error_p50:.2e}, p99 {self.error_p99:.2e}, max {self.max_abs:.2e}")
         return f"would pass at {loosest}{quantiles}"
+
+
+@dataclass(frozen=True)
+class NeighbourComparison:
+    """--images: how well a backend's pooled embeddings keep the reference's k nearest neighbours (by cosine)."""
+
+    backend: str
+    k: int
+    overlap: float  # mean overlap@k over the images
+    nearest_unchanged: float  # share of images whose nearest neighbour is the reference's
+    tolerance: str
+    min_overlap: float
+    min_nearest: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class TruthComparison:
+    """One output of one backend against the fp64 truth (--truth fp64): its relative error, and that error
+    as a multiple of the fp32 CPU reference's own (`ratio`; None where the reference's error is zero)."""
+
+    backend: str
+    output: str
+    rel_error: float
+    ratio: float | None
+    truth: str = "fp64"
 
 
 @dataclass(frozen=True)
@@ -126,6 +155,7 @@ class Verdict:
 def verdict(report: "Report") -> Verdict:
     """The one verdict function: a PASS needs at least one compared backend, no failed row and no error."""
     failed = sorted({r.backend for r in report.accuracy if not r.passed}
+                    | {r.backend for r in report.neighbours if not r.passed}
                     | {b.name for b in report.backends if b.status == "error"})
     compared = [b.name for b in report.backends if b.status in ("ran", "stored") and b.name != report.reference
                 and any(r.backend == b.name for r in report.accuracy)]
@@ -160,6 +190,9 @@ class Report:
     drift: dict = field(default_factory=dict)
     overrides: dict = field(default_factory=dict)  # {"min_cosine": x, "max_rel": y}: what replaced the classes
     saved_reference: bool = False  # this run saves the reference's outputs (--save-reference): a real use alone
+    truth: list[TruthComparison] = field(default_factory=list)  # --truth fp64: every backend against float64
+    neighbours: list[NeighbourComparison] = field(default_factory=list)  # --images
+    per_image: dict = field(default_factory=dict)  # --images: {backend: {"pooled": {"cosine": [...], ...}}}, in input order
 
     @property
     def verdict(self) -> Verdict:

@@ -5,8 +5,11 @@ module never names a runtime.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -16,12 +19,13 @@ import numpy as np
 from exporter import artifact, environment, metrics, registry
 from exporter.errors import UserError
 
-from . import inputs, layers, worker
-from .backends import BACKENDS, BackendUnavailable
-from .results import BackendStatus, LatencyStats, OutputComparison, Report
+from . import dataset, inputs, layers, worker
+from .backends import BACKENDS, TRUTHS, BackendUnavailable
+from .results import BackendStatus, LatencyStats, NeighbourComparison, OutputComparison, Report, TruthComparison
 from .tolerances import Tolerance, tolerance_for
 
 OUTPUTS = ("pooled", "tokens")
+NEIGHBOURS_K = 10  # k of overlap@k, or fewer when there are fewer images
 VERSION_KEYS = ("torch", "timm", "onnxruntime")
 COMPILE_CACHE = ".compile-cache"  # inside the artifact: compiled graphs (CANN .om files), by model.onnx's sha256
 
@@ -53,6 +57,9 @@ class CompareOptions:
     layers: bool = False
     against: str | None = None
     save_reference: bool = False  # the run saves the reference's outputs: a real use even if nothing else runs
+    truth: str | None = None  # "fp64": also run eager float64 on the CPU and measure every backend against it
+    images: str | None = None  # a folder or glob: stream every image through every backend (compare/dataset.py)
+    limit: int | None = None  # with images: the first N files only
     timeout_s: float = 600.0
 
 
@@ -63,6 +70,8 @@ class Run:
     batch: np.ndarray
     outputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     taps: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    truth: dict[str, np.ndarray] = field(default_factory=dict)  # --truth: the float64 outputs
+    images: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # --images: per-image figures by backend
 
 
 def check_names(options: CompareOptions) -> None:
@@ -154,11 +163,14 @@ def compile_cache(art: artifact.Artifact, precision: str) -> Path:
         return folder
 
 
-def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndarray, step) -> tuple[list, Run, list, list]:
+def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndarray, step, plan: dict | None = None
+                 ) -> tuple[list, Run, list, list]:
     """Probe every chosen backend, then run those that may work, each in its own worker, one at a time.
 
-    Returns (statuses, raw arrays, latency rows, warnings). The reference runs first; a reference or a
-    required backend that does not run is a UserError.
+    Returns (statuses, raw arrays, latency rows, warnings). The truth (--truth) runs first, then the
+    reference; a truth, a reference or a required backend that does not run is a UserError. With
+    `plan` (--images) each worker also streams every image; the truth and the reference write their
+    outputs for the others to read.
     """
     names = [options.reference] + [n for n in options.backends if n != options.reference]
     job = worker.Job(
@@ -168,6 +180,28 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
         artifact_id=worker.artifact_identity(art),
     )
     statuses, run, timings, warnings = [], Run(batch=batch), [], []
+    written = {}  # --images: {"truth"|"reference": {"prefix"}} once that run has written its outputs
+    plans = {}
+    if plan:
+        folder = Path(plan["folder"])
+        base = {k: v for k, v in plan.items() if k != "folder"}
+        plans = {"truth": {**base, "write": str(folder / "truth"), "dtype": "float64"},
+                 "reference": {**base, "write": str(folder / "reference"), "dtype": "float32"},
+                 "other": base}
+
+    def progress_of(name: str):
+        return lambda done, total: step(f"{art.key}: {name} {dataset.progress_bar(done, total)} {done}/{total} images")
+
+    if options.truth:
+        cls = TRUTHS[options.truth]
+        step(f"{art.key}: {cls.name}, the {options.truth} truth (in its own process)")
+        truth_job = replace(job, precision=options.truth, batch_sizes=(), layers=False, dataset=plans.get("truth", {}))
+        outcome = worker.run_backend(cls, truth_job, batch, options.timeout_s, compile_cache(art, options.truth), progress_of(cls.name))
+        if outcome.status != "ran":
+            raise UserError(f"the {options.truth} truth ({cls.name}) did not run: {outcome.reason}")
+        run.truth = outcome.outputs[cls.name]
+        if plan:
+            written["truth"] = {"prefix": plans["truth"]["write"]}
     for name in names:
         cls = BACKENDS[name]
         # The reference is the truth the others are judged against: it always runs in true fp32.
@@ -178,12 +212,18 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
             outcome = worker.Outcome("skipped", str(why))
         else:
             step(f"{art.key}: {name} (in its own process)")
-            outcome = worker.run_backend(cls, replace(job, precision=precision), batch, options.timeout_s,
-                                         compile_cache(art, precision))
+            role = "reference" if name == options.reference else "other"
+            streamed = {**plans[role], **({"reference": written["reference"]} if "reference" in written else {}),
+                        **({"truth": written["truth"]} if "truth" in written else {})} if plan else {}
+            outcome = worker.run_backend(cls, replace(job, precision=precision, dataset=streamed), batch, options.timeout_s,
+                                         compile_cache(art, precision), progress_of(name))
         statuses.append(BackendStatus(name, outcome.status, outcome.reason, outcome.details))
         if outcome.status == "ran":
             run.outputs[name] = outcome.outputs[name]
             run.taps.update(outcome.taps)
+            run.images.update(outcome.images)
+            if plan and name == options.reference:
+                written["reference"] = {"prefix": plans["reference"]["write"]}
             timings += [LatencyStats(**row) for row in outcome.latency]
         warnings += outcome.warnings
         if name == options.reference and outcome.status != "ran":
@@ -205,20 +245,37 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
         from . import reference
 
         stored = reference.load(options.against, manifest)
-    batch, described = _input(options, manifest, stored)
-    statuses, run, timings, warnings = run_backends(options, art, batch, step)
+    groups = layout(manifest)
+    if options.images:
+        with images_folder() as folder:
+            batch, described, plan = _images_input(options, manifest, folder, groups, step)
+            statuses, run, timings, warnings = run_backends(options, art, batch, step, plan)
+        warnings = [f"skipped {s['path']}: {s['reason']}" for s in described["skipped"]] + warnings
+    else:
+        batch, described = _input(options, manifest, stored)
+        statuses, run, timings, warnings = run_backends(options, art, batch, step)
     want = run.outputs[options.reference]
     if stored is not None:
         statuses += stored.statuses()
         run.outputs.update(stored.outputs)
         run.taps.update(stored.taps)
     judged = {name: judged_by(name, statuses, stored, options) for name in run.outputs}
-    groups = layout(manifest)
-    accuracy = [
-        row
-        for name, outputs in run.outputs.items() if name != options.reference
-        for row in compare_outputs(name, outputs, want, judged[name], groups)
-    ]
+    neighbour_rows, per_image = [], {}
+    if options.images:
+        paths = [image["path"] for image in described["images"]]
+        accuracy = [row for name, found in run.images.items() if name != options.reference
+                    for row in image_rows(name, found, judged[name], paths)]
+        neighbour_rows = [neighbour_row(name, run.images[options.reference]["embeddings"], found["embeddings"], judged[name])
+                          for name, found in run.images.items() if name != options.reference]
+        per_image = {name: per_image_figures(found) for name, found in run.images.items() if name != options.reference}
+        truth = images_truth(run, options) if options.truth else []
+    else:
+        accuracy = [
+            row
+            for name, outputs in run.outputs.items() if name != options.reference
+            for row in compare_outputs(name, outputs, want, judged[name], groups)
+        ]
+        truth = against_truth(run, options, stored)
     layer_rows, drift = [], {}
     if options.layers and options.reference in run.taps:
         layer_rows, drift = layers.compare_layers(run.taps, options.reference, judged, groups)
@@ -240,8 +297,122 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
         drift=drift,
         overrides={k: v for k, v in (("min_cosine", options.min_cosine), ("max_rel", options.max_rel)) if v is not None},
         saved_reference=options.save_reference,
+        truth=truth,
+        neighbours=neighbour_rows,
+        per_image=per_image,
     )
     return report, run
+
+
+IMAGES_PREFIX = "vit-parity-images-"  # + the parent's pid: the --images run folder, removed by the next run if left
+
+
+@contextlib.contextmanager
+def images_folder():
+    """The --images run folder in the temp folder: the preprocessed inputs and the truth's and reference's outputs."""
+    from exporter import processes
+
+    processes.remove_stale(IMAGES_PREFIX)
+    with tempfile.TemporaryDirectory(prefix=processes.owned_prefix(IMAGES_PREFIX)) as folder:
+        yield Path(folder)
+
+
+def _images_input(options: CompareOptions, manifest: dict, folder: Path, groups: dict | None, step) -> tuple[np.ndarray, dict, dict]:
+    """Preprocess every image of --images into `folder`; return the first batch, the input's description and the plan."""
+    paths = dataset.list_images(options.images)
+    images, skipped = dataset.preprocess(paths, manifest["data_config"], folder, step, options.limit)
+    if not images:
+        raise UserError(f"--images {options.images}: none of the {len(paths)} files is a readable image "
+                        f"(first: {skipped[0]['path']}: {skipped[0]['reason']}); pass a folder of JPEG or PNG files")
+    shape = list(manifest["data_config"]["input_size"])
+    size = options.batch_size or 1
+    batch = dataset.read_rows(folder / dataset.INPUTS, 0, min(size, len(images)), shape)
+    digest = hashlib.sha256("".join(image["sha256"] for image in images).encode()).hexdigest()
+    described = {"kind": "images", "source": options.images, "shape": [len(images), *shape], "dtype": "float32",
+                 "sha256": digest, "count": len(images), "images": images, "skipped": skipped,
+                 "batch_size": size}
+    plan = {"folder": str(folder), "inputs": str(folder / dataset.INPUTS), "count": len(images), "batch": size,
+            "shape": shape, "layout": groups}
+    return batch, described, plan
+
+
+def image_rows(backend: str, found: dict[str, np.ndarray], tolerance: Tolerance, paths: list[str]) -> list[OutputComparison]:
+    """One row per output and token group from per-image figures, judged on the worst image: the lowest
+    cosine and the largest relative error over the images must pass."""
+    rows = []
+    keys = sorted({tuple(key.split("|")[1:3]) for key in found if key.startswith("reference|")},
+                  key=lambda k: (OUTPUTS.index(k[0]), registry.GROUPS.index(k[1]) if k[1] else -1))
+    for output, group in keys:
+        def figure(name):
+            return np.asarray(found[f"reference|{output}|{group}|{name}"])
+
+        cos, rel, bad = figure("cosine"), figure("rel_error"), figure("nonfinite")
+        worst_cos = float(np.min(cos)) if np.isfinite(cos).all() else float("nan")
+        worst_rel = float(np.max(rel)) if np.isfinite(rel).all() else float("nan")
+        passed = bool(bad.sum() == 0 and worst_cos >= tolerance.min_cosine and worst_rel <= tolerance.max_rel)
+        would_cos, would_rel = metrics.loosest_passing(worst_cos, worst_rel)
+        p99 = figure("p99")
+        rows.append(OutputComparison(
+            backend=backend, output=output, shape=[len(cos)], reference_shape=[len(cos)], shape_match=True,
+            cosine=float(np.median(cos)), worst_sample_cosine=worst_cos, max_abs=float(np.max(figure("max_abs"))),
+            mean_abs=float(np.mean(figure("mean_abs"))), rel_error=worst_rel, nonfinite=int(bad.sum()),
+            tolerance=tolerance.name, min_cosine=tolerance.min_cosine, max_rel=tolerance.max_rel, passed=passed,
+            error_p50=float(np.median(figure("p50"))), error_p99=float(np.max(p99)) if np.isfinite(p99).all() else float("nan"),
+            would_pass_min_cosine=would_cos, would_pass_max_rel=would_rel, group=group,
+            images={"count": len(cos), "cos_worst": worst_cos, "cos_p1": float(np.quantile(cos, 0.01)),
+                    "cos_median": float(np.median(cos)), "rel_median": float(np.median(rel)), "rel_worst": worst_rel,
+                    "worst_image": paths[int(np.argmin(cos))], "worst_rel_image": paths[int(np.argmax(rel))]},
+        ))
+    return rows
+
+
+def per_image_figures(found: dict[str, np.ndarray]) -> dict[str, dict[str, list]]:
+    """{"pooled": {"cosine": [...], "rel_error": [...]}, "tokens[registers]": {...}}: one value per image, in input order."""
+    table: dict[str, dict[str, list]] = {}
+    for key, values in found.items():
+        against, output, group, figure = (key.split("|") + ["", "", ""])[:4]
+        if against == "reference" and figure in ("cosine", "rel_error"):
+            table.setdefault(f"{output}[{group}]" if group else output, {})[figure] = np.asarray(values).tolist()
+    return table
+
+
+def neighbour_row(backend: str, reference: np.ndarray, embeddings: np.ndarray, tolerance: Tolerance) -> NeighbourComparison:
+    """Neighbour agreement of one backend's pooled embeddings with the reference's, judged by its class."""
+    found = metrics.neighbours(reference, embeddings, NEIGHBOURS_K)
+    judged = found["k"] > 0
+    passed = (not judged) or bool(found["overlap"] >= tolerance.min_overlap and found["nearest_unchanged"] >= tolerance.min_nearest)
+    return NeighbourComparison(backend=backend, k=found["k"], overlap=found["overlap"], nearest_unchanged=found["nearest_unchanged"],
+                               tolerance=tolerance.name, min_overlap=tolerance.min_overlap, min_nearest=tolerance.min_nearest,
+                               passed=passed)
+
+
+def images_truth(run: Run, options: CompareOptions) -> list[TruthComparison]:
+    """Every backend's error against the truth over all images: sqrt(sum |a-t|^2 / sum |t|^2), and its ratio to the reference's."""
+    errors = {}
+    for name, found in run.images.items():
+        for output in OUTPUTS:
+            diff, ref = found.get(f"truth|{output}||sq_diff"), found.get(f"truth|{output}||sq_ref")
+            if diff is not None and ref is not None and np.sum(ref) > 0:
+                errors[(name, output)] = float(np.sqrt(np.sum(diff) / np.sum(ref)))
+    return [TruthComparison(name, output, rel, rel / errors[(options.reference, output)]
+                            if errors.get((options.reference, output)) else None, options.truth)
+            for (name, output), rel in errors.items()]
+
+
+def against_truth(run: Run, options: CompareOptions, stored) -> list[TruthComparison]:
+    """Every backend's relative error against the truth, and its ratio to the reference's own error.
+    Stored backends keep the figures their host measured against its own truth."""
+    rows = []
+    if run.truth:
+        errors = {(name, output): metrics.relative_error(outputs[output], run.truth[output])
+                  for name, outputs in run.outputs.items() if stored is None or name not in stored.outputs
+                  for output in OUTPUTS}
+        for (name, output), rel in errors.items():
+            own = errors.get((options.reference, output))
+            rows.append(TruthComparison(name, output, rel, rel / own if own else None, options.truth))
+    if stored is not None:
+        rows += [TruthComparison(**row) for row in stored.truth]
+    return rows
 
 
 def _with_speedups(timings: list[LatencyStats], reference: str) -> list[LatencyStats]:

@@ -12,6 +12,9 @@ class Tolerance:
     min_cosine: float
     max_rel: float
     why: str
+    # --images: neighbour agreement of the pooled embeddings (mean overlap@k, share of unchanged nearest neighbours)
+    min_overlap: float = 1.0
+    min_nearest: float = 1.0
 
 
 # fp16/bf16 were measured on this project's CPU host (torch 2.14.1, random trained-like weights,

@@ -29,7 +29,7 @@ import numpy as np
 
 from exporter import processes
 
-RESULT, ARRAYS, JOB, INPUT, LOG = "result.json", "arrays.npz", "job.json", "input.npy", "worker.log"
+RESULT, ARRAYS, JOB, INPUT, LOG, PROGRESS = "result.json", "arrays.npz", "job.json", "input.npy", "worker.log", "progress"
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # so `python -m compare.worker` works uninstalled
 TEMP_PREFIX = "vit-parity-worker-"  # + the parent's pid: a killed run's folders are removed by the next run
 # Exceptions that mean a mistake in Python code, ours or a backend's, not a device's finding.
@@ -53,6 +53,7 @@ class Job:
     layers: bool = False
     sys_path: tuple[str, ...] = ()
     artifact_id: dict = field(default_factory=dict)  # what the parent verified: see artifact_identity
+    dataset: dict = field(default_factory=dict)  # --images: the plan of compare/dataset.stream
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Outcome:
     details: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
     taps: dict = field(default_factory=dict)
+    images: dict = field(default_factory=dict)  # --images: per-image figures and embeddings, by backend
     latency: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
 
@@ -82,7 +84,7 @@ def artifact_identity(art) -> dict:
     return {"inode": os.stat(art.folder).st_ino, "files": files}
 
 
-def run_backend(cls: type, job: Job, batch: np.ndarray, timeout_s: float, cwd: Path) -> Outcome:
+def run_backend(cls: type, job: Job, batch: np.ndarray, timeout_s: float, cwd: Path, progress=lambda done, total: None) -> Outcome:
     """Run `job` for backend class `cls` in a worker whose working directory is `cwd`; never raises for what the worker does.
 
     The worker dies with this process (PR_SET_PDEATHSIG, and a parent watch in the worker). An
@@ -90,9 +92,10 @@ def run_backend(cls: type, job: Job, batch: np.ndarray, timeout_s: float, cwd: P
     whatever happens, and folders left by a run that was killed outright are removed by the next.
     """
     processes.remove_stale(TEMP_PREFIX)
-    job = Job(**{**asdict(job), "backend": class_path(cls), "sys_path": tuple(sys.path)})
     with tempfile.TemporaryDirectory(prefix=processes.owned_prefix(TEMP_PREFIX)) as folder:
         folder = Path(folder)
+        plan = {**job.dataset, "progress": str(folder / PROGRESS)} if job.dataset else {}
+        job = Job(**{**asdict(job), "backend": class_path(cls), "sys_path": tuple(sys.path), "dataset": plan})
         (folder / JOB).write_text(json.dumps(asdict(job)))
         np.save(folder / INPUT, batch)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])),
@@ -103,8 +106,16 @@ def run_backend(cls: type, job: Job, batch: np.ndarray, timeout_s: float, cwd: P
                 cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 preexec_fn=processes.die_with_parent(),
             )
+            deadline = time.monotonic() + timeout_s
             try:
-                code = child.wait(timeout=timeout_s)
+                while True:
+                    try:
+                        code = child.wait(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+                        break
+                    except subprocess.TimeoutExpired:
+                        if time.monotonic() >= deadline:
+                            raise
+                        _report_progress(folder / PROGRESS, progress)
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
@@ -126,6 +137,14 @@ def run_backend(cls: type, job: Job, batch: np.ndarray, timeout_s: float, cwd: P
         if outcome.status == "error" or outcome.details.get("bugs"):
             keep_log(outcome, folder, cls, job)
         return outcome
+
+
+def _report_progress(path: Path, progress) -> None:
+    try:
+        done, total = map(int, path.read_text().split())
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return
+    progress(done, total)
 
 
 def log_folder() -> Path:
@@ -240,6 +259,15 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
         failure.details = {**outcome.details, **failure.details}
         return failure, arrays
     arrays.update({f"outputs/{backend.name}/{k}": v for k, v in outputs.items()})
+    if job.dataset:
+        try:
+            found, seconds = _stream(backend, job.dataset)
+        except Exception as error:  # noqa: BLE001 - as a failure of the accuracy run
+            failure = _failure("failed while running over the images", error)
+            failure.details = {**outcome.details, **failure.details}
+            return failure, arrays
+        arrays.update({f"images/{backend.name}/{k}": v for k, v in found.items()})
+        outcome.details["inference_s"] = round(seconds, 3)
     bugs = []
     for size in job.batch_sizes:
         rows = np.resize(np.arange(batch.shape[0]), size)  # cycle the input's samples up to `size`
@@ -273,6 +301,22 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
     return outcome, arrays
 
 
+def _stream(backend, plan: dict):
+    """Every image of the --images plan through `backend`, the progress written where the parent reads it."""
+    from exporter import registry
+
+    from . import dataset
+
+    progress = Path(plan["progress"])
+
+    def step(done: int, total: int) -> None:
+        tmp = progress.with_suffix(".tmp")
+        tmp.write_text(f"{done} {total}")
+        os.replace(tmp, progress)
+
+    return dataset.stream(backend, plan, registry.token_groups(plan.get("layout")), step)
+
+
 def _failure(what: str, error: BaseException) -> Outcome:
     """An error outcome for `error`, with its traceback kept, and a bug told apart from a device finding."""
     kind = "internal error (a bug, not a device finding) " if is_bug(error) else ""
@@ -303,7 +347,7 @@ def main(folder: str) -> int:
     if arrays:
         np.savez(folder / ARRAYS, **arrays)
     payload = asdict(outcome)
-    for kind in ("outputs", "taps"):
+    for kind in ("outputs", "taps", "images"):
         payload.pop(kind)
     write_json_atomic(folder / RESULT, payload)  # last: its presence means the worker finished
     return 0

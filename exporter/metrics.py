@@ -98,3 +98,60 @@ def loosest_passing(cosine_value: float, rel_error: float) -> tuple[float | None
             cos = float(np.nextafter(cosine_value, 0.0))
     rel = _ceil_2(float(rel_error)) if np.isfinite(rel_error) and rel_error > 0 else None
     return cos, rel
+
+
+def per_sample(a, b) -> dict[str, np.ndarray]:
+    """Agreement of each sample (axis 0) of `a` with the same sample of the reference `b`, as float64 arrays:
+    cosine, rel_error, max_abs, mean_abs, p50 and p99 of |a-b|, nonfinite, and the sums of squares
+    (sq_diff, sq_ref) from which a relative error over many samples is exact: sqrt(sum sq_diff / sum sq_ref)."""
+    a, b = _as_float(a), _as_float(b)
+    count = a.shape[0]
+    flat_a, flat_b = a.reshape(count, -1), b.reshape(count, -1)
+    diff = np.abs(flat_a - flat_b)
+    finite = np.isfinite(diff).all(axis=1)
+    rows = {
+        "cosine": np.array([cosine(x, y) for x, y in zip(flat_a, flat_b)]),
+        "rel_error": np.array([relative_error(x, y) for x, y in zip(flat_a, flat_b)]),
+        "max_abs": diff.max(axis=1) if diff.size else np.zeros(count),
+        "mean_abs": diff.mean(axis=1) if diff.size else np.zeros(count),
+        "nonfinite": np.array([nonfinite_count(x) for x in flat_a], dtype=np.float64),
+        "sq_diff": (diff ** 2).sum(axis=1),
+        "sq_ref": (flat_b ** 2).sum(axis=1),
+    }
+    quantiles = np.full((count, 2), np.nan)
+    if diff.size and finite.any():
+        quantiles[finite] = np.quantile(diff[finite], (0.5, 0.99), axis=1).T
+    rows["p50"], rows["p99"] = quantiles[:, 0], quantiles[:, 1]
+    return rows
+
+
+def neighbours(reference, other, k: int, chunk: int = 512) -> dict[str, float]:
+    """How well `other`'s k nearest neighbours (by cosine, each row among the others) keep the reference's:
+    mean overlap@k, and the share of rows whose nearest neighbour is unchanged. Ties in the reference's
+    similarities count as agreement: a neighbour as close as the reference's k-th (or 1st) is a right one."""
+    ref, got = _unit(reference), _unit(other)
+    count = ref.shape[0]
+    if count < 2:
+        return {"k": 0, "overlap": float("nan"), "nearest_unchanged": float("nan")}
+    k = min(k, count - 1)
+    overlaps, same_nearest = [], []
+    for start in range(0, count, chunk):
+        rows = np.arange(start, min(start + chunk, count))
+        ref_sim, got_sim = ref[rows] @ ref.T, got[rows] @ got.T
+        ref_sim[np.arange(len(rows)), rows] = -np.inf  # a row is not its own neighbour
+        got_sim[np.arange(len(rows)), rows] = -np.inf
+        ref_order = np.argsort(-ref_sim, axis=1, kind="stable")
+        got_top = np.argsort(-got_sim, axis=1, kind="stable")[:, :k]
+        kth = np.take_along_axis(ref_sim, ref_order[:, k - 1:k], axis=1)
+        first = np.take_along_axis(ref_sim, ref_order[:, :1], axis=1)
+        chosen = np.take_along_axis(ref_sim, got_top, axis=1)
+        overlaps.append((chosen >= kth).sum(axis=1) / k)
+        same_nearest.append(chosen[:, 0] >= first[:, 0])
+    return {"k": int(k), "overlap": float(np.concatenate(overlaps).mean()),
+            "nearest_unchanged": float(np.concatenate(same_nearest).mean())}
+
+
+def _unit(x) -> np.ndarray:
+    x = _as_float(x).reshape(np.shape(x)[0], -1)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms == 0, 1.0, norms)

@@ -237,3 +237,36 @@ def stand_in(root: Path, package: str, source: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = os.pathsep.join([str(root), str(ROOT)])
     return env
+
+
+def make_images(folder: Path, count: int, extras: bool = True) -> Path:
+    """`count` distinct photos made from the bundled one (crops, flips, colour shifts, other sizes, a 16-bit
+    PNG among them) under `folder` and a subfolder, plus, with `extras`, a corrupt JPEG and a text file."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from compare.inputs import default_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "more").mkdir(exist_ok=True)
+    base = Image.open(default_image()).convert("RGB")
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        w, h = base.size
+        left, top = int(rng.integers(0, w // 3)), int(rng.integers(0, h // 3))
+        image = base.crop((left, top, left + w // 2 + int(rng.integers(0, w // 3)), top + h // 2 + int(rng.integers(0, h // 3))))
+        if i % 2:
+            image = ImageOps.mirror(image)
+        if i % 3 == 1:
+            image = Image.fromarray(np.clip(np.asarray(image, dtype=np.int16) + rng.integers(-40, 40, 3), 0, 255).astype(np.uint8))
+        image = image.resize((96 + 8 * (i % 7), 96 + 8 * (i % 5)))
+        target = folder / ("more" if i % 4 == 3 else "") / f"photo_{i:03d}"
+        if i == 5:  # a 16-bit greyscale PNG
+            grey = (np.asarray(image.convert("L"), dtype=np.uint16) * 257)
+            Image.fromarray(grey).save(target.with_suffix(".png"))
+        else:
+            image.save(target.with_suffix(".jpg" if i % 2 else ".png"))
+    if extras:
+        (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+        (folder / "notes.txt").write_text("not an image\n")
+    return folder

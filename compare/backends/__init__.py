@@ -5,8 +5,11 @@ from .base import Backend, BackendUnavailable
 from .onnxruntime import OrtCann, OrtCpu, OrtCuda
 from .torch_cpu import TorchCpu
 from .torch_cuda import TorchCuda
+from .torch_fp64 import TorchCpuFp64
 from .torch_npu import TorchNpu
 
 BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (TorchCpu, TorchNpu, TorchCuda, OrtCpu, OrtCann, OrtCuda)}
+# What --truth NAME runs first: not a backend to compare, the yardstick for all of them.
+TRUTHS: dict[str, type[Backend]] = {"fp64": TorchCpuFp64}
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailable"]
+__all__ = ["BACKENDS", "TRUTHS", "Backend", "BackendUnavailable"]

@@ -7,7 +7,7 @@ import numpy as np
 
 # fp32 means true fp32 on every backend. fast-math keeps each vendor's shipped fp32 shortcuts
 # (TF32 on CUDA, HF32 on Ascend, CANN's default precision_mode), judged by a class of its own.
-PRECISIONS = ("fp32", "fp16", "bf16", "fast-math")
+PRECISIONS = ("fp32", "fp16", "bf16", "fast-math", "fp64")  # fp64: only the --truth run
 
 
 class BackendUnavailable(Exception):

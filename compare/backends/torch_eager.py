@@ -8,7 +8,7 @@ import numpy as np
 from .base import Backend, BackendUnavailable
 
 # fast-math is fp32 weights and activations with the device's shipped fp32 shortcuts left on.
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fast-math": "float32"}
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fast-math": "float32", "fp64": "float64"}
 
 
 class TorchEager(Backend):

@@ -220,12 +220,17 @@ def test_input_section_names_the_input_weights_and_reference(tiny_run):
     assert rows["reference"].startswith(report["reference"])
 
 
+def _label(row: dict) -> str:
+    """The output as the tables name it: pooled, tokens, tokens[cls]."""
+    return row["output"] + (f"[{row['group']}]" if row["group"] else "")
+
+
 def test_accuracy_table_numbers_equal_the_json_at_the_printed_precision(tiny_run):
     _, text, report, _ = tiny_run
     rows = {(row["backend"], row["output"]): row for row in table(section(text, "### Accuracy"))}
-    assert set(rows) == {(r["backend"], r["output"]) for r in report["accuracy"]}
+    assert set(rows) == {(r["backend"], _label(r)) for r in report["accuracy"]}
     for want in report["accuracy"]:
-        got = rows[(want["backend"], want["output"])]
+        got = rows[(want["backend"], _label(want))]
         assert_documented_format(got)
         for column, field in ACCURACY_NUMBERS.items():
             assert_printed(got[column], want[field])
@@ -279,7 +284,7 @@ def test_a_failing_output_shows_fail_in_verdict_table_and_conclusion(artifacts_r
     assert text.splitlines()[2] == ("**FAIL**: ort-cpu disagrees with torch-cpu; thresholds overridden for every class, "
                                     "same-host fp32 included: --max-rel 1e-12.")
     assert {row["verdict"] for row in table(section(text, "### Accuracy"))} == {"**FAIL**"}
-    assert conclusions(text)["ort-cpu"].startswith("ort-cpu: FAIL (pooled, tokens)")
+    assert conclusions(text)["ort-cpu"].startswith("ort-cpu: FAIL (pooled, tokens, tokens[cls], tokens[patches])")
     assert "Not measured (`--no-latency`)." in section(text, "### Latency and throughput")
 
 
@@ -297,7 +302,7 @@ def test_one_document_holds_a_section_per_model(artifacts_root, tmp_path):
         model_text = section(text, f"## {report['model']} (timm `{report['timm_name']}`)")
         rows = {(r["backend"], r["output"]): r for r in table(section(model_text, "### Accuracy"))}
         for want in report["accuracy"]:
-            assert_printed(rows[(want["backend"], want["output"])]["rel err"], want["rel_error"])
+            assert_printed(rows[(want["backend"], _label(want))]["rel err"], want["rel_error"])
     if importlib.util.find_spec("matplotlib"):
         charts = {path.name for path in links(text, tmp_path)}
         assert charts == {"report-dinov2-latency.png", "report-dinov3-latency.png"}

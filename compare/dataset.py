@@ -1,0 +1,148 @@
+"""Many images (`--images DIR`), streamed in batches with bounded memory.
+
+The parent decodes each image once, through the model's own timm eval transform, into one float32
+file on disk. Each worker then reads it batch by batch: the truth (--truth) and the reference write
+their outputs to disk as they go, and every other backend reads them back batch by batch and keeps
+only per-image figures (cosine, relative error, ...) and its pooled embeddings, for neighbour
+agreement. Nothing holds every image's tokens in memory: the parent holds a row of numbers per
+image, and each worker one batch.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from exporter.errors import UserError
+
+OUTPUTS = ("pooled", "tokens")
+INPUTS = "inputs.f32"
+
+
+def list_images(spec: str) -> list[Path]:
+    """The files under folder `spec` (recursively) or matching glob `spec`, in a fixed order (sorted by path)."""
+    root = Path(spec)
+    if root.is_dir():
+        found = sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: str(p.relative_to(root)))
+    elif any(ch in spec for ch in "*?["):
+        found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+    elif root.exists():
+        raise UserError(f"--images {spec} is a file; pass a folder or a glob such as 'photos/**/*.jpg' (or use --image)")
+    else:
+        raise UserError(f"--images {spec}: no such folder; pass a folder of images or a glob such as 'photos/*.jpg'")
+    if not found:
+        raise UserError(f"--images {spec} holds no files; pass a folder of images or a glob that matches some")
+    return found
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def preprocess(paths: list[Path], data_config: dict, folder: Path, step=lambda message: None, limit: int | None = None
+               ) -> tuple[list[dict], list[dict]]:
+    """Decode and transform each image, one at a time, appending it to folder/inputs.f32, until `limit` images.
+
+    Returns (images, skipped): {"path", "sha256"} per image written, in order, and {"path", "reason"} per
+    file that is not a readable image. Nothing is dropped silently.
+    """
+    from . import inputs
+
+    transform = inputs.eval_transform(data_config)
+    images, skipped = [], []
+    with open(folder / INPUTS, "wb") as out:
+        for index, path in enumerate(paths):
+            if limit and len(images) == limit:
+                break
+            step(f"preprocessing {progress_bar(index, len(paths))} {index}/{len(paths)} images")
+            try:
+                array = inputs.preprocess(path, data_config, transform)
+            except UserError as why:
+                skipped.append({"path": str(path), "reason": str(why)})
+                continue
+            array.astype(np.float32).tofile(out)
+            images.append({"path": str(path), "sha256": file_sha256(path)})
+    return images, skipped
+
+
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    filled = int(width * done / total) if total else width
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def read_rows(path: Path, start: int, count: int, shape, dtype=np.float32) -> np.ndarray:
+    """Rows [start, start + count) of a raw array file of rows of `shape`; read, not mapped, so memory stays one batch."""
+    size = int(np.prod(shape))
+    itemsize = np.dtype(dtype).itemsize
+    rows = np.fromfile(path, dtype=dtype, count=count * size, offset=start * size * itemsize)
+    if rows.size != count * size:
+        raise ValueError(f"{path} holds fewer rows than {start + count}")
+    return rows.reshape(count, *shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker side: one backend over every image.
+
+
+def stream(backend, plan: dict, groups: dict, step=lambda done, total: None) -> tuple[dict[str, np.ndarray], float]:
+    """Run `backend` over every image of `plan`, batch by batch. Returns (arrays, inference seconds).
+
+    `plan` (from the parent): inputs, count, batch, shape, and optionally "write" (a path prefix where
+    this backend's outputs go, in "dtype"), "reference" and "truth" ({"prefix", "dtype"} of outputs
+    written before by those runs). Arrays: "embeddings" (pooled, one row per image) and, against each
+    of reference/truth, "<against>|<output>|<group>|<figure>" with one value per image.
+    """
+    from exporter import metrics
+
+    count, size, shape = plan["count"], plan["batch"], plan["shape"]
+    writers = {name: open(f"{plan['write']}.{name}", "wb") for name in OUTPUTS} if plan.get("write") else {}
+    dtype = np.dtype(plan.get("dtype", "float32"))
+    figures: dict[str, list] = {}
+    embeddings, seconds, shapes = [], 0.0, {}
+    try:
+        for start in range(0, count, size):
+            rows = min(size, count - start)
+            batch = read_rows(Path(plan["inputs"]), start, rows, shape)
+            started = time.perf_counter()
+            outputs = backend.run(batch)
+            seconds += time.perf_counter() - started
+            shapes = {name: list(outputs[name].shape[1:]) for name in OUTPUTS}
+            embeddings.append(np.asarray(outputs["pooled"], dtype=np.float32))
+            for name, handle in writers.items():
+                np.ascontiguousarray(outputs[name], dtype=dtype).tofile(handle)
+            for against in ("reference", "truth"):
+                if plan.get(against):
+                    _figures(figures, against, outputs, plan[against], start, rows, groups, metrics)
+            step(start + rows, count)
+    finally:
+        for handle in writers.values():
+            handle.close()
+    if writers:
+        Path(f"{plan['write']}.json").write_text(json.dumps({"dtype": dtype.name, "shapes": shapes}))
+    arrays = {key: np.concatenate(values) for key, values in figures.items()}
+    arrays["embeddings"] = np.concatenate(embeddings)
+    return arrays, seconds
+
+
+def _figures(figures: dict, against: str, outputs: dict, written: dict, start: int, rows: int, groups: dict, metrics) -> None:
+    meta = json.loads(Path(f"{written['prefix']}.json").read_text())
+    for name in OUTPUTS:
+        want_shape = meta["shapes"][name]
+        got = np.asarray(outputs[name])
+        if list(got.shape[1:]) != want_shape:
+            raise ValueError(f"{name} has shape {list(got.shape[1:])} per image, the {against} {want_shape}")
+        want = read_rows(Path(f"{written['prefix']}.{name}"), start, rows, want_shape, meta["dtype"])
+        parts = {"": slice(None)}
+        if name == "tokens":
+            parts.update(groups)
+        for group, part in parts.items():
+            for figure, values in metrics.per_sample(got[:, part], want[:, part]).items():
+                figures.setdefault(f"{against}|{name}|{group}|{figure}", []).append(values)

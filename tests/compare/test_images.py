@@ -1,0 +1,118 @@
+"""Evidence on many images (--images): streamed in batches, per-image results with the worst image named,
+neighbour agreement, the fp64 truth, and memory that does not grow with the folder."""
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import pytest
+
+from compare.cli import main
+from compare.run import CompareOptions, compare
+from tests.helpers import TINY, call, make_images, one_line_error, rewrite_weights
+
+BASE = ["--backends", "torch-cpu,ort-cpu", "--no-latency"]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """12 photos made from the bundled one (crops, flips, colour shifts, sizes, a 16-bit PNG), a corrupt JPEG and a text file."""
+    return make_images(tmp_path_factory.mktemp("photos"), 12)
+
+
+def test_a_folder_of_images_gives_per_image_results_and_names_what_it_skipped(artifacts_root, photos, capsys, tmp_path):
+    code, out, err = call(main, capsys, TINY, "--artifacts", str(artifacts_root), *BASE, "--images", str(photos),
+                          "--batch-size", "5", "--json", str(tmp_path / "r.json"))
+    [report] = json.loads((tmp_path / "r.json").read_text())["reports"]
+    assert code == 0 and report["verdict"] == "PASS", out + err
+    described = report["input"]
+    paths = [image["path"] for image in described["images"]]
+    assert described["count"] == 12 and len(paths) == 12
+    assert paths == sorted(paths, key=lambda p: p.replace(str(photos) + "/", ""))  # a fixed order: sorted by path
+    assert any("/more/" in p for p in paths)  # the folder is read recursively
+    skipped = {entry["path"].rsplit("/", 1)[1]: entry["reason"] for entry in described["skipped"]}
+    assert set(skipped) == {"broken.jpg", "notes.txt"} and all("not an image" in why for why in skipped.values())
+    assert sum("skipped" in w for w in report["warnings"]) == 2
+    rows = {r["output"] + (f"[{r['group']}]" if r["group"] else ""): r for r in report["accuracy"]}
+    assert set(rows) == {"pooled", "tokens", "tokens[cls]", "tokens[patches]"}
+    for row in rows.values():
+        assert row["images"]["count"] == 12 and row["images"]["worst_image"] in paths
+        assert row["images"]["cos_worst"] <= row["images"]["cos_p1"] <= row["images"]["cos_median"]
+    assert all(len(v["cosine"]) == 12 for v in report["per_image"]["ort-cpu"].values())
+    [neighbours] = report["neighbours"]
+    assert (neighbours["k"], neighbours["overlap"], neighbours["nearest_unchanged"]) == (10, 1.0, 1.0)
+    assert "Per image (12 images" in out and "Neighbour agreement" in out
+    code, _, _ = call(main, capsys, TINY, "--artifacts", str(artifacts_root), *BASE, "--images", str(photos), "--limit", "3",
+                      "--json", str(tmp_path / "limited.json"))
+    [limited] = json.loads((tmp_path / "limited.json").read_text())["reports"]
+    assert code == 0 and [i["path"] for i in limited["input"]["images"]] == paths[:3]
+
+
+def test_a_perturbed_artifact_lowers_neighbour_agreement_names_the_worst_image_and_the_truth_ratio(
+        tiny_copy, photos, capsys, tmp_path):
+    def perturb(state):
+        state["blocks.1.mlp.fc1.weight"] *= 2.0
+        state["blocks.3.attn.qkv.weight"] *= 1.5
+
+    rewrite_weights(tiny_copy / TINY, perturb)
+    code, out, _ = call(main, capsys, TINY, "--artifacts", str(tiny_copy), *BASE, "--images", str(photos),
+                        "--batch-size", "4", "--truth", "fp64", "--json", str(tmp_path / "r.json"))
+    [report] = json.loads((tmp_path / "r.json").read_text())["reports"]
+    assert code == 1 and report["verdict"] == "FAIL"
+    [neighbours] = report["neighbours"]
+    assert neighbours["overlap"] < 1.0 and not neighbours["passed"]
+    worst = next(r for r in report["accuracy"] if r["output"] == "pooled" and not r["group"])["images"]["worst_image"]
+    assert worst in out
+    truth = {(r["backend"], r["output"]): r for r in report["truth"]}
+    # The eager model and the fp64 truth share the perturbed weights; model.onnx does not.
+    own = truth[("torch-cpu", "pooled")]["rel_error"]
+    assert 0 < own < 1e-5 and truth[("torch-cpu", "pooled")]["ratio"] == pytest.approx(1.0)
+    assert truth[("ort-cpu", "pooled")]["ratio"] > 1000
+
+
+def test_the_fp64_truth_puts_the_cpu_references_own_error_next_to_each_backend(artifacts_root, capsys, tmp_path):
+    code, out, _ = call(main, capsys, TINY, "--artifacts", str(artifacts_root), *BASE, "--truth", "fp64",
+                        "--json", str(tmp_path / "r.json"))
+    [report] = json.loads((tmp_path / "r.json").read_text())["reports"]
+    assert code == 0
+    truth = {(r["backend"], r["output"]): r for r in report["truth"]}
+    assert set(truth) == {(b, o) for b in ("torch-cpu", "ort-cpu") for o in ("pooled", "tokens")}
+    assert all(0 < r["rel_error"] < 1e-5 for r in truth.values())  # fp32 is rounded: small, never zero
+    assert 0.1 < truth[("ort-cpu", "tokens")]["ratio"] < 10
+    assert "Against the fp64 truth" in out
+
+
+def _peak_bytes(root, folder) -> int:
+    tracemalloc.start()
+    try:
+        report, _ = compare(TINY, CompareOptions(artifacts=str(root), backends=("torch-cpu", "ort-cpu"), latency=False,
+                                                 images=str(folder), batch_size=8))
+        assert report.verdict.status == "PASS" and report.input["count"] > 0
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_parent_holds_no_image_or_tokens_per_image(artifacts_root, tmp_path):
+    few = make_images(tmp_path / "few", 40, extras=False)
+    many = make_images(tmp_path / "many", 200, extras=False)
+    grown = _peak_bytes(artifacts_root, many) - _peak_bytes(artifacts_root, few)
+    # 160 more images: holding their inputs would take 49 MB, their tokens 4 MB per backend. Per-image
+    # figures and the 64-float pooled embeddings take well under 1 MB.
+    assert grown < 2_000_000, f"peak grew by {grown / 1e6:.1f} MB for 160 more images"
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--images", "{empty}"), "holds no files"),
+    (("--images", "{junk}"), "none of the 1 files is a readable image"),
+    (("--limit", "3"), "--limit takes a count of at least 1, and goes with --images"),
+    (("--images", "{junk}", "--image", "x.jpg"), "--images replaces --image"),
+    (("--images", "{junk}", "--against", "x.npz"), "not an --images set yet"),
+])
+def test_bad_image_sets_are_one_line_errors(artifacts_root, capsys, tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.txt").write_text("not an image")
+    args = [a.format(empty=tmp_path / "empty", junk=tmp_path / "junk") for a in args]
+    code, _, err = call(main, capsys, TINY, "--artifacts", str(artifacts_root), *BASE, *args)
+    assert code == 2 and message in one_line_error(err)

@@ -17,6 +17,13 @@ class Tolerance:
     min_nearest: float = 1.0
 
 
+# Neighbour agreement (--images; mean overlap@10 and the share of unchanged nearest neighbours of `pooled`),
+# measured on this CPU with dinov3 (random trained-like weights) over 48 crops, flips and colour shifts of
+# the bundled photo, a hard set whose neighbours are close: fp16 kept overlap 1.000 and every nearest
+# neighbour; bf16 kept overlap 0.998 (one neighbour in 480 swapped) and every nearest neighbour. Same-host
+# fp32 must keep them all (ties excepted). The others allow 1 in 20 (fp16-like) or 1 in 10 (bf16)
+# neighbours to swap, and 1 in 10 or 1 in 5 nearest neighbours to change.
+#
 # fp16/bf16 were measured on this project's CPU host (torch 2.14.1, random trained-like weights,
 # batch 2, both models): fp16 gave rel <= 1.2e-3 and cosine >= 0.999999; bf16 gave rel <= 1.0e-2
 # and cosine >= 0.99995. The thresholds leave room (16x and 4x) for accelerator kernels that
@@ -29,14 +36,16 @@ TOLERANCES = {
     "accelerator": Tolerance(
         "accelerator fp32", 0.999, 1e-2,
         "the users' own thresholds; NPUs may run fp32 matmuls in reduced internal precision",
+        min_overlap=0.95, min_nearest=0.9,
     ),
-    "fp16": Tolerance("fp16", 0.999, 2e-2, "measured rel 1.2e-3 on CPU fp16; 16x headroom"),
-    "bf16": Tolerance("bf16", 0.998, 4e-2, "measured rel 1.0e-2 on CPU bf16; 4x headroom"),
+    "fp16": Tolerance("fp16", 0.999, 2e-2, "measured rel 1.2e-3 on CPU fp16; 16x headroom", min_overlap=0.95, min_nearest=0.9),
+    "bf16": Tolerance("bf16", 0.998, 4e-2, "measured rel 1.0e-2 on CPU bf16; 4x headroom", min_overlap=0.9, min_nearest=0.8),
     # TF32 and HF32 keep 10 and 11 mantissa bits, close to fp16's 10; CANN's default precision_mode
     # compiles in fp16. So the vendors' shipped fp32 defaults are judged like fp16.
     "fast-math": Tolerance(
         "fast-math fp32", 0.999, 2e-2,
         "the vendors' shipped fp32 shortcuts (TF32, HF32, CANN's default fp16 compile): about fp16's precision",
+        min_overlap=0.95, min_nearest=0.9,
     ),
 }
 

@@ -201,7 +201,7 @@ def backend_rows(report: Report) -> list[tuple[str, ...]]:
     other settings or why it did not run."""
     shown = {"device", "dtype", "device_name", "torch", "torch_npu", "onnxruntime", "cann", "cuda", "precision",
              "switches", "provider_options", "placement", "placement_summary", "timed", "kernel_time_share",
-             "layers_placement", "layers_placement_summary", "layers_graph", "traceback", "bugs", "log"}
+             "layers_placement", "layers_placement_summary", "layers_graph", "traceback", "bugs", "log", "peak_rss_mb"}
 
     def setting(value) -> str:
         return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)

@@ -344,6 +344,9 @@ def main(folder: str) -> int:
         outcome, arrays = work(job, np.load(folder / INPUT, allow_pickle=False))
     except Exception as error:  # noqa: BLE001 - anything uncaught is reported with its traceback, not lost
         outcome, arrays = _failure("the worker failed", error), {}
+    import resource
+
+    outcome.details["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
     if arrays:
         np.savez(folder / ARRAYS, **arrays)
     payload = asdict(outcome)

@@ -30,10 +30,10 @@ def test_a_worker_killed_by_sigsegv_is_an_error_row_and_the_rest_of_the_report_i
 
 
 def test_a_worker_that_hangs_past_the_time_limit_is_stopped_and_reported(artifacts_root, capsys, monkeypatch, tmp_path):
-    code, out, _, report = _run(capsys, monkeypatch, tmp_path, artifacts_root, Hangs, extra=("--timeout", "20"))
+    code, out, _, report = _run(capsys, monkeypatch, tmp_path, artifacts_root, Hangs, extra=("--timeout", "12"))
     assert code == 1
     status = {b["name"]: b for b in report["backends"]}
-    assert status["hangs"]["status"] == "error" and status["hangs"]["reason"].startswith("no answer in 20 s")
+    assert status["hangs"]["status"] == "error" and status["hangs"]["reason"].startswith("no answer in 12 s")
     assert status["ort-cpu"]["status"] == "ran" and all(r["passed"] for r in report["accuracy"])
 
 

@@ -95,8 +95,6 @@ def parse(argv=None) -> argparse.Namespace:
         raise UserError("--images replaces --image, --input and --seed; drop those")
     if args.limit is not None and (not args.images or args.limit < 1):
         raise UserError(f"--limit takes a count of at least 1, and goes with --images; got {args.limit}")
-    if args.images and (args.against or args.save_reference):
-        raise UserError("--save-reference and --against carry one input batch, not an --images set yet; drop one of them")
     chosen = set(args.backends) | {args.reference}
     for name in args.require:
         if name not in chosen:

@@ -1,11 +1,12 @@
 """Many images (`--images DIR`), streamed in batches with bounded memory.
 
-The parent decodes each image once, through the model's own timm eval transform, into one float32
-file on disk. Each worker then reads it batch by batch: the truth (--truth) and the reference write
+The first worker (the truth's or the reference's, which imports timm anyway) decodes each image once,
+through the model's own timm eval transform, into one float32 file on disk, so the parent never
+imports timm and torch for this. Each worker then reads it batch by batch: the truth (--truth) and the reference write
 their outputs to disk as they go, and every other backend reads them back batch by batch and keeps
 only per-image figures (cosine, relative error, ...) and its pooled embeddings, for neighbour
 agreement. Nothing holds every image's tokens in memory: the parent holds a row of numbers per
-image, and each worker one batch.
+image, and each worker one batch (and its pooled embeddings).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from exporter.errors import UserError
 
 OUTPUTS = ("pooled", "tokens")
 INPUTS = "inputs.f32"
+IMAGES = "images.json"
 
 
 def list_images(spec: str) -> list[Path]:
@@ -45,6 +47,22 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def decode(plan: dict) -> tuple[list[dict], list[dict]]:
+    """In the reference's worker, which has timm imported already: decode every image of the plan into
+    its folder (inputs.f32) and record what was taken and skipped there (images.json)."""
+    folder = Path(plan["folder"])
+    images, skipped = preprocess([Path(p) for p in plan["decode"]["paths"]], plan["decode"]["data_config"], folder,
+                                 limit=plan["decode"].get("limit"))
+    (folder / IMAGES).write_text(json.dumps({"images": images, "skipped": skipped}))
+    return images, skipped
+
+
+def decoded(folder: Path) -> tuple[list[dict], list[dict]]:
+    """(images, skipped) as the reference's worker recorded them."""
+    found = json.loads((Path(folder) / IMAGES).read_text())
+    return found["images"], found["skipped"]
 
 
 def preprocess(paths: list[Path], data_config: dict, folder: Path, step=lambda message: None, limit: int | None = None
@@ -92,9 +110,11 @@ def read_rows(path: Path, start: int, count: int, shape, dtype=np.float32) -> np
 # The worker side: one backend over every image.
 
 
-def stream(backend, plan: dict, groups: dict, step=lambda done, total: None) -> tuple[dict[str, np.ndarray], float]:
+def stream(backend, plan: dict, groups: dict, step=lambda done, total: None, first: tuple | None = None
+           ) -> tuple[dict[str, np.ndarray], float]:
     """Run `backend` over every image of `plan`, batch by batch. Returns (arrays, inference seconds).
 
+    `first` is (outputs, seconds) of the first batch, computed already by the worker's first run: reused.
     `plan` (from the parent): inputs, count, batch, shape, and optionally "write" (a path prefix where
     this backend's outputs go, in "dtype"), "reference" and "truth" ({"prefix", "dtype"} of outputs
     written before by those runs). Arrays: "embeddings" (pooled, one row per image) and, against each
@@ -102,7 +122,8 @@ def stream(backend, plan: dict, groups: dict, step=lambda done, total: None) -> 
     """
     from exporter import metrics
 
-    count, size, shape = plan["count"], plan["batch"], plan["shape"]
+    size, shape = plan["batch"], plan["shape"]
+    count = Path(plan["inputs"]).stat().st_size // (4 * int(np.prod(shape)))  # float32 rows the decoder wrote
     writers = {name: open(f"{plan['write']}.{name}", "wb") for name in OUTPUTS} if plan.get("write") else {}
     dtype = np.dtype(plan.get("dtype", "float32"))
     figures: dict[str, list] = {}
@@ -110,10 +131,14 @@ def stream(backend, plan: dict, groups: dict, step=lambda done, total: None) -> 
     try:
         for start in range(0, count, size):
             rows = min(size, count - start)
-            batch = read_rows(Path(plan["inputs"]), start, rows, shape)
-            started = time.perf_counter()
-            outputs = backend.run(batch)
-            seconds += time.perf_counter() - started
+            if start == 0 and first is not None:
+                outputs, took = first
+            else:
+                batch = read_rows(Path(plan["inputs"]), start, rows, shape)
+                started = time.perf_counter()
+                outputs = backend.run(batch)
+                took = time.perf_counter() - started
+            seconds += took
             shapes = {name: list(outputs[name].shape[1:]) for name in OUTPUTS}
             embeddings.append(np.asarray(outputs["pooled"], dtype=np.float32))
             for name, handle in writers.items():

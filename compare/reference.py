@@ -37,6 +37,7 @@ class Stored:
     taps: dict[str, dict[str, np.ndarray]]
     backends: dict[str, dict]  # keyed name -> {"details", "tolerance", "precision"} as saved
     truth: list = field(default_factory=list)  # the saving host's --truth rows, backends keyed name@host
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # --images: pooled per image, by name@host
 
     def statuses(self) -> list[BackendStatus]:
         """One "stored" status per saved backend, its saved details plus where and when it ran."""
@@ -71,6 +72,8 @@ def save(path, report: Report, run) -> None:
         for kind, found in (("outputs", run.outputs), ("taps", run.taps)):
             for name, array in found.get(status.name, {}).items():
                 arrays[f"{kind}/{status.name}/{name}"] = np.asarray(array)
+        if status.name in run.images:  # --images: every image's pooled embedding, in input order
+            arrays[f"embeddings/{status.name}/pooled"] = np.asarray(run.images[status.name]["embeddings"])
     metadata = {
         "format": FORMAT,
         "version": VERSION,
@@ -145,13 +148,15 @@ def _check(path, metadata, manifest: dict) -> None:
 
 def _stored(path: str, metadata: dict, arrays: dict[str, np.ndarray]) -> Stored:
     host = metadata["host"]
-    outputs, taps = {}, {}
+    outputs, taps, embeddings = {}, {}, {}
     for key, array in arrays.items():
         kind, _, rest = key.partition("/")
         backend, _, name = rest.partition("/")  # backend names have no "/", layer names might
         if kind in ("outputs", "taps"):
             found = outputs if kind == "outputs" else taps
             found.setdefault(f"{backend}@{host}", {})[name] = array
+        elif kind == "embeddings":
+            embeddings[f"{backend}@{host}"] = array
     return Stored(
         path=path,
         batch=np.asarray(arrays["batch"], dtype=np.float32),
@@ -163,4 +168,5 @@ def _stored(path: str, metadata: dict, arrays: dict[str, np.ndarray]) -> Stored:
         taps=taps,
         backends={f"{name}@{host}": saved for name, saved in metadata["backends"].items()},
         truth=[{**row, "backend": f"{row['backend']}@{host}"} for row in metadata.get("truth", [])],
+        embeddings=embeddings,
     )

@@ -184,10 +184,18 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
     plans = {}
     if plan:
         folder = Path(plan["folder"])
-        base = {k: v for k, v in plan.items() if k != "folder"}
+        base = {k: v for k, v in plan.items() if k != "decode"}
+        first = "truth" if options.truth else "reference"  # the first worker decodes the images
         plans = {"truth": {**base, "write": str(folder / "truth"), "dtype": "float64"},
                  "reference": {**base, "write": str(folder / "reference"), "dtype": "float32"},
                  "other": base}
+        plans[first]["decode"] = plan["decode"]
+
+    def decoded_batch() -> np.ndarray:
+        """--images: the first batch, as the first worker decoded it, for the workers after it and the report."""
+        count = len(dataset.decoded(folder)[0])
+        return dataset.read_rows(folder / dataset.INPUTS, 0, min(plan["batch"], count), plan["shape"])
+
 
     def progress_of(name: str):
         return lambda done, total: step(f"{art.key}: {name} {dataset.progress_bar(done, total)} {done}/{total} images")
@@ -202,6 +210,7 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
         run.truth = outcome.outputs[cls.name]
         if plan:
             written["truth"] = {"prefix": plans["truth"]["write"]}
+            batch = run.batch = decoded_batch()
     for name in names:
         cls = BACKENDS[name]
         # The reference is the truth the others are judged against: it always runs in true fp32.
@@ -224,6 +233,7 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
             run.images.update(outcome.images)
             if plan and name == options.reference:
                 written["reference"] = {"prefix": plans["reference"]["write"]}
+                batch = run.batch = decoded_batch()
             timings += [LatencyStats(**row) for row in outcome.latency]
         warnings += outcome.warnings
         if name == options.reference and outcome.status != "ran":
@@ -246,15 +256,30 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
 
         stored = reference.load(options.against, manifest)
     groups = layout(manifest)
+    if stored is not None and (stored.input.get("kind") == "images") != bool(options.images):
+        raise UserError(
+            f"the reference in {options.against} was saved from {stored.input.get('count')} images (--images); pass --images "
+            f"with the same images" if stored.input.get("kind") == "images" else
+            f"the reference in {options.against} holds one input batch, not an image set; drop --images to reuse it")
     if options.images:
         with images_folder() as folder:
-            batch, described, plan = _images_input(options, manifest, folder, groups, step)
+            batch, plan = _images_plan(options, manifest, folder, groups)
             statuses, run, timings, warnings = run_backends(options, art, batch, step, plan)
+            described = _images_described(options, manifest, *dataset.decoded(folder))
         warnings = [f"skipped {s['path']}: {s['reason']}" for s in described["skipped"]] + warnings
     else:
         batch, described = _input(options, manifest, stored)
         statuses, run, timings, warnings = run_backends(options, art, batch, step)
     want = run.outputs[options.reference]
+    if stored is not None and options.images:
+        if stored.input["sha256"] != described["sha256"]:
+            raise UserError(
+                f"the images differ from those stored in {options.against} ({stored.input['count']} images there, "
+                f"{described['count']} here, compared by content hash in order); pass --images with the same images")
+        reference_embeddings = run.images[options.reference]["embeddings"]
+        for name, embeddings in stored.embeddings.items():  # pooled, per image, against this host's reference
+            run.images[name] = {"embeddings": embeddings, **{f"reference|pooled||{figure}": values for figure, values
+                                                              in metrics.per_sample(embeddings, reference_embeddings).items()}}
     if stored is not None:
         statuses += stored.statuses()
         run.outputs.update(stored.outputs)
@@ -268,7 +293,8 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
         neighbour_rows = [neighbour_row(name, run.images[options.reference]["embeddings"], found["embeddings"], judged[name])
                           for name, found in run.images.items() if name != options.reference]
         per_image = {name: per_image_figures(found) for name, found in run.images.items() if name != options.reference}
-        truth = images_truth(run, options) if options.truth else []
+        truth = (images_truth(run, options) if options.truth else []) + (
+            [TruthComparison(**row) for row in stored.truth] if stored is not None else [])
     else:
         accuracy = [
             row
@@ -317,23 +343,22 @@ def images_folder():
         yield Path(folder)
 
 
-def _images_input(options: CompareOptions, manifest: dict, folder: Path, groups: dict | None, step) -> tuple[np.ndarray, dict, dict]:
-    """Preprocess every image of --images into `folder`; return the first batch, the input's description and the plan."""
-    paths = dataset.list_images(options.images)
-    images, skipped = dataset.preprocess(paths, manifest["data_config"], folder, step, options.limit)
-    if not images:
-        raise UserError(f"--images {options.images}: none of the {len(paths)} files is a readable image "
-                        f"(first: {skipped[0]['path']}: {skipped[0]['reason']}); pass a folder of JPEG or PNG files")
+def _images_plan(options: CompareOptions, manifest: dict, folder: Path, groups: dict | None) -> tuple[np.ndarray, dict]:
+    """An empty placeholder batch and the plan of the workers' streams. The first worker decodes the images
+    (run_backends passes it "decode"), so that this process never imports timm and torch for --images."""
     shape = list(manifest["data_config"]["input_size"])
-    size = options.batch_size or 1
-    batch = dataset.read_rows(folder / dataset.INPUTS, 0, min(size, len(images)), shape)
+    paths = [str(path) for path in dataset.list_images(options.images)]
+    plan = {"folder": str(folder), "inputs": str(folder / dataset.INPUTS), "batch": options.batch_size or 1, "shape": shape,
+            "layout": groups, "decode": {"paths": paths, "data_config": manifest["data_config"], "limit": options.limit}}
+    return np.zeros((0, *shape), dtype=np.float32), plan
+
+
+def _images_described(options: CompareOptions, manifest: dict, images: list[dict], skipped: list[dict]) -> dict:
+    shape = list(manifest["data_config"]["input_size"])
     digest = hashlib.sha256("".join(image["sha256"] for image in images).encode()).hexdigest()
-    described = {"kind": "images", "source": options.images, "shape": [len(images), *shape], "dtype": "float32",
-                 "sha256": digest, "count": len(images), "images": images, "skipped": skipped,
-                 "batch_size": size}
-    plan = {"folder": str(folder), "inputs": str(folder / dataset.INPUTS), "count": len(images), "batch": size,
-            "shape": shape, "layout": groups}
-    return batch, described, plan
+    return {"kind": "images", "source": options.images, "shape": [len(images), *shape], "dtype": "float32",
+            "sha256": digest, "count": len(images), "images": images, "skipped": skipped,
+            "batch_size": options.batch_size or 1}
 
 
 def image_rows(backend: str, found: dict[str, np.ndarray], tolerance: Tolerance, paths: list[str]) -> list[OutputComparison]:

@@ -239,6 +239,14 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
     outcome, arrays = Outcome("ran"), {}
     if _changed(art, job.artifact_id):
         return Outcome("error", _changed(art, job.artifact_id)), arrays
+    if job.dataset.get("decode"):  # --images: the first worker decodes them (it imports timm anyway; the parent need not)
+        from . import dataset
+
+        images, skipped = dataset.decode(job.dataset)
+        if not images:
+            return Outcome("error", f"none of the {len(skipped)} files is a readable image (first: {skipped[0]['path']}: "
+                                    f"{skipped[0]['reason']}); pass a folder of JPEG or PNG files"), arrays
+        batch = dataset.read_rows(Path(job.dataset["inputs"]), 0, min(job.dataset["batch"], len(images)), job.dataset["shape"])
     try:
         outcome.details = backend.load(art, job.precision)
     except BackendUnavailable as why:
@@ -250,7 +258,9 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
     if _changed(art, job.artifact_id):  # swapped while the backend read its files
         return Outcome("error", _changed(art, job.artifact_id)), arrays
     try:
+        started = time.perf_counter()
         outputs = backend.run(batch)
+        first_s = time.perf_counter() - started
         outcome.details.update(backend.observed())
     except BackendUnavailable as why:  # e.g. the profile shows the provider ran (almost) nothing
         return Outcome("skipped", str(why), {**outcome.details, **backend.observed()}), arrays
@@ -261,7 +271,7 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
     arrays.update({f"outputs/{backend.name}/{k}": v for k, v in outputs.items()})
     if job.dataset:
         try:
-            found, seconds = _stream(backend, job.dataset)
+            found, seconds = _stream(backend, job.dataset, (outputs, first_s))
         except Exception as error:  # noqa: BLE001 - as a failure of the accuracy run
             failure = _failure("failed while running over the images", error)
             failure.details = {**outcome.details, **failure.details}
@@ -301,7 +311,7 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
     return outcome, arrays
 
 
-def _stream(backend, plan: dict):
+def _stream(backend, plan: dict, first: tuple):
     """Every image of the --images plan through `backend`, the progress written where the parent reads it."""
     from exporter import registry
 
@@ -314,7 +324,7 @@ def _stream(backend, plan: dict):
         tmp.write_text(f"{done} {total}")
         os.replace(tmp, progress)
 
-    return dataset.stream(backend, plan, registry.token_groups(plan.get("layout")), step)
+    return dataset.stream(backend, plan, registry.token_groups(plan.get("layout")), step, first)
 
 
 def _failure(what: str, error: BaseException) -> Outcome:

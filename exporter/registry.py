@@ -31,13 +31,13 @@ class ModelSpec:
 
 def resolve(name: str) -> ModelSpec:
     """Turn an alias or a timm model name into a ModelSpec, or raise a UserError naming the closest matches."""
-    import timm
-
     if name in ALIASES:
         return ModelSpec(alias=name, timm_name=ALIASES[name])
     for alias, timm_name in ALIASES.items():
         if name == timm_name:
             return ModelSpec(alias=alias, timm_name=timm_name)
+    import timm  # only here: importing it (and torch) costs seconds that a registered name need not pay
+
     architecture = name.partition(".")[0]
     if timm.is_model(architecture):
         return ModelSpec(alias=None, timm_name=name)

@@ -107,7 +107,6 @@ def test_the_parent_holds_no_image_or_tokens_per_image(artifacts_root, tmp_path)
     (("--images", "{junk}"), "none of the 1 files is a readable image"),
     (("--limit", "3"), "--limit takes a count of at least 1, and goes with --images"),
     (("--images", "{junk}", "--image", "x.jpg"), "--images replaces --image"),
-    (("--images", "{junk}", "--against", "x.npz"), "not an --images set yet"),
 ])
 def test_bad_image_sets_are_one_line_errors(artifacts_root, capsys, tmp_path, args, message):
     (tmp_path / "empty").mkdir()
@@ -116,3 +115,31 @@ def test_bad_image_sets_are_one_line_errors(artifacts_root, capsys, tmp_path, ar
     args = [a.format(empty=tmp_path / "empty", junk=tmp_path / "junk") for a in args]
     code, _, err = call(main, capsys, TINY, "--artifacts", str(artifacts_root), *BASE, *args)
     assert code == 2 and message in one_line_error(err)
+
+
+def test_an_image_set_travels_by_content_hash_and_a_tampered_one_fails(artifacts_root, photos, capsys, tmp_path):
+    import numpy as np
+
+    saved = tmp_path / "photos.npz"
+    base = [TINY, "--artifacts", str(artifacts_root), "--no-latency", "--images", str(photos), "--batch-size", "4"]
+    assert call(main, capsys, *base, "--backends", "torch-cpu,ort-cpu", "--save-reference", str(saved))[0] == 0
+    code, out, _ = call(main, capsys, *base, "--backends", "torch-cpu", "--against", str(saved), "--json", str(tmp_path / "r.json"))
+    [report] = json.loads((tmp_path / "r.json").read_text())["reports"]
+    assert code == 0 and report["verdict"] == "PASS", out
+    stored = {r["backend"] for r in report["accuracy"]}
+    assert {b.split("@")[0] for b in stored} == {"torch-cpu", "ort-cpu"} and all("@" in b for b in stored)
+    assert {r["backend"] for r in report["neighbours"]} == stored and all(r["overlap"] == 1.0 for r in report["neighbours"])
+    # Another image set is refused, by content: here the first 3 images only.
+    code, _, err = call(main, capsys, *base, "--limit", "3", "--backends", "torch-cpu", "--against", str(saved))
+    assert code == 2 and "the images differ from those stored" in one_line_error(err)
+    # A stored embedding that was changed is caught, and the image named.
+    with np.load(saved, allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    arrays["embeddings/ort-cpu/pooled"][3] = arrays["embeddings/ort-cpu/pooled"][3][::-1].copy()  # another direction
+    np.savez(tmp_path / "tampered.npz", **arrays)
+    code, out, _ = call(main, capsys, *base, "--backends", "torch-cpu", "--against", str(tmp_path / "tampered.npz"),
+                        "--json", str(tmp_path / "t.json"))
+    [report] = json.loads((tmp_path / "t.json").read_text())["reports"]
+    assert code == 1 and report["verdict"] == "FAIL"
+    [row] = [r for r in report["accuracy"] if r["backend"].startswith("ort-cpu@") and not r["passed"]]
+    assert row["images"]["worst_image"] == report["input"]["images"][3]["path"]

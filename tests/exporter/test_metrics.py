@@ -68,3 +68,21 @@ def test_loosest_passing_thresholds_round_towards_passing():
     assert cos <= 0.99713 and rel >= 3.07e-3
     assert loosest_passing(1.0, 0.0) == (None, None)  # every threshold passes
     assert loosest_passing(float("nan"), float("nan")) == (None, None)
+
+
+def test_per_sample_agrees_with_the_scalar_metrics_sample_by_sample_edge_cases_included():
+    from exporter.metrics import per_sample
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((6, 4, 5)), rng.standard_normal((6, 4, 5))
+    a[1], b[1] = 0.0, 0.0  # both zero: they agree
+    a[2] = 0.0  # one zero
+    b[3] = 0.0
+    a[4, 0, 0] = np.nan
+    found = per_sample(a, b)
+    for i in range(6):
+        for name, scalar in (("cosine", cosine), ("rel_error", relative_error), ("max_abs", max_abs_diff), ("mean_abs", mean_abs_diff)):
+            want, got = scalar(a[i], b[i]), found[name][i]
+            assert (math.isnan(want) and math.isnan(got)) or got == pytest.approx(want, rel=1e-12, abs=1e-15), (name, i)
+        assert found["nonfinite"][i] == nonfinite_count(a[i])
+    assert np.isnan(found["p50"][4]) and found["p99"][0] == pytest.approx(np.quantile(np.abs(a[0] - b[0]), 0.99))

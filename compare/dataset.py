@@ -11,13 +11,13 @@ image, and each worker one batch (and its pooled embeddings).
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from exporter.artifact import sha256
 from exporter.errors import UserError
 
 OUTPUTS = ("pooled", "tokens")
@@ -39,14 +39,6 @@ def list_images(spec: str) -> list[Path]:
     if not found:
         raise UserError(f"--images {spec} holds no files; pass a folder of images or a glob that matches some")
     return found
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def decode(plan: dict) -> tuple[list[dict], list[dict]]:
@@ -87,7 +79,7 @@ def preprocess(paths: list[Path], data_config: dict, folder: Path, step=lambda m
                 skipped.append({"path": str(path), "reason": str(why)})
                 continue
             array.astype(np.float32).tofile(out)
-            images.append({"path": str(path), "sha256": file_sha256(path)})
+            images.append({"path": str(path), "sha256": sha256(path)})
     return images, skipped
 
 

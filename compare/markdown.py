@@ -103,6 +103,9 @@ def model_section(report: Report, charts: dict | None, with_verdict: bool = True
                            _num(r.images["cos_median"], COSINE), _num(r.images["rel_median"], ERROR),
                            _num(r.images["rel_worst"], ERROR), f"`{r.images['worst_image']}`", f"`{r.images['worst_rel_image']}`")
                           for r in report.accuracy if r.images]), ""]
+        count = report.input.get("count", 0)
+        lines += [f"- {b.name}: {b.throughput(count)} (timed in its worker)" for b in report.backends if b.throughput(count)]
+        lines += [""]
         skipped = report.input.get("skipped", [])
         lines += [f"Skipped {len(skipped)} files that are not readable images:", ""] if skipped else []
         lines += [f"- `{entry['path']}`: {_inline(entry['reason'])}" for entry in skipped] + ([""] if skipped else [])

@@ -129,7 +129,9 @@ def overrides_text(overrides: dict) -> str:
 def images_table(report: Report) -> Table:
     """--images: the distribution of each output's per-image agreement, and the worst image by name."""
     count = report.input.get("count", 0)
-    table = Table(title=f"Per image ({count} images; the verdict is judged on the worst)", title_justify="left")
+    speeds = "; ".join(f"{b.name}: {b.throughput(count)}" for b in report.backends if b.throughput(count))
+    table = Table(title=f"Per image ({count} images; the verdict is judged on the worst)", title_justify="left",
+                  caption=f"Each backend's own compute over the images: {speeds}" if speeds else None, caption_justify="left")
     for column in ("backend", "output", "worst cos", "p1 cos", "median cos", "median rel err", "worst rel err", "worst image (lowest cosine)"):
         table.add_column(column, justify="left" if column in ("backend", "output") or column.startswith("worst image") else "right")
     for row in report.accuracy:

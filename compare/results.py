@@ -19,6 +19,11 @@ class BackendStatus:
         found = {**self.details.get("switches", {}), **self.details.get("provider_options", {})}
         return ", ".join(f"{key}={value}" for key, value in found.items())
 
+    def throughput(self, count: int) -> str:
+        """--images: "41.8 s of inference, 12.0 images/s", from the compute the worker timed over `count` images."""
+        seconds = self.details.get("inference_s")
+        return f"{seconds:.1f} s of inference, {count / seconds:.1f} images/s" if seconds else ""
+
     def placement(self) -> str:
         """Where the nodes ran, with the provider's share of kernel time, and the same for the --layers taps."""
         details = self.details

@@ -41,7 +41,7 @@ def test_a_folder_of_images_gives_per_image_results_and_names_what_it_skipped(ar
     assert all(len(v["cosine"]) == 12 for v in report["per_image"]["ort-cpu"].values())
     [neighbours] = report["neighbours"]
     assert (neighbours["k"], neighbours["overlap"], neighbours["nearest_unchanged"]) == (10, 1.0, 1.0)
-    assert "Per image (12 images" in out and "Neighbour agreement" in out
+    assert "Per image (12 images" in out and "Neighbour agreement" in out and "images/s" in out
     code, _, _ = call(main, capsys, TINY, "--artifacts", str(artifacts_root), *BASE, "--images", str(photos), "--limit", "3",
                       "--json", str(tmp_path / "limited.json"))
     [limited] = json.loads((tmp_path / "limited.json").read_text())["reports"]

@@ -86,3 +86,18 @@ def test_per_sample_agrees_with_the_scalar_metrics_sample_by_sample_edge_cases_i
             assert (math.isnan(want) and math.isnan(got)) or got == pytest.approx(want, rel=1e-12, abs=1e-15), (name, i)
         assert found["nonfinite"][i] == nonfinite_count(a[i])
     assert np.isnan(found["p50"][4]) and found["p99"][0] == pytest.approx(np.quantile(np.abs(a[0] - b[0]), 0.99))
+
+
+def test_neighbour_agreement_counts_exact_ties_as_kept_and_sees_a_swap():
+    from exporter.metrics import neighbours
+
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((30, 8))
+    assert neighbours(base, base.copy(), 5) == {"k": 5, "overlap": 1.0, "nearest_unchanged": 1.0}
+    tied = np.concatenate([base, base[:1]])  # rows 0 and 30 are the same: each is the other's nearest, exactly
+    assert neighbours(tied, tied[::1].copy(), 5)["overlap"] == 1.0
+    shuffled = base.copy()
+    shuffled[0], shuffled[1] = base[1], base[0]  # two rows swap embeddings: their neighbours change
+    found = neighbours(base, shuffled, 5)
+    assert found["overlap"] < 1.0 and found["nearest_unchanged"] < 1.0
+    assert neighbours(base[:1], base[:1], 5)["k"] == 0

@@ -107,7 +107,7 @@ def stream(backend, plan: dict, groups: dict, step=lambda done, total: None, fir
     """Run `backend` over every image of `plan`, batch by batch. Returns (arrays, inference seconds).
 
     `first` is (outputs, seconds) of the first batch, computed already by the worker's first run: reused.
-    `plan` (from the parent): inputs, count, batch, shape, and optionally "write" (a path prefix where
+    `plan` (from the parent): inputs (as many rows as the decoder wrote), batch, shape, and optionally "write" (a path prefix where
     this backend's outputs go, in "dtype"), "reference" and "truth" ({"prefix", "dtype"} of outputs
     written before by those runs). Arrays: "embeddings" (pooled, one row per image) and, against each
     of reference/truth, "<against>|<output>|<group>|<figure>" with one value per image.

@@ -153,9 +153,6 @@ class Verdict:
     skipped: list
     overrides: dict
 
-    def __bool__(self) -> bool:
-        return self.status == "PASS"
-
 
 def verdict(report: "Report") -> Verdict:
     """The one verdict function: a PASS needs at least one compared backend, no failed row and no error."""
@@ -206,11 +203,6 @@ class Report:
     @property
     def passed(self) -> bool:
         return self.verdict.status == "PASS"
-
-    @property
-    def compared(self) -> bool:
-        """Whether any backend besides the reference produced outputs, or tried to and failed."""
-        return self.verdict.status != "NOT COMPARED"
 
     @property
     def exit_code(self) -> int:

@@ -59,7 +59,7 @@ class CompareOptions:
     save_reference: bool = False  # the run saves the reference's outputs: a real use even if nothing else runs
     truth: str | None = None  # "fp64": also run eager float64 on the CPU and measure every backend against it
     images: str | None = None  # a folder or glob: stream every image through every backend (compare/dataset.py)
-    limit: int | None = None  # with images: the first N files only
+    limit: int | None = None  # with images: the first N readable images only
     timeout_s: float = 600.0
 
 

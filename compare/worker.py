@@ -237,8 +237,9 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
     # The parent verified every hash; what is checked here is that this is still that artifact.
     art = artifact.load(job.artifacts, job.key, verify=False)
     outcome, arrays = Outcome("ran"), {}
-    if _changed(art, job.artifact_id):
-        return Outcome("error", _changed(art, job.artifact_id)), arrays
+    changed = _changed(art, job.artifact_id)
+    if changed:
+        return Outcome("error", changed), arrays
     if job.dataset.get("decode"):  # --images: the first worker decodes them (it imports timm anyway; the parent need not)
         from . import dataset
 
@@ -255,8 +256,9 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
         return Outcome("error", str(error)), arrays
     except Exception as error:  # noqa: BLE001 - present but unable to load this artifact: a finding
         return _failure("failed to load the artifact", error), arrays
-    if _changed(art, job.artifact_id):  # swapped while the backend read its files
-        return Outcome("error", _changed(art, job.artifact_id)), arrays
+    changed = _changed(art, job.artifact_id)  # swapped while the backend read its files?
+    if changed:
+        return Outcome("error", changed), arrays
     try:
         started = time.perf_counter()
         outputs = backend.run(batch)

@@ -54,6 +54,9 @@ def parse(argv=None) -> argparse.Namespace:
     group.add_argument("--require", type=_names, default=(), help="backends that must run; unavailable means exit 2")
     group.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                        help="precision of the accelerator backends; fp32 is true fp32 everywhere (default: fp32)")
+    group.add_argument("--variants", default="all", metavar="all|none|LIST",
+                       help="the artifact's reduced-precision graphs (exporter --variant) to run as rows of every "
+                            "onnxruntime backend, e.g. int8,fp16 (default: all it has)")
     group.add_argument("--fast-math", action="store_true",
                        help="keep the vendors' shipped fp32 shortcuts (TF32, HF32, CANN's default precision_mode); judged by the fast-math class")
     group.add_argument("--timeout", type=float, default=600.0,
@@ -164,8 +167,15 @@ def options_from(args: argparse.Namespace):
         batch_sizes=args.batch_sizes, warmup=args.warmup, iters=args.iters, budget_s=args.budget,
         latency=not args.no_latency, min_cosine=args.min_cosine, max_rel=args.max_rel,
         layers=args.layers, against=args.against, save_reference=bool(args.save_reference), truth=args.truth,
-        images=args.images, limit=args.limit,
+        images=args.images, limit=args.limit, variants=_variants(args.variants),
     )
+
+
+def _variants(text: str) -> tuple[str, ...] | None:
+    """--variants: None for all the artifact has, () for none, else the names."""
+    if text.strip() == "all":
+        return None
+    return () if text.strip() == "none" else _names(text)
 
 
 def run(args: argparse.Namespace, out: Console, err: Console, argv) -> int:

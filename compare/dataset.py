@@ -10,7 +10,6 @@ image, and each worker one batch (and its pooled embeddings).
 """
 from __future__ import annotations
 
-import glob
 import json
 import time
 from pathlib import Path
@@ -23,22 +22,6 @@ from exporter.errors import UserError
 OUTPUTS = ("pooled", "tokens")
 INPUTS = "inputs.f32"
 IMAGES = "images.json"
-
-
-def list_images(spec: str) -> list[Path]:
-    """The files under folder `spec` (recursively) or matching glob `spec`, in a fixed order (sorted by path)."""
-    root = Path(spec)
-    if root.is_dir():
-        found = sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: str(p.relative_to(root)))
-    elif any(ch in spec for ch in "*?["):
-        found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
-    elif root.exists():
-        raise UserError(f"--images {spec} is a file; pass a folder or a glob such as 'photos/**/*.jpg' (or use --image)")
-    else:
-        raise UserError(f"--images {spec}: no such folder; pass a folder of images or a glob such as 'photos/*.jpg'")
-    if not found:
-        raise UserError(f"--images {spec} holds no files; pass a folder of images or a glob that matches some")
-    return found
 
 
 def decode(plan: dict) -> tuple[list[dict], list[dict]]:
@@ -64,9 +47,9 @@ def preprocess(paths: list[Path], data_config: dict, folder: Path, step=lambda m
     Returns (images, skipped): {"path", "sha256"} per image written, in order, and {"path", "reason"} per
     file that is not a readable image. Nothing is dropped silently.
     """
-    from . import inputs
+    from exporter.images import eval_transform, preprocess as one_image
 
-    transform = inputs.eval_transform(data_config)
+    transform = eval_transform(data_config)
     images, skipped = [], []
     with open(folder / INPUTS, "wb") as out:
         for index, path in enumerate(paths):
@@ -74,7 +57,7 @@ def preprocess(paths: list[Path], data_config: dict, folder: Path, step=lambda m
                 break
             step(f"preprocessing {progress_bar(index, len(paths))} {index}/{len(paths)} images")
             try:
-                array = inputs.preprocess(path, data_config, transform)
+                array = one_image(path, data_config, transform)
             except UserError as why:
                 skipped.append({"path": str(path), "reason": str(why)})
                 continue

@@ -45,6 +45,17 @@ def first_drifting_group(rows: list[LayerComparison]) -> tuple[str, LayerCompari
     return None
 
 
+def largest_step(rows: list[LayerComparison]) -> tuple[str, float] | None:
+    """(block, increase) of the block that adds the most relative error to the stream it receives: the
+    block a quantization or a kernel hurts most. None with fewer than two finite block taps."""
+    blocks = [row for row in rows if row.layer.startswith("block_") and np.isfinite(row.rel_error)]
+    if len(blocks) < 2:
+        return None
+    steps = [(row.rel_error - (blocks[i - 1].rel_error if i else 0.0), row.layer) for i, row in enumerate(blocks)]
+    increase, layer = max(steps)
+    return layer, increase
+
+
 def drift_line(backend: str, rows: list[LayerComparison], tolerance) -> str:
     """One sentence naming the first tap that breaks the thresholds, or saying none does, and which token
     group drifts first."""
@@ -55,6 +66,9 @@ def drift_line(backend: str, rows: list[LayerComparison], tolerance) -> str:
         name, row = group
         where_group = (f"; first token group to drift: {name} at {row.layer.replace('_', ' ')} "
                        f"(rel err {row.groups[name]['rel_error']:.2e})")
+    step = largest_step(rows)
+    if step and step[1] > 0:
+        where_group += f"; largest step: {step[0].replace('_', ' ')} adds {step[1]:.1e} rel err"
     if first is None:
         return f"{backend}: no drift: every block within {tolerance.name} thresholds" + where_group
     where = first.layer.replace("_", " ")

@@ -83,7 +83,10 @@ def latency_table(report: Report) -> Table:
     timed = [f"{s.name}: {s.details['timed']}" for s in report.backends if s.details.get("timed")]
     table = Table(title=f"Latency (ms per call; speed-up against {report.reference})", title_justify="left",
                   caption="Inside the clock: " + "; ".join(timed) if timed else None, caption_justify="left")
-    for column in ("backend", "batch", "iters", "p50", "p90", "p99", "mean", "std", "min", "images/s", "speed-up"):
+    variants = any(row.graph_speedup is not None for row in report.latency)
+    columns = ("backend", "batch", "iters", "p50", "p90", "p99", "mean", "std", "min", "images/s", "speed-up") + (
+        ("vs fp32 graph",) if variants else ())
+    for column in columns:
         table.add_column(column, justify="left" if column == "backend" else "right")
     for row in report.latency:
         table.add_row(
@@ -91,6 +94,7 @@ def latency_table(report: Report) -> Table:
             _num(row.p50_ms, ".2f"), _num(row.p90_ms, ".2f"), _num(row.p99_ms, ".2f"),
             _num(row.mean_ms, ".2f"), _num(row.std_ms, ".2f"), _num(row.min_ms, ".2f"),
             _num(row.images_per_s, ".1f"), "-" if row.speedup is None else f"{row.speedup:.2f}x",
+            *(("-" if row.graph_speedup is None else f"{row.graph_speedup:.2f}x",) if variants else ()),
         )
     return table
 

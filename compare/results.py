@@ -120,6 +120,7 @@ class LatencyStats:
     p99_ms: float
     images_per_s: float
     speedup: float | None = None
+    graph_speedup: float | None = None  # a variant row ("ort-cpu:int8"): its fp32 graph's mean / this mean
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,14 @@ import numpy as np
 
 from exporter import artifact, environment, metrics, registry
 from exporter.errors import UserError
+from exporter.images import list_images
 
 from . import dataset, inputs, layers, worker
-from .backends import BACKENDS, TRUTHS, BackendUnavailable
+from exporter.variants import PRECISION_VARIANTS, precision_variants
+
+from .backends import BACKENDS, TRUTHS, BackendUnavailable, split
 from .results import BackendStatus, LatencyStats, NeighbourComparison, OutputComparison, Report, TruthComparison
-from .tolerances import Tolerance, tolerance_for
+from exporter.tolerances import Tolerance, tolerance_for
 
 OUTPUTS = ("pooled", "tokens")
 NEIGHBOURS_K = 10  # k of overlap@k, or fewer when there are fewer images
@@ -60,6 +63,7 @@ class CompareOptions:
     truth: str | None = None  # "fp64": also run eager float64 on the CPU and measure every backend against it
     images: str | None = None  # a folder or glob: stream every image through every backend (compare/dataset.py)
     limit: int | None = None  # with images: the first N readable images only
+    variants: tuple[str, ...] | None = None  # reduced-precision graphs run as rows of every onnxruntime backend; None: all the artifact has
     timeout_s: float = 600.0
 
 
@@ -75,10 +79,37 @@ class Run:
 
 
 def check_names(options: CompareOptions) -> None:
-    """Reject unknown backend names before any work starts."""
+    """Reject unknown backend and variant names before any work starts."""
     for name in (*options.backends, options.reference, *options.require):
-        if name not in BACKENDS:
+        base, _, variant = name.partition(":")
+        if base not in BACKENDS:
             raise UserError(f"backend '{name}' is not known; choose from {', '.join(BACKENDS)}")
+        if variant and (variant not in PRECISION_VARIANTS or not BACKENDS[base].runs_variants):
+            raise UserError(f"'{name}' is not a row: variants ({', '.join(PRECISION_VARIANTS)}) run on the onnxruntime "
+                            f"backends only, e.g. ort-cpu:int8")
+    for variant in options.variants or ():
+        if variant not in PRECISION_VARIANTS:
+            raise UserError(f"--variants: '{variant}' is not a variant; choose from {', '.join(PRECISION_VARIANTS)}, all or none")
+    if options.reference.partition(":")[2]:
+        raise UserError(f"the reference must be an fp32 backend, not the variant {options.reference}")
+
+
+def rows(options: CompareOptions, manifest: dict) -> list[str]:
+    """The rows to run, reference first: each backend, and after each onnxruntime backend its variants
+    (`options.variants`, or every one the artifact has). A variant named that the artifact lacks is an error."""
+    have = precision_variants(manifest)
+    chosen = list(have) if options.variants is None else list(options.variants)
+    missing = [v for v in chosen if v not in have]
+    if missing:
+        raise UserError(f"the {manifest['model']} artifact has no {', '.join(missing)} variant; add it with "
+                        f"make export MODEL={manifest['model']} ARGS='--if-missing " + " ".join(f"--variant {v}" for v in missing)
+                        + "', or pick from: " + (", ".join(have) or "none"))
+    found = []
+    for name in [options.reference] + [n for n in options.backends if n != options.reference]:
+        found.append(name)
+        if not name.partition(":")[2] and BACKENDS[name].runs_variants:
+            found += [f"{name}:{variant}" for variant in chosen]
+    return list(dict.fromkeys(found))
 
 
 def version_warnings(manifest: dict) -> list[str]:
@@ -172,7 +203,7 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
     `plan` (--images) each worker also streams every image; the truth and the reference write their
     outputs for the others to read.
     """
-    names = [options.reference] + [n for n in options.backends if n != options.reference]
+    names = rows(options, art.manifest)
     job = worker.Job(
         backend="", artifacts=str(art.folder.parent.resolve()), key=art.key, precision=options.dtype,
         batch_sizes=(options.batch_sizes or (batch.shape[0],)) if options.latency else (),
@@ -212,7 +243,7 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
             written["truth"] = {"prefix": plans["truth"]["write"]}
             batch = run.batch = decoded_batch()
     for name in names:
-        cls = BACKENDS[name]
+        cls, variant = split(name)
         # The reference is the truth the others are judged against: it always runs in true fp32.
         precision = "fp32" if name == options.reference else options.dtype
         try:
@@ -224,7 +255,7 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
             role = "reference" if name == options.reference else "other"
             streamed = {**plans[role], **({"reference": written["reference"]} if "reference" in written else {}),
                         **({"truth": written["truth"]} if "truth" in written else {})} if plan else {}
-            outcome = worker.run_backend(cls, replace(job, precision=precision, dataset=streamed), batch, options.timeout_s,
+            outcome = worker.run_backend(cls, replace(job, precision=precision, dataset=streamed, variant=variant), batch, options.timeout_s,
                                          compile_cache(art, precision), progress_of(name))
         statuses.append(BackendStatus(name, outcome.status, outcome.reason, outcome.details))
         if outcome.status == "ran":
@@ -347,7 +378,7 @@ def _images_plan(options: CompareOptions, manifest: dict, folder: Path, groups: 
     """An empty placeholder batch and the plan of the workers' streams. The first worker decodes the images
     (run_backends passes it "decode"), so that this process never imports timm and torch for --images."""
     shape = list(manifest["data_config"]["input_size"])
-    paths = [str(path) for path in dataset.list_images(options.images)]
+    paths = [str(path) for path in list_images(options.images)]
     plan = {"folder": str(folder), "inputs": str(folder / dataset.INPUTS), "batch": options.batch_size or 1, "shape": shape,
             "layout": groups, "decode": {"paths": paths, "data_config": manifest["data_config"], "limit": options.limit}}
     return np.zeros((0, *shape), dtype=np.float32), plan
@@ -441,10 +472,17 @@ def against_truth(run: Run, options: CompareOptions, stored) -> list[TruthCompar
 
 
 def _with_speedups(timings: list[LatencyStats], reference: str) -> list[LatencyStats]:
-    """Rows ordered by batch size (backends in run order within one), each with reference mean / its mean."""
-    ref = {row.batch: row.mean_ms for row in timings if row.backend == reference}
+    """Rows ordered by batch size (backends in run order within one), each with reference mean / its mean, and
+    for a variant row its fp32 graph's mean / its mean ("ort-cpu:int8" against "ort-cpu")."""
+    mean = {(row.backend, row.batch): row.mean_ms for row in timings}
     ordered = sorted(timings, key=lambda row: row.batch)
-    return [replace(row, speedup=ref[row.batch] / row.mean_ms if row.batch in ref else None) for row in ordered]
+
+    def ratio(backend: str, row: LatencyStats) -> float | None:
+        return mean[(backend, row.batch)] / row.mean_ms if (backend, row.batch) in mean else None
+
+    return [replace(row, speedup=ratio(reference, row),
+                    graph_speedup=ratio(row.backend.partition(":")[0], row) if ":" in row.backend else None)
+            for row in ordered]
 
 
 def _input(options: CompareOptions, manifest: dict, stored) -> tuple[np.ndarray, dict]:
@@ -466,9 +504,11 @@ def _input(options: CompareOptions, manifest: dict, stored) -> tuple[np.ndarray,
 
 def judged_by(name: str, statuses: list[BackendStatus], stored, options: CompareOptions) -> Tolerance:
     """The tolerance of a backend: its class, and the precision it really ran in (as it reported)."""
-    if name in BACKENDS:
+    if stored is None or name not in stored.outputs:
         status = next(s for s in statuses if s.name == name)
-        backend_class, precision = BACKENDS[name].tolerance, status.details.get("precision", "fp32")
+        backend_class, precision = split(name)[0].tolerance, status.details.get("precision", "fp32")
+        if status.details.get("variant_class"):  # a reduced-precision graph: judged by its own class
+            backend_class, precision = status.details["variant_class"], "fp32"
     else:
         backend_class, precision = stored.tolerance_class(name), stored.precision(name)
     return tolerance_for(backend_class, precision, options.min_cosine, options.max_rel)

@@ -54,6 +54,7 @@ class Job:
     sys_path: tuple[str, ...] = ()
     artifact_id: dict = field(default_factory=dict)  # what the parent verified: see artifact_identity
     dataset: dict = field(default_factory=dict)  # --images: the plan of compare/dataset.stream
+    variant: str = ""  # a reduced-precision graph of the artifact instead of model.onnx (row "<backend>:<variant>")
 
 
 @dataclass
@@ -234,6 +235,8 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
 
     module, _, name = job.backend.partition(":")
     backend = getattr(importlib.import_module(module), name)()
+    if job.variant:
+        backend.use_variant(job.variant)
     # The parent verified every hash; what is checked here is that this is still that artifact.
     art = artifact.load(job.artifacts, job.key, verify=False)
     outcome, arrays = Outcome("ran"), {}

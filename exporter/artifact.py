@@ -19,6 +19,8 @@ from .errors import UserError
 from .processes import alive as _alive
 
 MANIFEST = "manifest.json"
+INPUT_NAME = "pixel_values"  # every artifact's graph: pixel_values -> pooled, tokens
+OUTPUT_NAMES = ("pooled", "tokens")
 CORE_FILES = ("model.onnx", "weights.safetensors", "sample.npz")
 STAGING_PREFIX = ".staging-"
 LOCK = ".lock"

@@ -108,28 +108,36 @@ def link_external_data(model, source_folder: Path, folder: Path) -> None:
                 Path(tmp).unlink(missing_ok=True)
 
 
-def build(model_path: Path, out_path: Path) -> int:
+def build(model_path: Path, out_path: Path, taps_from: Path | None = None) -> int:
     """Write the per-block graph of `model_path` to `out_path`; return the number of blocks.
 
+    The taps are found in `taps_from` (default: the graph itself), the graph a variant was derived
+    from: the libraries that write variants (quantization, fp16 conversion) drop the module scopes of
+    the nodes they make, but keep the names of the values they leave alone, the token stream among
+    them. Each tap leaves through a Cast to float32, so it is float32 whatever the variant computes in.
     External data (weights over 2 GB) is referenced, not copied: blocks.onnx must sit beside
     model.onnx.data, or be given a link to it (see `link_external_data`)."""
     import onnx
 
     model = load_graph(model_path)
-    graph = model.graph
-    if not any(v.name == "tokens" for v in graph.value_info):
-        model = onnx.shape_inference.infer_shapes(model)
-        graph = model.graph
+    source = load_graph(taps_from) if taps_from else model
+    if not any(v.name == "tokens" for v in source.graph.value_info):
+        source = onnx.shape_inference.infer_shapes(source)
     # A graph output is not in value_info: where the final norm is Identity (gap/fc_norm models, EVA),
     # the last block's output is the graph's `tokens` output itself.
-    values = {v.name: v for v in [*graph.value_info, *graph.output]}
-    taps = block_outputs(graph)
+    values = {v.name: v for v in [*source.graph.value_info, *source.graph.output]}
+    taps = block_outputs(source.graph)
+    made = {name for node in model.graph.node for name in node.output}
+    graph = model.graph
     for i, name in enumerate(taps):
-        # An Identity gives each tap a stable name (block_i) whatever the exporter called the value.
-        graph.node.append(onnx.helper.make_node("Identity", [name], [f"block_{i}"], name=f"tap_block_{i}"))
+        if name not in made:
+            raise UserError(f"{Path(model_path).name} no longer has block {i}'s output ({name}); re-export the variant")
+        # A Cast gives each tap a stable name (block_i) whatever the exporter called the value.
+        graph.node.append(onnx.helper.make_node("Cast", [name], [f"block_{i}"], name=f"tap_block_{i}", to=onnx.TensorProto.FLOAT))
         tap = onnx.ValueInfoProto()
         tap.CopyFrom(values[name])
         tap.name = f"block_{i}"
+        tap.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
         graph.output.append(tap)
     onnx.save(model, str(out_path))
     return len(taps)
@@ -157,9 +165,11 @@ def ensure(art: artifact.Artifact, source: str = "model.onnx") -> Path:
     path = art.path(name)
     if record and manifest.get(key, {}).get("model_sha256") == digest and _intact(path, record):
         return path
+    origin = manifest.get("variants", {}).get(source, {}).get("from")  # a variant: its taps are found in its source graph
+    taps_from = art.path(origin) if origin else None
     try:
         with artifact.staging(art.folder) as stage:
-            count = build(art.path(source), stage / name)
+            count = build(art.path(source), stage / name, taps_from)
             artifact.publish(
                 art.folder, {name: stage / name},
                 {key: {"model_sha256": digest, "source": source, "count": count, "taps": tap_names(count)}},
@@ -167,7 +177,7 @@ def ensure(art: artifact.Artifact, source: str = "model.onnx") -> Path:
             )
         return path
     except OSError:  # the artifact cannot be written to
-        return _cached(art, source, digest)
+        return _cached(art, source, digest, taps_from)
 
 
 def cache_folder() -> Path:
@@ -175,14 +185,14 @@ def cache_folder() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vit-parity"
 
 
-def _cached(art: artifact.Artifact, source: str, digest: str) -> Path:
+def _cached(art: artifact.Artifact, source: str, digest: str, taps_from: Path | None) -> Path:
     path = cache_folder() / "blocks" / digest / blocks_file(source)
     if not path.is_file():  # written atomically below, so a file that is there is whole
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".blocks-", suffix=".onnx", dir=path.parent)
         os.close(fd)
         try:
-            build(art.path(source), Path(tmp))
+            build(art.path(source), Path(tmp), taps_from)
             link_external_data(load_graph(art.path(source)), art.folder, path.parent)
             os.replace(tmp, path)
         finally:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
@@ -14,6 +16,7 @@ from rich.text import Text
 from . import artifact, registry
 from .artifact import MANIFEST, artifact_folder
 from .errors import UserError
+from .variants import FP16, FP16_KEEP, PRECISION_VARIANTS, precision_variants
 
 DEFAULT_ARTIFACTS = "artifacts"
 MIN_OPSET = 18  # torch.onnx's dynamo exporter writes opset 18; lower ones need a down-conversion it does not promise
@@ -41,6 +44,17 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-abs", type=float, default=artifact.VERIFY_DEFAULTS["max_abs"], help="verify: largest abs diff ONNX vs eager, per unit of the output's peak |value| when that exceeds 1 (default: 1e-4)")
     parser.add_argument("--decompose-layernorm", action="store_true",
                         help="also write model.ln-decomposed.onnx, LayerNorms as primitive ops, verified; ort-cann runs it so every node can stay on the NPU")
+    parser.add_argument("--variant", action="append", default=[], choices=list(PRECISION_VARIANTS), metavar="VARIANT",
+                        help="also write a reduced-precision graph, verified against eager fp32 by its own class: int8 "
+                             "(dynamic), int8-qdq (static QDQ, calibrated), fp16; repeatable. With --if-missing, adds "
+                             "missing variants to an existing artifact")
+    parser.add_argument("--calibration-images", metavar="DIR", help="a folder or glob of images: int8-qdq calibrates on "
+                        "them, and every variant is verified on them too (default: the seeded sample only)")
+    parser.add_argument("--fp16-keep", default=",".join(FP16_KEEP), metavar="OPS",
+                        help=f"op types the fp16 variant keeps fp32, comma-separated, or none (default: {','.join(FP16_KEEP)})")
+    parser.add_argument("--search-precision", action="store_true",
+                        help="fp16: search the smallest list of nodes, by block scope then op type, that must stay fp32 "
+                             "for the variant to pass its class; prints the trials and records them in the manifest")
     parser.add_argument("--if-missing", action="store_true", help="export only models that have no artifact yet")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the exporter's own log")
@@ -57,6 +71,28 @@ def parse(argv=None) -> argparse.Namespace:
     if args.seed < 0:
         raise UserError(f"--seed must be at least 0, got {args.seed}")
     check_thresholds(args.min_cosine, args.max_abs, "--max-abs", "an absolute difference")
+    args.variant = list(dict.fromkeys(args.variant))
+    keep = [op.strip() for op in args.fp16_keep.split(",") if op.strip()]
+    args.fp16_keep = () if keep == ["none"] else tuple(keep)
+    bad = [op for op in args.fp16_keep if not op.isidentifier()]
+    if bad:
+        raise UserError(f"--fp16-keep takes ONNX op types such as LayerNormalization,Softmax (or none), got {bad[0]!r}")
+    fp16 = FP16 in args.variant
+    if args.search_precision and not fp16:
+        raise UserError("--search-precision searches the fp16 variant's fp32 list; add --variant fp16")
+    if args.fp16_keep != FP16_KEEP and not fp16:
+        raise UserError("--fp16-keep applies to the fp16 variant; add --variant fp16")
+    if args.search_precision and args.fp16_keep != FP16_KEEP:
+        raise UserError("--search-precision finds the fp32 list itself; drop --fp16-keep")
+    if "int8-qdq" in args.variant and not args.calibration_images:
+        raise UserError("--variant int8-qdq calibrates its activation ranges on images; add --calibration-images DIR "
+                        "(or use --variant int8, which needs none)")
+    if args.calibration_images and not args.variant:
+        raise UserError("--calibration-images calibrates and verifies variants; add --variant int8-qdq (or int8, fp16)")
+    if args.calibration_images:
+        from .images import list_images
+
+        list_images(args.calibration_images, "--calibration-images")  # a bad path fails now, not after the trace
     return args
 
 
@@ -97,6 +133,36 @@ def summary_table(results) -> Table:
     return table
 
 
+def variants_table(results) -> Table:
+    """Each reduced-precision variant written: its file, class, verify figures and what stayed fp32."""
+    table = Table(title="Reduced-precision variants (verified against eager fp32)")
+    for column in ("model", "variant", "file", "MB", "class", "cosine", "rel err", "recipe", "kept fp32"):
+        table.add_column(column, justify="right" if column in ("MB", "cosine", "rel err") else "left")
+    for r in results:
+        for name, record in r.variants.items():
+            recipe, verify = record["recipe"], record["verify"]
+            keep = recipe.get("keep_fp32", {})
+            kept = (", ".join(keep.get("entries", [])) or "nothing") + f" ({len(keep['nodes'])} nodes)" if "entries" in keep \
+                else ", ".join(keep.get("op_types", [])) or ("-" if not keep else "nothing")
+            table.add_row(r.model, record["variant"], name, f"{Path(r.folder, name).stat().st_size / 1e6:.1f}",
+                          record["class"], f"{verify['cosine']:.6f}", f"{verify['rel_error']:.2e}",
+                          f"{recipe['library']} {recipe['call']}", kept)
+    return table
+
+
+def trials_table(model: str, record: dict) -> Table:
+    """The trials of one fp32 search, in order: what was kept fp32, and whether the fp16 graph passed."""
+    table = Table(title=f"{model}: the search for what must stay fp32 in the fp16 graph ({len(record['search']['trials'])} trials)")
+    for column in ("#", "kept fp32", "nodes", "cosine", "rel err", "result"):
+        table.add_column(column, justify="right" if column in ("#", "nodes", "cosine", "rel err") else "left")
+    for i, trial in enumerate(record["search"]["trials"], 1):
+        entries = trial["keep_fp32"]
+        shown = ", ".join(entries[:6]) + (f" ... ({len(entries)})" if len(entries) > 6 else "") if entries else "nothing"
+        table.add_row(str(i), shown, str(trial["nodes"]), f"{trial['cosine']:.6f}", f"{trial['rel_error']:.2e}",
+                      Text("pass", style="green") if trial["passed"] else Text("fail", style="red"))
+    return table
+
+
 RANDOM_WARNING = (
     "WARNING: {model} uses random weights ({source}). The numbers validate the export, "
     "not the model's quality. Pass --weights PATH or fill the Hugging Face cache for real weights."
@@ -104,37 +170,36 @@ RANDOM_WARNING = (
 
 
 def run(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from . import export as exporting
-    from .weights import is_random
-
     names = args.models or list(registry.ALIASES)
     specs = [registry.resolve(name) for name in names]  # fail on a bad name before minutes of work
+    added = []
     if args.if_missing:
+        # Decided from the manifest and the files' hashes alone: no torch import when nothing is to export.
         present = []
         for spec in specs:
             if not (artifact_folder(args.artifacts, spec.key) / MANIFEST).is_file():
                 continue
             try:
-                artifact.load(args.artifacts, spec.key)  # every hash checked: a damaged artifact is not "present"
+                found = artifact.load(args.artifacts, spec.key)  # every hash checked: a damaged artifact is not "present"
             except UserError as why:
                 err.print(f"{spec.key}: exporting again, the artifact there is unusable: {why}")
                 continue
             present.append(spec.key)
-            err.print(f"{spec.key}: an artifact exists under {args.artifacts}/, not exporting it again")
-            for warning in artifact.verify_warnings(artifact.read_manifest(artifact_folder(args.artifacts, spec.key))):
+            for warning in artifact.verify_warnings(found.manifest):
                 err.print(Text(f"warning: {warning}", style="yellow"))
+            missing = [v for v in args.variant if v not in precision_variants(found.manifest)]
+            if not missing:
+                err.print(f"{spec.key}: an artifact exists under {args.artifacts}/, not exporting it again")
+                continue
+            added.append(_add_variants(args, spec.key, missing, err))
         names = [s.timm_name for s in specs if s.key not in present]
         if not names:
+            _print_results(args, added, out)
             return 0
-    options = exporting.ExportOptions(
-        weights=args.weights,
-        seed=args.seed,
-        opset=args.opset or exporting.DEFAULT_OPSET,
-        min_cosine=args.min_cosine,
-        max_abs=args.max_abs,
-        verbose=args.verbose,
-        decompose_layernorm=args.decompose_layernorm,
-    )
+    from . import export as exporting
+    from .weights import is_random
+
+    options = _options(args, exporting.ExportOptions)
     results = []
     with err.status("starting") as status:
         for name in names:
@@ -148,11 +213,47 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
             if is_random(result.weights_source):
                 err.print(Text(RANDOM_WARNING.format(model=result.model, source=result.weights_source), style="bold yellow"))
             results.append(result)
-    if args.json:
-        out.print_json(exporting.result_json(results))
-    else:
-        out.print(summary_table(results))
+    _print_results(args, added + results, out)
     return 0
+
+
+def _options(args, kind, **changes):
+    """The ExportOptions (or another options class with its fields) of the command line."""
+    from dataclasses import fields
+
+    given = {"weights": args.weights, "seed": args.seed, "min_cosine": args.min_cosine,
+             "max_abs": args.max_abs, "verbose": args.verbose, "decompose_layernorm": args.decompose_layernorm,
+             "variants": tuple(args.variant), "fp16_keep": args.fp16_keep, "search_precision": args.search_precision,
+             "calibration_images": args.calibration_images, **({"opset": args.opset} if args.opset else {}), **changes}
+    return kind(**{f.name: given[f.name] for f in fields(kind) if f.name in given})
+
+
+def _add_variants(args, key: str, missing: list[str], err: Console):
+    """Add `missing` variants to the artifact `key` that is there; the result row of the summary."""
+    from . import precision
+
+    with err.status(f"{key}: adding {', '.join(missing)}") as status:
+        records = precision.add_variants(args.artifacts, key, _options(args, precision.VariantOptions, variants=tuple(missing)),
+                                         step=lambda message: status.update(f"{key}: {message}"))
+    err.log(f"{key}: added and verified {', '.join(missing)} -> {artifact_folder(args.artifacts, key)}")
+    return precision.Added(model=key, folder=str(artifact_folder(args.artifacts, key)), variants=records)
+
+
+def _print_results(args, results, out: Console) -> None:
+    if args.json:
+        out.print_json(json.dumps([asdict(r) for r in results], indent=2))
+        return
+    exported = [r for r in results if hasattr(r, "nodes")]
+    if exported:
+        out.print(summary_table(exported))
+    if any(r.variants for r in results):
+        out.print(variants_table(results))
+        for r in results:
+            for record in r.variants.values():
+                if "search" in record:
+                    out.print(trials_table(r.model, record))
+                    out.print(Text(f"{r.model}: must stay fp32 in the fp16 graph: "
+                                   f"{', '.join(record['search']['keep_fp32']) or 'nothing'}", style="bold"))
 
 
 def console(stderr: bool = False) -> Console:

@@ -5,11 +5,10 @@ import contextlib
 import errno
 import inspect
 import io
-import json
 import logging
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -18,11 +17,10 @@ import numpy as np
 import torch
 
 from . import artifact, environment, registry, runtime, weights
+from .artifact import INPUT_NAME, OUTPUT_NAMES
 from .errors import CheckFailed, UserError
-from .variants import LN_DECOMPOSED, write_ln_decomposed
+from .variants import FP16_KEEP, LN_DECOMPOSED, write_ln_decomposed
 
-INPUT_NAME = "pixel_values"
-OUTPUT_NAMES = ("pooled", "tokens")
 DEFAULT_OPSET = 18
 TRACE_BATCH = 2  # batch 1 would let the exporter specialise the batch axis to a constant
 VERIFY_BATCHES = (1, 3)
@@ -40,6 +38,10 @@ class ExportOptions:
     max_abs: float = artifact.VERIFY_DEFAULTS["max_abs"]
     verbose: bool = False
     decompose_layernorm: bool = False  # also write model.ln-decomposed.onnx (for the CANN provider)
+    variants: tuple[str, ...] = ()  # reduced-precision graphs to write too: int8, int8-qdq, fp16 (exporter/variants.py)
+    fp16_keep: tuple[str, ...] = FP16_KEEP  # op types the fp16 variant keeps fp32, unless searched
+    search_precision: bool = False  # fp16: search the smallest fp32 list instead (exporter/keep_fp32.py)
+    calibration_images: str | None = None  # a folder or glob: int8-qdq calibrates on them, every variant is verified on them
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class ExportResult:
     cosine: float
     max_abs: float
     weights_source: str
+    variants: dict = field(default_factory=dict)  # reduced-precision variants written: {file: manifest record}
 
 
 class TwoOutputs(torch.nn.Module):
@@ -274,6 +277,7 @@ def export(
         cosine=manifest["verify"]["cosine"],
         max_abs=manifest["verify"]["max_abs"],
         weights_source=source,
+        variants={name: record for name, record in manifest["variants"].items() if "variant" in record},
     )
 
 
@@ -302,6 +306,13 @@ def _stage_and_publish(spec, model, source, config, sample, folder, options, ste
         if options.decompose_layernorm:
             step(f"{spec.key}: writing and verifying the LayerNorm-decomposed variant")
             variants[LN_DECOMPOSED] = _ln_variant(stage, sample, outputs, options)
+        if options.variants:
+            from . import precision
+
+            said = lambda message: step(f"{spec.key}: {message}")  # noqa: E731
+            inputs, reference, described = precision.verify_inputs(sample, outputs, lambda batch: eager_outputs(model, batch),
+                                                                    config, options.calibration_images, said)
+            variants.update(precision.write_variants(stage, inputs, reference, described, options, said))
         step(f"{spec.key}: writing the artifact")
         state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(stage / "weights.safetensors"))
@@ -334,10 +345,6 @@ def _stage_and_publish(spec, model, source, config, sample, folder, options, ste
         # Everything staged, including model.onnx.data if the exporter split off weights over 2 GB.
         artifact.publish(folder, {p.name: p for p in sorted(stage.iterdir()) if p.is_file()}, manifest)
     return manifest, onnx_bytes
-
-
-def result_json(results: list[ExportResult]) -> str:
-    return json.dumps([asdict(r) for r in results], indent=2)
 
 
 def rebuild_model(art: artifact.Artifact):

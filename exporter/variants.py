@@ -1,4 +1,10 @@
-"""Verified variants of model.onnx for providers that lack a kernel the exported graph uses.
+"""Verified variants of model.onnx: graphs derived from it, each a recipe recorded in the manifest.
+
+Reduced precision (`--variant int8|int8-qdq|fp16`) is made by the field's libraries
+(onnxruntime.quantization, onnxruntime.transformers.float16); this module only chooses their options
+and says which nodes stay fp32 (exporter/keep_fp32.py searches for the smallest such list).
+
+The LayerNorm-decomposed graph is for providers that lack a kernel the exported graph uses.
 
 The CANN execution provider has no LayerNormalization kernel: each of a ViT's LayerNorms would run
 on the CPU between NPU subgraphs. `decompose_layernorm` rewrites every LayerNormalization into
@@ -7,6 +13,10 @@ graph can stay on the NPU. The exporter verifies the variant with the same parit
 model.onnx and hashes it in the manifest; ort-cann picks it when it is there.
 """
 from __future__ import annotations
+
+import ast
+import contextlib
+from pathlib import Path
 
 import numpy as np
 
@@ -80,3 +90,112 @@ def write_ln_decomposed(source, target) -> int:
     count = decompose_layernorm(model)
     onnx.save(model, str(target))
     return count
+
+
+# Reduced-precision variants: another graph beside model.onnx, made by the field's libraries and
+# verified against eager fp32 by a tolerance class of its own (exporter/tolerances.py).
+INT8, INT8_QDQ, FP16 = "int8", "int8-qdq", "fp16"
+PRECISION_VARIANTS = {INT8: "int8", INT8_QDQ: "int8", FP16: "fp16"}  # variant -> its tolerance class
+# The ViT rules of what stays fp32: LayerNormalization (its mean of squares overflows fp16 once
+# activations pass 256, onnxruntime#13639, onnxconverter-common#323), and the same ops of a norm
+# the exporter wrote out as primitives (RMSNorm and the like: Pow, ReduceMean, Sqrt).
+FP16_KEEP = ("LayerNormalization", "Pow", "ReduceMean", "Sqrt")
+INT8_OPS = ("MatMul",)  # the ViT's weight matmuls; Conv (the patch embedding) is 1 node of ~100
+
+
+def variant_file(variant: str) -> str:
+    """model.int8.onnx, model.int8-qdq.onnx, model.fp16.onnx."""
+    return f"model.{variant}.onnx"
+
+
+def precision_variants(manifest: dict) -> dict[str, dict]:
+    """The reduced-precision variants an artifact has: {variant: its manifest record (file, class, recipe, verify)}."""
+    return {record["variant"]: {"file": name, **record} for name, record in manifest.get("variants", {}).items()
+            if isinstance(record, dict) and record.get("variant") in PRECISION_VARIANTS and name in manifest.get("files", {})}
+
+
+def _library(module: str) -> dict:
+    from . import environment
+
+    return {"library": module, "version": environment.version("onnxruntime")}
+
+
+def write_int8(source: Path, target: Path, calibration: np.ndarray | None = None) -> dict:
+    """onnxruntime.quantization of `source` into `target`; return the recipe.
+
+    Without `calibration`: quantize_dynamic (weights int8 per channel, activations quantized at run
+    time). With it (NCHW float32 inputs): quantize_static in QDQ format, MinMax-calibrated on them.
+    """
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    options = {"op_types_to_quantize": list(INT8_OPS), "per_channel": True, "weight_type": "QInt8"}
+    external = Path(str(source) + ".data").exists()  # weights over 2 GB: the dynamo exporter's model.onnx.data
+    with _quiet_logging():
+        if calibration is None:
+            quantize_dynamic(str(source), str(target), op_types_to_quantize=list(INT8_OPS), per_channel=True,
+                             weight_type=QuantType.QInt8, use_external_data_format=external)
+            return {**_library("onnxruntime.quantization"), "call": "quantize_dynamic", "options": options}
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.rows = iter(range(len(calibration)))
+
+            def get_next(self):
+                row = next(self.rows, None)
+                return None if row is None else {"pixel_values": calibration[row:row + 1]}
+
+        quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(INT8_OPS),
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        use_external_data_format=external)
+    return {**_library("onnxruntime.quantization"), "call": "quantize_static",
+            "options": {**options, "quant_format": "QDQ", "activation_type": "QInt8", "calibrate_method": "MinMax",
+                        "calibration_inputs": int(len(calibration))}}
+
+
+def write_fp16(source: Path, target: Path, keep_ops=FP16_KEEP, keep_nodes=()) -> dict:
+    """onnxruntime.transformers.float16 of `source` into `target`, the op types `keep_ops` and the nodes
+    `keep_nodes` kept fp32, the input and outputs kept float32 (keep_io_types); return the recipe."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(source))
+    with _quiet_logging():
+        converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_ops),
+                                             node_block_list=list(keep_nodes))
+    onnx.save(converted, str(target))
+    return {**_library("onnxruntime.transformers.float16"), "call": "convert_float_to_float16",
+            "options": {"keep_io_types": True, "op_block_list": list(keep_ops)},
+            "keep_fp32": {"op_types": list(keep_ops), "nodes": list(keep_nodes)}}
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """onnxruntime.quantization logs advice ("consider to run pre-processing") and float16 its own notes:
+    not the user's business during an export."""
+    import logging
+    import warnings
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def scope_of(node) -> str:
+    """The module a node came from, at the granularity of the fp32 search: "blocks.3", "patch_embed",
+    "norm", "head"..., or "graph" for the exporter's glue between modules."""
+    from .blocks import SCOPES_KEY, _block_of
+
+    block = _block_of(node)
+    if block is not None:
+        return f"blocks.{block}"
+    for prop in node.metadata_props:
+        if prop.key == SCOPES_KEY:
+            for scope in ast.literal_eval(prop.value):
+                if scope.startswith("model."):
+                    return scope.removeprefix("model.").split(".")[0]
+    return "graph"

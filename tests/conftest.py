@@ -30,3 +30,14 @@ def tiny_copy(artifacts_root, tmp_path) -> Path:
     root = tmp_path / "artifacts"
     shutil.copytree(artifacts_root / TINY, root / TINY)
     return root
+
+
+@pytest.fixture(scope="session")
+def variants_root(artifacts_root, tmp_path_factory) -> Path:
+    """The tiny artifact with its int8 and fp16 variants added (exporter/precision.py), once per session."""
+    from exporter.precision import VariantOptions, add_variants
+
+    root = tmp_path_factory.mktemp("variants")
+    shutil.copytree(artifacts_root / TINY, root / TINY)
+    add_variants(root, TINY, VariantOptions(variants=("int8", "fp16")))
+    return root

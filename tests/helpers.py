@@ -270,3 +270,49 @@ def make_images(folder: Path, count: int, extras: bool = True) -> Path:
         (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
         (folder / "notes.txt").write_text("not an image\n")
     return folder
+
+
+# Loaded at start-up by the exporter under test (a sitecustomize on PYTHONPATH): every rename,
+# replace or unlink of a path under the artifacts root takes 0.1 s longer, so the publish step,
+# normally a few milliseconds, is a window wide enough to kill the exporter at many instants in it.
+# The first such call on a manifest (publishing has begun) touches SLOW_MARK.
+SLOW_FILESYSTEM = """
+import os, time
+_root, _mark = os.environ["SLOW_ROOT"], os.environ["SLOW_MARK"]
+def _slow(call):
+    def slowed(*args, **kwargs):
+        paths = [os.fsdecode(a) for a in args if isinstance(a, (str, bytes, os.PathLike))]
+        if any(_root in p and "manifest.json" in p for p in paths) and not os.path.exists(_mark):
+            open(_mark, "w").close()
+        result = call(*args, **kwargs)
+        if any(_root in p for p in paths):
+            time.sleep(0.1)
+        return result
+    return slowed
+for _name in ("rename", "replace", "unlink"):
+    setattr(os, _name, _slow(getattr(os, _name)))
+"""
+
+
+def kill_at(root, delay, slow_site, *args):
+    """Start `python -m exporter TINY --artifacts root args` and SIGKILL it `delay` seconds after it starts or,
+    with `slow_site` (a folder holding SLOW_FILESYSTEM), `delay` seconds after publishing begins."""
+    env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
+    mark = (slow_site or root) / "publishing"
+    mark.unlink(missing_ok=True)
+    if slow_site:
+        env |= {"PYTHONPATH": str(slow_site), "SLOW_ROOT": str(root), "SLOW_MARK": str(mark)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "exporter", TINY, "--artifacts", str(root), *args],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    started = time.monotonic()
+    while process.poll() is None:
+        if slow_site and mark.exists():
+            time.sleep(delay)
+            break
+        if not slow_site and time.monotonic() - started >= delay:
+            break
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()

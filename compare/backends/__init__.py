@@ -12,4 +12,13 @@ BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (TorchCpu, TorchNpu, To
 # What --truth NAME runs first: not a backend to compare, the yardstick for all of them.
 TRUTHS: dict[str, type[Backend]] = {"fp64": TorchCpuFp64}
 
-__all__ = ["BACKENDS", "TRUTHS", "Backend", "BackendUnavailable"]
+
+
+def split(name: str) -> tuple[type[Backend], str]:
+    """The backend class of a row name and its variant: "ort-cpu:int8" -> (OrtCpu, "int8"), "ort-cpu" -> (OrtCpu, "").
+    KeyError for a name that is not a backend."""
+    base, _, variant = name.partition(":")
+    return BACKENDS[base], variant
+
+
+__all__ = ["BACKENDS", "TRUTHS", "Backend", "BackendUnavailable", "split"]

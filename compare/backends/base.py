@@ -26,6 +26,12 @@ class Backend:
     name: str = ""
     tolerance: str = "accelerator"
     precisions: tuple[str, ...] = ()
+    runs_variants = False  # runs an artifact's reduced-precision graphs (model.int8.onnx...) as rows "<name>:<variant>"
+    variant = ""
+
+    def use_variant(self, variant: str) -> None:
+        """Run the artifact's `variant` graph instead of model.onnx; this row is then named "<name>:<variant>"."""
+        raise BackendUnavailable(f"{self.name} runs the eager model, not a graph; variants are rows of the onnxruntime backends")
 
     @classmethod
     def probe(cls) -> None:

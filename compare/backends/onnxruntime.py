@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from exporter.variants import precision_variants, variant_file
+
 from .base import Backend, BackendUnavailable
 
 CPU = "CPUExecutionProvider"
@@ -98,6 +100,10 @@ class OnnxRuntime(Backend):
     provider = CPU
     device_type = "cpu"
     install_hint = ""
+    runs_variants = True
+
+    def use_variant(self, variant: str) -> None:
+        self.variant, self.name = variant, f"{self.name}:{variant}"
 
     @classmethod
     def probe(cls):
@@ -113,8 +119,20 @@ class OnnxRuntime(Backend):
         return {}
 
     def model_file(self, artifact) -> Path:
-        """The graph this provider runs: model.onnx, unless a subclass prefers a verified variant."""
-        return artifact.path("model.onnx")
+        """The graph this provider runs: the row's reduced-precision variant, else model.onnx (or the
+        verified graph a subclass prefers)."""
+        return artifact.path(variant_file(self.variant)) if self.variant else artifact.path("model.onnx")
+
+    def variant_facts(self, artifact) -> dict[str, Any]:
+        """What the row's variant is, from the manifest: its class (which judges it) and its recipe."""
+        if not self.variant:
+            return {}
+        record = precision_variants(artifact.manifest).get(self.variant)
+        if record is None:
+            raise BackendUnavailable(f"the artifact has no {self.variant} variant; add it: python -m exporter "
+                                     f"{artifact.key} --if-missing --variant {self.variant}")
+        return {"variant": self.variant, "variant_class": record["class"], "recipe": record["recipe"],
+                "variant_verify": {k: record["verify"][k] for k in ("cosine", "rel_error")}}
 
     def open_session(self, path: Path, options: dict[str, str]):
         """A profiled session on `path` whose first provider is checked to be the one asked for.
@@ -166,7 +184,9 @@ class OnnxRuntime(Backend):
         from exporter import environment, runtime
 
         self.probe()
-        precision = self.effective_precision(precision)
+        facts = self.variant_facts(artifact)
+        # A variant is its own precision: the provider runs its graph as written (CANN: must_keep_origin_dtype).
+        precision = "fp32" if self.variant else self.effective_precision(precision)
         requested = self.provider_options(precision)
         self.threads = runtime.cpu_threads()
         path = self.model_file(artifact)
@@ -179,7 +199,7 @@ class OnnxRuntime(Backend):
         self.copies_timed = False
         return {
             "device": self.provider,
-            "dtype": "float32 (ONNX graph)",
+            "dtype": f"{self.variant} graph, float32 input and outputs" if self.variant else "float32 (ONNX graph)",
             "precision": precision,
             "graph": path.name,
             "onnxruntime": environment.version("onnxruntime"),
@@ -189,6 +209,7 @@ class OnnxRuntime(Backend):
             "provider_options": self.session.get_provider_options().get(self.provider, requested),
             "graph_optimization_level": "ORT_ENABLE_ALL",
             "intra_op_num_threads": self.threads,
+            **facts,
         }
 
     def prepare(self, batch: np.ndarray):
@@ -298,7 +319,7 @@ class OrtCann(OnnxRuntime):
         # (--decompose-layernorm) keeps the whole graph on the NPU.
         from exporter.variants import LN_DECOMPOSED
 
-        if LN_DECOMPOSED in artifact.manifest.get("files", {}):
+        if not self.variant and LN_DECOMPOSED in artifact.manifest.get("files", {}):
             return artifact.path(LN_DECOMPOSED)
         return super().model_file(artifact)
 

@@ -113,7 +113,7 @@ def test_layers_tap_patch_only_blocks_and_name_the_drifting_one(tmp_path, capsys
 
 def test_taps_of_another_layout_are_reported_not_compared():
     from compare.layers import compare_layers
-    from compare.tolerances import TOLERANCES
+    from exporter.tolerances import TOLERANCES
 
     ones = np.ones((1, 5, 8), dtype=np.float32)
     taps = {"torch-cpu": {"block_0": ones, "norm": ones}, "ort-cpu": {"block_0": ones[:, 1:], "norm": ones}}

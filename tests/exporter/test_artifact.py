@@ -12,7 +12,7 @@ import pytest
 
 from exporter import artifact
 from exporter.errors import UserError
-from tests.helpers import ROOT, TINY
+from tests.helpers import ROOT, SLOW_FILESYSTEM, TINY, kill_at
 
 
 def _start_export(root, *args):
@@ -49,52 +49,6 @@ def test_export_killed_midway_leaves_no_accepted_artifact(tmp_path):
         artifact.load(tmp_path, TINY)
 
 
-# Loaded at start-up by the exporter under test (a sitecustomize on PYTHONPATH): every rename,
-# replace or unlink of a path under the artifacts root takes 0.1 s longer, so the publish step,
-# normally a few milliseconds, is a window wide enough to kill the exporter at many instants in it.
-# The first such call on a manifest (publishing has begun) touches SLOW_MARK.
-SLOW_FILESYSTEM = """
-import os, time
-_root, _mark = os.environ["SLOW_ROOT"], os.environ["SLOW_MARK"]
-def _slow(call):
-    def slowed(*args, **kwargs):
-        paths = [os.fsdecode(a) for a in args if isinstance(a, (str, bytes, os.PathLike))]
-        if any(_root in p and "manifest.json" in p for p in paths) and not os.path.exists(_mark):
-            open(_mark, "w").close()
-        result = call(*args, **kwargs)
-        if any(_root in p for p in paths):
-            time.sleep(0.1)
-        return result
-    return slowed
-for _name in ("rename", "replace", "unlink"):
-    setattr(os, _name, _slow(getattr(os, _name)))
-"""
-
-
-def _kill_at(root, delay, slow_site=None):
-    """Start an export over `root`'s artifact and SIGKILL it `delay` seconds after it starts or, with
-    `slow_site` (a folder holding SLOW_FILESYSTEM), `delay` seconds after publishing begins."""
-    env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
-    mark = (slow_site or root) / "publishing"
-    mark.unlink(missing_ok=True)
-    if slow_site:
-        env |= {"PYTHONPATH": str(slow_site), "SLOW_ROOT": str(root), "SLOW_MARK": str(mark)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "exporter", TINY, "--artifacts", str(root), "--weights", "random", "--seed", "3"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    started = time.monotonic()
-    while process.poll() is None:
-        if slow_site and mark.exists():
-            time.sleep(delay)
-            break
-        if not slow_site and time.monotonic() - started >= delay:
-            break
-        time.sleep(0.002)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-
-
 def _hashes(manifest):
     return {name: record["sha256"] for name, record in manifest["files"].items()}
 
@@ -114,7 +68,7 @@ def test_kill_at_any_instant_of_an_export_leaves_the_previous_or_the_new_artifac
     kills = [(duration * i / 4, None) for i in range(1, 4)] + [(0.05 * i, tmp_path / "site") for i in range(6)]
     outcomes = []
     for delay, slow_site in kills:
-        _kill_at(tiny_copy, delay, slow_site)
+        kill_at(tiny_copy, delay, slow_site, "--weights", "random", "--seed", "3")
         found = _hashes(artifact.load(tiny_copy, TINY).manifest)  # verifies every file's sha256
         assert found in (before, after), (delay, slow_site)
         outcomes.append("old" if found == before else "new")

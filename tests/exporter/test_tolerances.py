@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from compare.run import compare_outputs
-from compare.tolerances import TOLERANCES, tolerance_for
+from exporter.tolerances import TOLERANCES, tolerance_for
 
 
 def _outputs(scale=1.0, tokens=None):

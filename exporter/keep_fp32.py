@@ -1,0 +1,83 @@
+"""The search for what must stay fp32 in an fp16 graph: the smallest list, by block scope, then by op type.
+
+In the manner of Polygraphy's `debug precision` and onnxconverter-common's
+`auto_convert_mixed_precision`, but minimal, not just sufficient: delta debugging (Zeller's ddmin,
+complements only) first over the model's scopes (blocks.0 .. blocks.N, patch_embed, norm, head...),
+then over (scope, op type) pairs inside the scopes it kept. It ends when removing any single entry
+fails, so every entry of the list is needed. The trials (what was kept fp32, did it pass, the worst
+figures) are returned to be printed and recorded.
+
+`judge(nodes)` builds the fp16 graph with those node names kept fp32 and says whether it passes its
+class on the verify inputs; it is the only part that touches onnx and onnxruntime.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class Search:
+    """The units of one level, how each maps to node names, and every trial so far."""
+
+    judge: Callable[[frozenset], tuple[bool, dict]]
+    trials: list[dict] = field(default_factory=list)
+    seen: dict = field(default_factory=dict)
+    step: Callable[[str], None] = lambda message: None
+
+    def passes(self, entries: list[str], nodes: frozenset) -> bool:
+        if nodes not in self.seen:
+            passed, figures = self.judge(nodes)
+            self.seen[nodes] = passed
+            self.trials.append({"keep_fp32": list(entries), "nodes": len(nodes), "passed": passed, **figures})
+            self.step(f"trial {len(self.trials)}: {len(entries)} entries ({len(nodes)} nodes) fp32: "
+                      f"{'pass' if passed else 'fail'}")
+        return self.seen[nodes]
+
+
+def ddmin(units: list[str], nodes_of: Callable[[list[str]], frozenset], search: Search) -> list[str]:
+    """A sublist of `units` (which passes) that still passes and from which no single unit can be removed."""
+    n = 2
+    while len(units) >= 2:
+        size = -(-len(units) // n)
+        chunks = [units[i:i + size] for i in range(0, len(units), size)]
+        for chunk in chunks:
+            rest = [u for u in units if u not in chunk]
+            if search.passes(rest, nodes_of(rest)):
+                units, n = rest, max(n - 1, 2)
+                break
+        else:
+            if size == 1:
+                break  # every single removal was tried against this very list, and failed
+            n = min(2 * n, len(units))
+    return units
+
+
+def search(graph_nodes: list[tuple[str, str, str]], judge, step=lambda message: None) -> dict:
+    """The smallest fp32 list for a graph whose nodes are (name, scope, op type), judged by `judge`.
+
+    Returns {"keep_fp32": ["blocks.2/MatMul", ...], "nodes": [names], "trials": [...], "passed": bool}.
+    passed is False when even the all-fp32 list fails (nothing fp16 can pass: not a precision problem).
+    """
+    by_scope: dict[str, list] = {}
+    for name, scope, op in graph_nodes:
+        by_scope.setdefault(scope, []).append((name, op))
+    found = Search(judge, step=step)
+    if found.passes([], frozenset()):
+        return {"keep_fp32": [], "nodes": [], "trials": found.trials, "passed": True}
+    scopes = list(by_scope)
+
+    def scope_nodes(kept):
+        return frozenset(name for scope in kept for name, _ in by_scope[scope])
+
+    if not found.passes(scopes, scope_nodes(scopes)):
+        return {"keep_fp32": scopes, "nodes": sorted(scope_nodes(scopes)), "trials": found.trials, "passed": False}
+    scopes = ddmin(scopes, scope_nodes, found)
+    pairs = [f"{scope}/{op}" for scope in scopes for op in dict.fromkeys(op for _, op in by_scope[scope])]
+
+    def pair_nodes(kept):
+        wanted = {tuple(entry.split("/", 1)) for entry in kept}
+        return frozenset(name for scope in scopes for name, op in by_scope[scope] if (scope, op) in wanted)
+
+    pairs = ddmin(pairs, pair_nodes, found)
+    return {"keep_fp32": pairs, "nodes": sorted(pair_nodes(pairs)), "trials": found.trials, "passed": True}

@@ -1,0 +1,39 @@
+"""Variant rows: each reduced-precision graph of an artifact runs on every onnxruntime backend, judged by its class."""
+from __future__ import annotations
+
+import pytest
+
+from compare.run import CompareOptions, check_names, compare, rows
+from exporter import artifact
+from exporter.errors import UserError
+from tests.helpers import TINY, runnable
+
+
+def test_each_variant_is_a_row_of_every_onnxruntime_backend_with_its_class_latency_and_layers(variants_root):
+    here = runnable("ort-cpu", "ort-cuda", "ort-cann")  # the onnxruntime backends this host has
+    options = CompareOptions(artifacts=str(variants_root), backends=("torch-cpu", *here), iters=2, warmup=0, layers=True)
+    report, _ = compare(TINY, options)
+    ran = {s.name: s for s in report.backends if s.status == "ran"}
+    expected = {f"{b}:{v}" for b in ran if b.startswith("ort-") and ":" not in b for v in ("int8", "fp16")}
+    assert "ort-cpu:int8" in expected and expected <= set(ran)
+    assert ran["ort-cpu:int8"].details["graph"] == "model.int8.onnx" and ran["ort-cpu:fp16"].details["variant_class"] == "fp16"
+    classes = {r.backend: r.tolerance for r in report.accuracy}
+    assert all(classes[name] == name.rsplit(":", 1)[1] for name in expected)
+    assert classes["ort-cpu"] == "same-host fp32"
+    timed = {r.backend: r for r in report.latency}
+    assert all(timed[name].graph_speedup is not None for name in expected) and timed["ort-cpu"].graph_speedup is None
+    assert {r.backend for r in report.layers} >= expected  # per-block drift of the variant graphs too
+    assert report.verdict.status == "PASS", report.verdict
+
+
+def test_the_variants_option_picks_rows_and_names_a_missing_variant(variants_root):
+    manifest = artifact.load(variants_root, TINY).manifest
+    base = CompareOptions(backends=("torch-cpu", "ort-cpu", "torch-npu"))
+    assert rows(base, manifest) == ["torch-cpu", "ort-cpu", "ort-cpu:int8", "ort-cpu:fp16", "torch-npu"]
+    assert rows(CompareOptions(backends=base.backends, variants=()), manifest) == ["torch-cpu", "ort-cpu", "torch-npu"]
+    assert rows(CompareOptions(backends=base.backends, variants=("fp16",)), manifest)[2:4] == ["ort-cpu:fp16", "torch-npu"]
+    with pytest.raises(UserError, match="has no int8-qdq variant; add it with make export MODEL=test_vit ARGS='--if-missing --variant int8-qdq'"):
+        rows(CompareOptions(backends=base.backends, variants=("int8-qdq",)), manifest)
+    for bad in ("torch-cpu:int8", "ort-cpu:int9"):
+        with pytest.raises(UserError, match="variants .* run on the onnxruntime backends only"):
+            check_names(CompareOptions(backends=(bad,)))

@@ -1,0 +1,140 @@
+"""Reduced-precision variants: made by onnxruntime's own tools, hashed, verified by their class, published
+atomically; and the search for what must stay fp32 in fp16, on a model that really overflows fp16."""
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+
+from exporter import artifact, environment, keep_fp32, variants
+from exporter.cli import main
+from exporter.precision import check_variant
+from exporter.tolerances import TOLERANCES
+from tests.helpers import SLOW_FILESYSTEM, TINY, call, kill_at, one_line_error
+
+OVERFLOW_BLOCK = 2
+
+
+@pytest.fixture(scope="module")
+def overflowing_weights(tmp_path_factory):
+    """test_vit whose block 2 MLP computes values over fp16's largest (65504): fc1 scaled up 1e5, fc2 down to
+    match, so the fp32 model is as well-behaved as before while its fp16 graph overflows inside that block."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False).eval()
+    mlp = model.blocks[OVERFLOW_BLOCK].mlp
+    with torch.no_grad():
+        mlp.fc1.weight.mul_(1e5)
+        mlp.fc1.bias.mul_(1e5)
+        mlp.fc2.weight.mul_(1e-5)
+        x = model.blocks[OVERFLOW_BLOCK].norm2(model.blocks[:OVERFLOW_BLOCK](model._pos_embed(model.patch_embed(torch.randn(1, 3, 160, 160)))))
+        assert mlp.fc1(x).abs().max() > 65504  # the premise: this block's activations leave fp16's range
+    path = tmp_path_factory.mktemp("weights") / "overflow.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def test_tiny_variants_are_made_by_the_libraries_hashed_and_verified_by_their_class(variants_root):
+    art = artifact.load(variants_root, TINY)  # every file's sha256 checked against the manifest
+    found = variants.precision_variants(art.manifest)
+    assert set(found) == {"int8", "fp16"}
+    for name, record in found.items():
+        assert art.manifest["files"][record["file"]]["sha256"] == artifact.sha256(art.path(record["file"]))
+        assert record["recipe"]["version"] == environment.version("onnxruntime")
+        tolerance = TOLERANCES[record["class"]]
+        verify = record["verify"]
+        assert verify["cosine"] >= tolerance.min_cosine and verify["rel_error"] <= tolerance.max_rel
+        assert verify["thresholds"] == {"min_cosine": tolerance.min_cosine, "max_rel": tolerance.max_rel}
+    int8 = Counter(n.op_type for n in onnx.load(str(art.path("model.int8.onnx"))).graph.node)
+    assert int8["MatMulInteger"] > 0 and found["int8"]["recipe"]["call"] == "quantize_dynamic"
+    fp16 = onnx.load(str(art.path("model.fp16.onnx")))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.graph.initializer)
+    assert [i.type.tensor_type.elem_type for i in fp16.graph.input] == [onnx.TensorProto.FLOAT]  # keep_io_types
+    assert found["fp16"]["recipe"]["keep_fp32"]["op_types"] == list(variants.FP16_KEEP)
+    # The figures are real: an independent check of the published graph agrees with the manifest's.
+    with np.load(art.path("sample.npz")) as sample:
+        passed, figures = check_variant(art.path("model.int8.onnx"), sample["pixel_values"],
+                                        {n: sample[n] for n in ("pooled", "tokens")}, TOLERANCES["int8"])
+    assert passed and figures["cosine"] == pytest.approx(found["int8"]["verify"]["cosine"])
+
+
+def test_layernorm_in_fp16_on_an_overflowing_model_fails_with_exit_1_and_keeps_the_artifact(
+        overflowing_weights, tmp_path, capsys):
+    code, _, err = call(main, capsys, TINY, "--artifacts", str(tmp_path), "--weights", str(overflowing_weights))
+    assert code == 0, err
+    before = artifact.load(tmp_path, TINY).manifest
+    code, _, err = call(main, capsys, TINY, "--artifacts", str(tmp_path), "--if-missing", "--variant", "fp16", "--fp16-keep", "none")
+    line = one_line_error(err.split("\n", 1)[1] if err.startswith(f"{TINY}:") else err)
+    assert code == 1 and "the fp16 variant fails its fp16 class" in line and "--search-precision" in line
+    assert artifact.load(tmp_path, TINY).manifest == before
+    assert not (tmp_path / TINY / "model.fp16.onnx").exists()
+
+
+def test_the_search_finds_the_overflowing_block_and_every_entry_is_needed(overflowing_weights, tmp_path, capsys):
+    code, out, err = call(main, capsys, TINY, "--artifacts", str(tmp_path), "--weights", str(overflowing_weights),
+                          "--variant", "fp16", "--search-precision")
+    assert code == 0, err
+    art = artifact.load(tmp_path, TINY)
+    record = variants.precision_variants(art.manifest)["fp16"]
+    entries = record["search"]["keep_fp32"]
+    assert entries and all(entry.startswith(f"blocks.{OVERFLOW_BLOCK}/") for entry in entries), entries
+    assert "must stay fp32 in the fp16 graph: " + ", ".join(entries) in out
+    assert len(record["search"]["trials"]) >= 2 and "trials)" in out
+    # Rebuilt here from the entries, not read from the trials: the list passes, and each one-less list fails.
+    graph = onnx.load(str(art.path("model.onnx"))).graph
+    nodes = [(n.name, variants.scope_of(n), n.op_type) for n in graph.node]
+    with np.load(art.path("sample.npz")) as sample:
+        inputs, reference = sample["pixel_values"], {n: sample[n] for n in ("pooled", "tokens")}
+
+    def passes(kept):
+        names = [name for name, scope, op in nodes if f"{scope}/{op}" in kept]
+        variants.write_fp16(art.path("model.onnx"), tmp_path / "trial.onnx", keep_ops=(), keep_nodes=names)
+        return check_variant(tmp_path / "trial.onnx", inputs, reference, TOLERANCES["fp16"])[0]
+
+    assert passes(set(entries))
+    for entry in entries:
+        assert not passes(set(entries) - {entry}), f"{entry} is not needed"
+
+
+def test_ddmin_returns_a_one_minimal_list():
+    needed = {"b", "e"}  # passes exactly when both are kept
+    search = keep_fp32.Search(lambda nodes: (needed <= nodes, {"cosine": 1.0, "rel_error": 0.0, "worst_output": "pooled"}))
+    found = keep_fp32.ddmin(list("abcdefgh"), frozenset, search)
+    assert sorted(found) == ["b", "e"]
+    assert len(search.trials) < 2 ** 8
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--variant", "int8-qdq"), "add --calibration-images DIR"),
+    (("--search-precision",), "add --variant fp16"),
+    (("--variant", "fp16", "--fp16-keep", "Layer Norm"), "--fp16-keep takes ONNX op types"),
+    (("--variant", "int8", "--calibration-images", "/nonexistent"), "--calibration-images /nonexistent: no such folder"),
+])
+def test_bad_variant_options_are_one_line_usage_errors(capsys, tmp_path, args, message):
+    code, _, err = call(main, capsys, TINY, "--artifacts", str(tmp_path), *args)
+    assert code == 2 and message in one_line_error(err)
+
+
+def test_a_kill_while_a_variant_is_added_leaves_the_previous_or_the_new_artifact_whole(tiny_copy, tmp_path):
+    before = artifact.load(tiny_copy, TINY).manifest["files"]
+    original = tmp_path / "original"
+    shutil.copytree(tiny_copy / TINY, original)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_FILESYSTEM)
+    outcomes = []
+    for delay in (0.0, 0.3, 0.6):  # across the (slowed) publish window
+        kill_at(tiny_copy, delay, tmp_path / "site", "--if-missing", "--variant", "int8")
+        files = artifact.load(tiny_copy, TINY).manifest["files"]  # verifies every file's sha256
+        assert files == before or set(files) == set(before) | {"model.int8.onnx"}, delay
+        outcomes.append("old" if files == before else "new")
+        if files != before:
+            shutil.rmtree(tiny_copy / TINY)
+            shutil.copytree(original, tiny_copy / TINY)
+    print("kill outcomes:", outcomes)
+    assert "old" in outcomes and "new" in outcomes, outcomes  # the publish window was really crossed

@@ -23,7 +23,7 @@ COMPARE_FLAGS := $(if $(SAVE),--save-reference $(SAVE)) $(if $(AGAINST),--agains
 help:
 	@echo "make export  [MODEL=dinov2] [ARTIFACTS=DIR]      export and verify ONNX artifacts"
 	@echo "make compare [MODEL=dinov3] [ARTIFACTS=DIR] [IMAGES=DIR]  compare eager CPU, NPU and onnxruntime"
-	@echo "make bench   [MODEL=dinov3]                      latency sweep over batch sizes 1,2,4,8"
+	@echo "make bench   [MODEL=dinov3]                      latency sweep 1,2,4,8, int8 speed-ups, time to verdict vs its floor"
 	@echo "make sweep   PATTERN='vit_*small*'                export, compare and --layers for every matching timm model"
 	@echo "make test                                        run the test suite"
 	@echo "PYTHON=python3 uses an existing environment and installs nothing"
@@ -55,9 +55,11 @@ compare: $(SETUP_DEP)
 	$(PYTHON) -m exporter $(MODEL) --artifacts $(ARTIFACTS) --if-missing
 	$(PYTHON) -m compare $(MODEL) --artifacts $(ARTIFACTS) $(COMPARE_FLAGS) $(ARGS)
 
+# Benchmarks (bench/): the latency sweep over batch sizes 1,2,4,8, the int8 variant's speed-ups and
+# cosine, and the time to verdict against its one-process floor; ARGS e.g. '--only floor --pairs 5'.
 bench: $(SETUP_DEP)
 	$(PYTHON) -m exporter $(MODEL) --artifacts $(ARTIFACTS) --if-missing
-	$(PYTHON) -m compare $(MODEL) --artifacts $(ARTIFACTS) --batch-sizes 1,2,4,8 $(ARGS)
+	$(PYTHON) -m bench $(MODEL) --artifacts $(ARTIFACTS) $(ARGS)
 
 # One subprocess per model, results appended to sweep/results.jsonl (a rerun resumes); ARGS e.g.
 # '--max-params 100M --shard 1/4 --readme README.md'. PATTERN words are quoted so the shell never globs them.

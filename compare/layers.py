@@ -58,7 +58,8 @@ def largest_step(rows: list[LayerComparison]) -> tuple[str, float] | None:
 
 def drift_line(backend: str, rows: list[LayerComparison], tolerance) -> str:
     """One sentence naming the first tap that breaks the thresholds, or saying none does, and which token
-    group drifts first."""
+    group drifts first; for a drifting backend or a variant graph ("ort-cpu:int8"), the block that adds the
+    most error too (the block quantization or fp16 hurts most)."""
     first = next((row for row in rows if not row.passed), None)
     group = first_drifting_group(rows)
     where_group = ""
@@ -66,7 +67,7 @@ def drift_line(backend: str, rows: list[LayerComparison], tolerance) -> str:
         name, row = group
         where_group = (f"; first token group to drift: {name} at {row.layer.replace('_', ' ')} "
                        f"(rel err {row.groups[name]['rel_error']:.2e})")
-    step = largest_step(rows)
+    step = largest_step(rows) if first is not None or ":" in backend else None
     if step and step[1] > 0:
         where_group += f"; largest step: {step[0].replace('_', ' ')} adds {step[1]:.1e} rel err"
     if first is None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from exporter import artifact, environment, metrics, registry
 from exporter.errors import UserError
-from exporter.images import list_images
+from exporter.images import list_images, open_rgb
 
 from . import dataset, inputs, layers, worker
 from exporter.variants import PRECISION_VARIANTS, precision_variants
@@ -194,14 +194,16 @@ def compile_cache(art: artifact.Artifact, precision: str) -> Path:
         return folder
 
 
-def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndarray, step, plan: dict | None = None
-                 ) -> tuple[list, Run, list, list]:
+def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndarray, step, plan: dict | None = None,
+                 image: dict | None = None) -> tuple[list, Run, list, list]:
     """Probe every chosen backend, then run those that may work, each in its own worker, one at a time.
 
     Returns (statuses, raw arrays, latency rows, warnings). The truth (--truth) runs first, then the
     reference; a truth, a reference or a required backend that does not run is a UserError. With
     `plan` (--images) each worker also streams every image; the truth and the reference write their
-    outputs for the others to read.
+    outputs for the others to read. With `image` ({"path", "data_config", "batch_size"}) `batch` is an
+    empty placeholder: the first worker transforms the image (it imports timm anyway) and returns the
+    batch for the others, so this process never imports torch.
     """
     names = rows(options, art.manifest)
     job = worker.Job(
@@ -231,11 +233,22 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
     def progress_of(name: str):
         return lambda done, total: step(f"{art.key}: {name} {dataset.progress_bar(done, total)} {done}/{total} images")
 
+    def made_input(outcome) -> np.ndarray:
+        """The batch the first worker made from `image`; a file that is no usable image is the user's error."""
+        if outcome.details.get("input_error"):
+            raise UserError(outcome.reason)
+        return outcome.inputs["batch"] if "batch" in outcome.inputs else batch
+
+    if image:
+        job = replace(job, batch_sizes=(options.batch_sizes or (image["batch_size"],)) if options.latency else ())
     if options.truth:
         cls = TRUTHS[options.truth]
         step(f"{art.key}: {cls.name}, the {options.truth} truth (in its own process)")
-        truth_job = replace(job, precision=options.truth, batch_sizes=(), layers=False, dataset=plans.get("truth", {}))
+        truth_job = replace(job, precision=options.truth, batch_sizes=(), layers=False, dataset=plans.get("truth", {}),
+                            image=image or {})
         outcome = worker.run_backend(cls, truth_job, batch, options.timeout_s, compile_cache(art, options.truth), progress_of(cls.name))
+        batch = run.batch = made_input(outcome)
+        image = None
         if outcome.status != "ran":
             raise UserError(f"the {options.truth} truth ({cls.name}) did not run: {outcome.reason}")
         run.truth = outcome.outputs[cls.name]
@@ -255,8 +268,12 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
             role = "reference" if name == options.reference else "other"
             streamed = {**plans[role], **({"reference": written["reference"]} if "reference" in written else {}),
                         **({"truth": written["truth"]} if "truth" in written else {})} if plan else {}
-            outcome = worker.run_backend(cls, replace(job, precision=precision, dataset=streamed, variant=variant), batch, options.timeout_s,
-                                         compile_cache(art, precision), progress_of(name))
+            first = {"image": image} if image and name == options.reference else {}
+            outcome = worker.run_backend(cls, replace(job, precision=precision, dataset=streamed, variant=variant, **first), batch,
+                                         options.timeout_s, compile_cache(art, precision), progress_of(name))
+            if first:
+                batch = run.batch = made_input(outcome)
+                image = None
         statuses.append(BackendStatus(name, outcome.status, outcome.reason, outcome.details))
         if outcome.status == "ran":
             run.outputs[name] = outcome.outputs[name]
@@ -299,8 +316,12 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
             described = _images_described(options, manifest, *dataset.decoded(folder))
         warnings = [f"skipped {s['path']}: {s['reason']}" for s in described["skipped"]] + warnings
     else:
-        batch, described = _input(options, manifest, stored)
-        statuses, run, timings, warnings = run_backends(options, art, batch, step)
+        batch, described, image = _input(options, manifest, stored)
+        statuses, run, timings, warnings = run_backends(options, art, batch, step, image=image)
+        if image:
+            described = {"kind": "image", "source": described["source"], "shape": list(run.batch.shape), "dtype": "float32",
+                         "sha256": inputs.digest(run.batch)}
+            _same_as_stored(described, stored, options)
     want = run.outputs[options.reference]
     if stored is not None and options.images:
         if stored.input["sha256"] != described["sha256"]:
@@ -485,21 +506,35 @@ def _with_speedups(timings: list[LatencyStats], reference: str) -> list[LatencyS
             for row in ordered]
 
 
-def _input(options: CompareOptions, manifest: dict, stored) -> tuple[np.ndarray, dict]:
+def _input(options: CompareOptions, manifest: dict, stored) -> tuple[np.ndarray, dict, dict | None]:
+    """(batch, its description, image job). For an image the batch is an empty placeholder and the image job
+    says what the first worker transforms: only the file is checked here, without importing torch."""
     config = manifest["data_config"]
     chosen = (options.input, options.image, options.seed, options.batch_size)
     if stored is not None and chosen == (None, None, None, None):
-        return stored.batch, stored.input
+        return stored.batch, stored.input, None
     kind = options.input or "image"
     if kind == "image" and options.seed is not None:
         raise UserError("--seed applies to --input random; add --input random, or drop --seed to use the image")
-    batch, described = inputs.make_input(kind, options.image, config, options.batch_size or 1, options.seed or 0)
+    size = options.batch_size or 1
+    if size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {size}")
+    if kind == "image":
+        path = Path(options.image) if options.image else inputs.default_image()
+        open_rgb(path, config)  # a file that is no usable image fails now, in one line
+        image = {"path": str(path.resolve()), "data_config": config, "batch_size": size}
+        return np.zeros((0, *config["input_size"]), dtype=np.float32), {"kind": "image", "source": str(path)}, image
+    batch, described = inputs.make_input(kind, options.image, config, size, options.seed or 0)
+    _same_as_stored(described, stored, options)
+    return batch, described, None
+
+
+def _same_as_stored(described: dict, stored, options: CompareOptions) -> None:
     if stored is not None and described["sha256"] != stored.input["sha256"]:
         raise UserError(
             f"the input differs from the one stored in {options.against} ({stored.input['source']}, shape "
             f"{stored.input['shape']}); drop the input options to reuse the stored input"
         )
-    return batch, described
 
 
 def judged_by(name: str, statuses: list[BackendStatus], stored, options: CompareOptions) -> Tolerance:

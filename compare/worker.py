@@ -54,6 +54,7 @@ class Job:
     sys_path: tuple[str, ...] = ()
     artifact_id: dict = field(default_factory=dict)  # what the parent verified: see artifact_identity
     dataset: dict = field(default_factory=dict)  # --images: the plan of compare/dataset.stream
+    image: dict = field(default_factory=dict)  # {"path", "data_config", "batch_size"}: the first worker makes the input
     variant: str = ""  # a reduced-precision graph of the artifact instead of model.onnx (row "<backend>:<variant>")
 
 
@@ -67,6 +68,7 @@ class Outcome:
     outputs: dict = field(default_factory=dict)
     taps: dict = field(default_factory=dict)
     images: dict = field(default_factory=dict)  # --images: per-image figures and embeddings, by backend
+    inputs: dict = field(default_factory=dict)  # {"batch": array}: the input this worker made from job.image
     latency: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
 
@@ -182,8 +184,11 @@ def _read(folder: Path) -> Outcome:
     if (folder / ARRAYS).is_file():
         with np.load(folder / ARRAYS, allow_pickle=False) as arrays:
             for key in arrays.files:
-                kind, name, part = key.split("/", 2)
-                getattr(outcome, kind).setdefault(name, {})[part] = arrays[key]
+                kind, name, part = (key.split("/", 2) + [""])[:3]
+                if kind == "inputs":
+                    outcome.inputs[name] = arrays[key]
+                else:
+                    getattr(outcome, kind).setdefault(name, {})[part] = arrays[key]
     return outcome
 
 
@@ -243,6 +248,14 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
     changed = _changed(art, job.artifact_id)
     if changed:
         return Outcome("error", changed), arrays
+    if job.image:  # the bundled photo or --image: the first worker, which imports timm anyway, transforms it
+        from . import inputs
+
+        try:
+            batch = inputs.image_batch(Path(job.image["path"]), job.image["data_config"], job.image["batch_size"])
+        except UserError as error:
+            return Outcome("error", str(error), {"input_error": True}), arrays
+        arrays["inputs/batch"] = batch
     if job.dataset.get("decode"):  # --images: the first worker decodes them (it imports timm anyway; the parent need not)
         from . import dataset
 
@@ -365,7 +378,7 @@ def main(folder: str) -> int:
     if arrays:
         np.savez(folder / ARRAYS, **arrays)
     payload = asdict(outcome)
-    for kind in ("outputs", "taps", "images"):
+    for kind in ("outputs", "taps", "images", "inputs"):
         payload.pop(kind)
     write_json_atomic(folder / RESULT, payload)  # last: its presence means the worker finished
     return 0

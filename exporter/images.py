@@ -38,6 +38,12 @@ def eval_transform(data_config: dict):
 
 def preprocess(path: Path, data_config: dict, transform) -> np.ndarray:
     """One image as a float32 CHW array through `transform`; a UserError says why a file is not a usable image."""
+    return transform(open_rgb(path, data_config)).numpy().astype(np.float32)
+
+
+def open_rgb(path: Path, data_config: dict):
+    """The image at `path` decoded to 8-bit RGB (PIL), or a UserError saying why it is not a usable image.
+    Needs no torch: compare checks --image with it in the parent, and the first worker transforms it."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -61,7 +67,7 @@ def preprocess(path: Path, data_config: dict, transform) -> np.ndarray:
         raise UserError(f"image {path} is too large: {error}; pass a smaller image") from error
     except (UnidentifiedImageError, OSError) as error:
         raise UserError(f"{path} is not an image PIL can read ({type(error).__name__}); pass a JPEG or PNG file") from error
-    return transform(rgb).numpy().astype(np.float32)
+    return rgb
 
 
 def to_rgb(image, path: Path):

@@ -1,0 +1,97 @@
+"""make bench: `python -m bench [MODEL ...] [--artifacts DIR] [--only latency,variants,floor] [--pairs N]`.
+
+latency  the comparison with a latency sweep over batch sizes 1, 2, 4, 8 (every backend this host has);
+variants ort-cpu:int8 against ort-cpu and torch-cpu at batch 1 and 8, and its pooled cosine (bench/variants.py);
+floor    warm `make compare` against the same work in one process (bench/floor.py), A B A B.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from exporter.cli import console
+from rich.table import Table
+
+from exporter import registry
+
+from . import floor, variants
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTS = ("latency", "variants", "floor")
+
+
+def _make_compare(model: str, artifacts: str) -> float:
+    """Wall seconds of `make compare MODEL=model`, this interpreter as PYTHON (nothing is installed)."""
+    started = time.perf_counter()
+    subprocess.run(["make", "-s", "compare", f"MODEL={model}", f"ARTIFACTS={artifacts}", f"PYTHON={sys.executable}"],
+                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def _floor(model: str, artifacts: str) -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, str(Path(floor.__file__)), model, artifacts], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def floor_pairs(model: str, artifacts: str, pairs: int) -> dict:
+    """`pairs` runs of each, alternated A B A B after one warm-up of each; the median ratio of the pairs."""
+    _make_compare(model, artifacts), _floor(model, artifacts)  # warm: the artifact exists, the page cache holds it
+    tool, one = [], []
+    for _ in range(pairs):
+        tool.append(_make_compare(model, artifacts))
+        one.append(_floor(model, artifacts))
+    ratios = [a / b for a, b in zip(tool, one)]
+    return {"model": model, "make compare s": tool, "floor s": one, "ratios": ratios, "median ratio": statistics.median(ratios)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", help=f"aliases or timm names (default: {', '.join(registry.ALIASES)})")
+    parser.add_argument("--artifacts", default="artifacts")
+    parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts: {', '.join(PARTS)}")
+    parser.add_argument("--pairs", type=int, default=3, help="floor: A B pairs (default: 3)")
+    args = parser.parse_args(argv)
+    parts = [part for part in args.only.split(",") if part]
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown:
+        parser.error(f"--only: unknown part {unknown[0]}; choose from {', '.join(PARTS)}")
+    out = console()
+    models = args.models or list(registry.ALIASES)
+    if "latency" in parts:
+        for model in models:
+            subprocess.run(["make", "-s", "compare", f"MODEL={model}", f"ARTIFACTS={args.artifacts}", f"PYTHON={sys.executable}",
+                            "ARGS=--batch-sizes 1,2,4,8"], cwd=ROOT, check=False)
+    if "variants" in parts:
+        table = Table(title="int8 (onnxruntime.quantization, dynamic) on this CPU; targets in brackets")
+        for column in ("model", "batch", "torch-cpu ms", "ort-cpu ms", "int8 ms", "int8 vs ort-cpu [>=1.8]",
+                       "int8 vs torch-cpu [>=3.5]", "pooled cosine, worst photo [>=0.999]"):
+            table.add_column(column, justify="left" if column == "model" else "right")
+        for model in models:
+            for row in variants.measure(model, args.artifacts):
+                table.add_row(row["model"], str(row["batch"]), f"{row['torch-cpu ms']:.1f}", f"{row['ort-cpu ms']:.1f}",
+                              f"{row['int8 ms']:.1f}", *(_against(row[key], key) for key in variants.TARGETS))
+        out.print(table)
+    if "floor" in parts:
+        table = Table(title="Time to verdict: warm make compare against the same work in one process (A B A B)")
+        for column in ("model", "make compare s", "floor s", "ratios", "median ratio [<=1.15]"):
+            table.add_column(column, justify="left" if column == "model" else "right")
+        for model in models:
+            found = floor_pairs(model, args.artifacts, args.pairs)
+            table.add_row(model, " ".join(f"{s:.2f}" for s in found["make compare s"]), " ".join(f"{s:.2f}" for s in found["floor s"]),
+                          " ".join(f"{r:.3f}" for r in found["ratios"]), f"{found['median ratio']:.3f}")
+        out.print(table)
+    return 0
+
+
+def _against(value: float, key: str) -> str:
+    text = f"{value:.4f}" if key == "pooled cosine" else f"{value:.2f}x"
+    return text if value >= variants.TARGETS[key] else text + " (below target)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,7 +35,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
-	$(VENV)/bin/python -m pip install --quiet -e '.[cpu,dev,plot]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[cpu,dev,plot,ray]'
 	touch $@
 
 # For a host whose torch/torchvision/torch_npu match its CANN: install this project and its other
@@ -64,7 +64,7 @@ bench: $(SETUP_DEP)
 # One subprocess per model, results appended to sweep/results.jsonl (a rerun resumes); ARGS e.g.
 # '--max-params 100M --shard 1/4 --readme README.md'. PATTERN words are quoted so the shell never globs them.
 sweep: $(SETUP_DEP)
-	$(PYTHON) -m exporter.sweep $(foreach p,$(PATTERN),'$(p)') $(ARGS)
+	$(PYTHON) -m zoo $(foreach p,$(PATTERN),'$(p)') $(ARGS)
 
 # pytest exits 5 when it collects no test; that is a failure here, not a pass. Most tests wait on
 # subprocesses (a worker per backend, an export), so two pytest workers (pytest-xdist, the dev extra)

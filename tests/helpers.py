@@ -68,6 +68,55 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid`: its children, theirs, and so on."""
+    found, queue = [], [pid]
+    while queue:
+        for child in children(queue.pop()):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::ffff:127.0.0.1, ::1
+ANY = {"00000000", "00000000000000000000000000000000"}
+
+
+def foreign_sockets(pids) -> tuple[int, list[str]]:
+    """(how many TCP sockets processes `pids` hold, those whose local or remote address is not the loopback
+    one; a socket not yet connected has remote address 0). Read from /proc: no tool needed."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd) if fd.is_symlink() else ""
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    bad, checked = [], 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, remote, inode = fields[1].split(":")[0], fields[2].split(":")[0], fields[9]
+            if inode in inodes:
+                checked += 1
+                if local not in LOOPBACK or remote not in LOOPBACK | ANY:
+                    bad.append(f"{table}: {fields[1]} -> {fields[2]}")
+    return checked, bad
+
+
 def gone(pid: int, within_s: float) -> bool:
     """True once process `pid` has exited (or is a zombie) within `within_s` seconds."""
     deadline = time.monotonic() + within_s

@@ -1,17 +1,20 @@
 """The coverage sweep: one subprocess per model, a failing model is a row, a rerun resumes, shards split cleanly."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from exporter.sweep import _last_error, _report_of, main, parse_shard, parse_size, read_rows, shard
+from exporter.errors import UserError
+from zoo.sweep import _last_error, _report_of, main, parse, parse_shard, parse_size, read_rows, shard, slurm_shard
 from tests.helpers import ROOT, call, children, gone, one_line_error, wait_for
 
 
@@ -29,6 +32,20 @@ def test_shard_and_size_arguments_are_checked():
     for bad in ("0/4", "5/4", "x"):
         with pytest.raises(Exception, match="--shard"):
             parse_shard(bad)
+
+
+def test_a_slurm_array_task_takes_its_own_slice_with_no_arguments(monkeypatch):
+    assert slurm_shard({}) is None
+    assert slurm_shard({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "0"}) == "1/4"
+    assert slurm_shard({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "1"}) == "4/4"
+    with pytest.raises(UserError, match="outside the array of 4"):
+        slurm_shard({"SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_COUNT": "4"})
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    monkeypatch.delenv("SLURM_ARRAY_TASK_MIN", raising=False)
+    args = parse(["test_vit"])
+    assert (args.shard, args.out) == ("2/4", "sweep/shard-2-of-4")
+    assert parse(["test_vit", "--shard", "1/2", "--out", "o"]).shard == "1/2"  # given flags win
 
 
 def test_a_sweep_records_each_model_and_its_failure_and_resumes_without_redoing(tmp_path, capsys, monkeypatch):
@@ -54,10 +71,20 @@ def test_a_sweep_records_each_model_and_its_failure_and_resumes_without_redoing(
     lines = (out / "results.jsonl").read_text()
     assert main(["--list", str(names), "--out", str(out)]) == 1
     assert "2 already in" in capsys.readouterr().err and (out / "results.jsonl").read_text() == lines
+    if importlib.util.find_spec("ray") is not None:  # the same models as Ray tasks: the same rows (tests/zoo/test_ray.py)
+        from tests.zoo.test_ray import ray_sweep
+
+        assert {model: _findings(row) for model, row in ray_sweep(names, tmp_path / "ray").items()} == \
+            {model: _findings(row) for model, row in rows.items()}
+
+
+def _findings(row) -> dict:
+    """A row without what differs between two runs of the same model: timings and the host."""
+    return {k: v for k, v in asdict(row).items() if k not in ("seconds", "export_s", "node")}
 
 
 def test_the_readme_block_is_filled_by_the_sweep_not_by_hand(tmp_path):
-    from exporter.sweep import Row, summary_markdown, update_readme
+    from zoo.sweep import Row, summary_markdown, update_readme
 
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- coverage:start -->\nold\n<!-- coverage:end -->\noutro\n")
@@ -87,7 +114,7 @@ def test_a_step_stopped_by_the_memory_ceiling_is_named_out_of_memory():
 
 
 def test_the_parameter_limit_is_for_patterns_and_modules_and_a_listed_model_always_runs(tmp_path):
-    from exporter.sweep import select
+    from zoo.sweep import select
 
     listed = tmp_path / "big.txt"
     listed.write_text("vit_base_patch16_224  # 86M, over the limit below\n")

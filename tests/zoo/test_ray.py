@@ -1,0 +1,67 @@
+"""The sweep on a Ray started by the test, bound to 127.0.0.1: the same rows as the local runner, a killed task
+retried once then an error row, Ctrl-C cancelling the tasks. Every wait is bounded, and the cluster stops."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import ROOT, command_line, descendants, foreign_sockets, gone, wait_for
+from zoo.sweep import read_rows
+
+pytest.importorskip("ray")
+
+
+def _start(out, *args):
+    # SIGINT at its default: a background job (make test &) would otherwise start the sweep ignoring it.
+    return subprocess.Popen([sys.executable, "-m", "zoo", *args, "--ray", "--out", str(out), "--timeout", "300"],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _tasks(sweep) -> list[int]:
+    return [pid for pid in descendants(sweep.pid) if command_line(pid).startswith("ray::_task")]
+
+
+def ray_sweep(names, out) -> dict:
+    """Sweep the models of the list file `names` on a local Ray; their rows by model. Checks that every socket
+    of the Ray processes stays on 127.0.0.1 while they run."""
+    sweep = _start(out, "--list", str(names))
+    foreign, checked, deadline = [], 0, time.monotonic() + 300
+    while sweep.poll() is None and time.monotonic() < deadline:
+        count, bad = foreign_sockets(descendants(sweep.pid) + [sweep.pid])
+        checked, foreign = checked + count, foreign + bad
+        time.sleep(0.5)
+    _, err = sweep.communicate(timeout=30)
+    assert sweep.returncode in (0, 1) and "Ray node" in err, err
+    assert checked and not foreign, foreign  # Ray's servers and workers held sockets, all on 127.0.0.1
+    return {row.model: row for row in read_rows(out / "results.jsonl")}
+
+
+def test_a_ray_task_killed_twice_is_retried_once_then_an_error_row(tmp_path):
+    sweep = _start(tmp_path / "sweep", "test_vit")
+    killed = []
+    for _ in range(2):  # the task, then Ray's one retry of it
+        found = wait_for(lambda: [pid for pid in _tasks(sweep) if pid not in killed], 120, 0.2)
+        assert found, sweep.communicate(timeout=30)
+        os.kill(found[0], signal.SIGKILL)
+        killed.append(found[0])
+    _, err = sweep.communicate(timeout=120)
+    rows = read_rows(tmp_path / "sweep" / "results.jsonl")
+    assert sweep.returncode == 1 and len(rows) == 1, err
+    assert rows[0].error == "sweep: the Ray task was lost (WorkerCrashedError) and its retry too"
+
+
+def test_ctrl_c_cancels_the_ray_tasks_and_stops_the_cluster(tmp_path):
+    sweep = _start(tmp_path / "sweep", "test_vit")
+    assert wait_for(lambda: _tasks(sweep), 120, 0.2), sweep.communicate(timeout=30)
+    started = descendants(sweep.pid)  # the task, its steps, Ray's own servers
+    sweep.send_signal(signal.SIGINT)
+    _, err = sweep.communicate(timeout=60)
+    assert sweep.returncode == 130 and "the model in flight was not recorded" in err, err
+    assert read_rows(tmp_path / "sweep" / "results.jsonl") == []
+    assert all(gone(pid, 15) for pid in started), [command_line(pid)[:80] for pid in started if not gone(pid, 0)]

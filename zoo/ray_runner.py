@@ -1,0 +1,100 @@
+"""The sweep on Ray: each model is a Ray task that calls `sweep.run_local`, its row streamed back to the driver.
+
+A task asks for `--cpus` CPUs and the step's memory ceiling, and on a cluster with accelerator cards
+for one card too (`resources={"NPU": 1}`, which Ray turns into ASCEND_RT_VISIBLE_DEVICES, or
+`num_gpus=1`, CUDA_VISIBLE_DEVICES), so Ray pins each model to a card of its own and a host with 8
+cards runs 8 models at once; that card's eager backend joins the comparison. A task lost with its
+node (or its worker process) is retried once by Ray, then recorded as an error row. Ctrl-C cancels
+every outstanding task: the models in flight are not recorded. The per-step time and memory limits
+apply inside the task, as they do locally.
+
+Without an address a Ray is started here, bound to 127.0.0.1 (nothing listens on other interfaces),
+with usage statistics off; it is stopped when the sweep ends.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import asdict
+from pathlib import Path
+
+from .sweep import Row, Settings, StepStopped, run_local
+
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # so that tasks import zoo, exporter and compare uninstalled
+RETRIES = 1  # Ray's own retry of a task whose worker or node died
+ACCELERATORS = (("NPU", "torch-npu"), ("GPU", "torch-cuda"))  # (Ray resource, the eager backend of that card)
+
+
+def _task(entry: tuple, settings: Settings, backends: str) -> dict:
+    """Inside a Ray worker: one model's row, as a dict; {"stopped": reason} when a step was stopped from outside."""
+    import ray
+
+    try:
+        row = run_local(entry, settings, backends)
+    except StepStopped as why:
+        return {"stopped": str(why)}
+    context = ray.get_runtime_context()
+    where = f"{socket.gethostname()} (Ray node {context.get_node_id()[:8]})"
+    return {"row": {**asdict(row), "node": where}}
+
+
+def start(address: str):
+    """Connect to the cluster at `address`, or start a Ray here ("local"); return the ray module."""
+    if address == "local":
+        # Before ray is imported: a local Ray listens on the loopback address only (Ray's own switch for
+        # hosts that are not in a cluster), and sends no usage statistics.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+    except ImportError:
+        from exporter.errors import UserError
+
+        raise UserError("--ray needs Ray: pip install -e '.[ray]'") from None
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}}
+    if address == "local":
+        ray.init(address="local", num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+                 runtime_env=env, configure_logging=False)
+    else:
+        ray.init(address=address, log_to_driver=False, runtime_env=env, configure_logging=False)
+    return ray
+
+
+def run_on_ray(todo: list[tuple], settings: Settings, record, address: str, cpus: float, status) -> None:
+    """Run every entry of `todo` as a Ray task; `record(row, name, why)` hears each as it finishes (row None: not recorded)."""
+    ray = start(address)
+    try:
+        resources, backends = {}, "torch-cpu,ort-cpu"
+        have = ray.cluster_resources()
+        for resource, backend in ACCELERATORS:
+            if have.get(resource, 0) >= 1:  # one card per model, and that card's eager backend in the comparison
+                resources, backends = ({"num_gpus": 1} if resource == "GPU" else {"resources": {resource: 1}}), f"{backends},{backend}"
+                break
+        remote = ray.remote(_task).options(num_cpus=cpus, max_retries=RETRIES, retry_exceptions=False,
+                                           **({"memory": settings.memory} if settings.memory else {}), **resources)
+        pending = {remote.remote(entry, settings, backends): entry for entry in todo}
+        cards = next((f", one {r} each" for r, _ in ACCELERATORS if have.get(r, 0) >= 1), "")
+        status(f"{len(todo)} models on Ray ({int(have.get('CPU', 0))} CPUs{cards})")
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                entry = pending.pop(done[0])
+                try:
+                    found = ray.get(done[0])
+                except ray.exceptions.RayError as error:  # lost with its worker or node, even after the retry
+                    name, module, params, size = entry
+                    kind = type(error).__name__
+                    record(Row(name, module, params, size, seconds=0.1, node="(lost)",
+                               error=f"sweep: the Ray task was lost ({kind}) and its retry too"), name)
+                    continue
+                if "stopped" in found:
+                    record(None, entry[0], found["stopped"])
+                else:
+                    record(Row(**found["row"]), entry[0])
+                status(f"{len(pending)} models left on Ray")
+        except BaseException:  # Ctrl-C, SIGTERM: the models in flight are not recorded
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
+    finally:
+        ray.shutdown()

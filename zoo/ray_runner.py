@@ -1,10 +1,11 @@
 """The sweep on Ray: each model is a Ray task that calls `sweep.run_local`, its row streamed back to the driver.
 
-A task asks for `--cpus` CPUs and the step's memory ceiling, and on a cluster with accelerator cards
-for one card too (`resources={"NPU": 1}`, which Ray turns into ASCEND_RT_VISIBLE_DEVICES, or
+A task asks for `--cpus` CPUs and the memory its model needs (`memory_need`), and on a cluster with
+accelerator cards for one card too (`resources={"NPU": 1}`, which Ray turns into ASCEND_RT_VISIBLE_DEVICES, or
 `num_gpus=1`, CUDA_VISIBLE_DEVICES), so Ray pins each model to a card of its own and a host with 8
 cards runs 8 models at once; that card's eager backend joins the comparison. A task lost with its
-node (or its worker process) is retried once by Ray, then recorded as an error row. Ctrl-C cancels
+node (or its worker process) is retried once by Ray, then recorded as an error row; a model that no
+node could ever take (Ray would queue it for ever) is an error row at once. Ctrl-C cancels
 every outstanding task: the models in flight are not recorded. The per-step time and memory limits
 apply inside the task, as they do locally.
 
@@ -22,6 +23,31 @@ from .sweep import Row, Settings, StepStopped, run_local
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # so that tasks import zoo, exporter and compare uninstalled
 RETRIES = 1  # Ray's own retry of a task whose worker or node died
+# The memory a model's task asks Ray for: what export and compare hold at their peak, about 1 GB of
+# libraries plus 64 bytes per parameter (the model, its ONNX graph, its variant and eager copies:
+# ViT-S 22M -> 2.4 GB, ViT-L 304M -> 20 GB). The --memory ceiling is an address-space limit inside
+# the task, far above the memory really used, so it is not what the task asks for.
+BASE_MEMORY, BYTES_PER_PARAM = 1 << 30, 64
+
+
+def memory_need(params: int) -> int:
+    """Bytes of memory a model's task asks Ray for (see BYTES_PER_PARAM)."""
+    return BASE_MEMORY + BYTES_PER_PARAM * max(params, 0)
+
+
+def infeasible(request: dict, nodes: list[dict]) -> str:
+    """Why no alive node of the cluster could ever run a task asking `request` ({"CPU": 1, "memory": ...}), or ""."""
+    alive = [node.get("Resources", {}) for node in nodes if node.get("Alive")]
+    if any(all(have.get(key, 0) >= amount for key, amount in request.items()) for have in alive):
+        return ""
+    largest = {key: max((have.get(key, 0) for have in alive), default=0) for key in request}
+    shown = ", ".join(f"{key} {_amount(key, request[key])} (the largest node has {_amount(key, largest[key])})" for key in request
+                      if largest[key] < request[key])
+    return f"no node of the Ray cluster can run it: it needs {shown}"
+
+
+def _amount(key: str, value: float) -> str:
+    return f"{value / 1e9:.1f} GB" if key == "memory" else f"{value:g}"
 ACCELERATORS = (("NPU", "torch-npu"), ("GPU", "torch-cuda"))  # (Ray resource, the eager backend of that card)
 
 
@@ -70,11 +96,19 @@ def run_on_ray(todo: list[tuple], settings: Settings, record, address: str, cpus
             if have.get(resource, 0) >= 1:  # one card per model, and that card's eager backend in the comparison
                 resources, backends = ({"num_gpus": 1} if resource == "GPU" else {"resources": {resource: 1}}), f"{backends},{backend}"
                 break
-        remote = ray.remote(_task).options(num_cpus=cpus, max_retries=RETRIES, retry_exceptions=False,
-                                           **({"memory": settings.memory} if settings.memory else {}), **resources)
-        pending = {remote.remote(entry, settings, backends): entry for entry in todo}
+        card = {"GPU": 1} if "num_gpus" in resources else dict(resources.get("resources", {}))
+        nodes, pending = ray.nodes(), {}
+        for entry in todo:
+            need = memory_need(entry[2])
+            why = infeasible({"CPU": cpus, "memory": need, **card}, nodes)
+            if why:  # Ray would queue it for ever: a row that says so instead
+                name, module, params, size = entry
+                record(Row(name, module, params, size, seconds=0.1, node="(none)", error=f"sweep: {why}"), name)
+                continue
+            task = ray.remote(_task).options(num_cpus=cpus, memory=need, max_retries=RETRIES, retry_exceptions=False, **resources)
+            pending[task.remote(entry, settings, backends)] = entry
         cards = next((f", one {r} each" for r, _ in ACCELERATORS if have.get(r, 0) >= 1), "")
-        status(f"{len(todo)} models on Ray ({int(have.get('CPU', 0))} CPUs{cards})")
+        status(f"{len(pending)} models on Ray ({int(have.get('CPU', 0))} CPUs{cards})")
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)

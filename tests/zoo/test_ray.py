@@ -2,6 +2,7 @@
 retried once then an error row, Ctrl-C cancelling the tasks. Every wait is bounded, and the cluster stops."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -11,9 +12,19 @@ import time
 import pytest
 
 from tests.helpers import ROOT, command_line, descendants, foreign_sockets, gone, wait_for
+from zoo.ray_runner import infeasible, memory_need
 from zoo.sweep import read_rows
 
-pytest.importorskip("ray")
+
+def test_a_model_no_node_can_take_is_named_not_queued_for_ever():
+    nodes = [{"Alive": True, "Resources": {"CPU": 2, "memory": 16e9}}, {"Alive": False, "Resources": {"CPU": 64, "memory": 1e12}}]
+    assert memory_need(22_000_000) == pytest.approx(2.48e9, rel=0.01)
+    assert infeasible({"CPU": 1, "memory": memory_need(22_000_000)}, nodes) == ""
+    why = infeasible({"CPU": 1, "memory": memory_need(304_000_000), "NPU": 1}, nodes)
+    assert why == "no node of the Ray cluster can run it: it needs memory 20.5 GB (the largest node has 16.0 GB), NPU 1 (the largest node has 0)"
+
+
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed (the ray extra)")
 
 
 def _start(out, *args):
@@ -42,6 +53,7 @@ def ray_sweep(names, out) -> dict:
     return {row.model: row for row in read_rows(out / "results.jsonl")}
 
 
+@needs_ray
 def test_a_ray_task_killed_twice_is_retried_once_then_an_error_row(tmp_path):
     sweep = _start(tmp_path / "sweep", "test_vit")
     killed = []
@@ -56,6 +68,7 @@ def test_a_ray_task_killed_twice_is_retried_once_then_an_error_row(tmp_path):
     assert rows[0].error == "sweep: the Ray task was lost (WorkerCrashedError) and its retry too"
 
 
+@needs_ray
 def test_ctrl_c_cancels_the_ray_tasks_and_stops_the_cluster(tmp_path):
     sweep = _start(tmp_path / "sweep", "test_vit")
     assert wait_for(lambda: _tasks(sweep), 120, 0.2), sweep.communicate(timeout=30)

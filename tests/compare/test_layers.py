@@ -19,7 +19,7 @@ def _layers(capsys, tmp_path, model, root, *extra):
     return code, out, json.loads((tmp_path / "r.json").read_text())["reports"][0]
 
 
-@pytest.mark.parametrize("model,blocks", [("dinov2", 12), ("dinov3", 12)])
+@pytest.mark.parametrize("model,blocks", [("dinov3", 12)])  # dinov2 is the same family, 4x the tokens: its taps are the sweep's (README coverage)
 def test_clean_artifact_passes_at_every_block(artifacts_root, capsys, tmp_path, model, blocks):
     code, out, report = _layers(capsys, tmp_path, model, artifacts_root, "--backends", "torch-cpu,ort-cpu")
     assert code == 0

@@ -68,10 +68,11 @@ sweep: $(SETUP_DEP)
 
 # pytest exits 5 when it collects no test; that is a failure here, not a pass. Most tests wait on
 # subprocesses (a worker per backend, an export), so two pytest workers (pytest-xdist, the dev extra)
-# use both cores; an environment without xdist runs the tests one by one.
+# use both cores (worksteal: an idle worker takes tests queued on the other, so a long test near the end
+# does not leave a core idle); an environment without xdist runs the tests one by one.
 TEST_WORKERS ?= 2
 test: $(SETUP_DEP)
-	@status=0; $(PYTHON) -m pytest $$($(PYTHON) -c 'import xdist' 2>/dev/null && echo --numprocesses=$(TEST_WORKERS)) $(ARGS) || status=$$?; \
+	@status=0; $(PYTHON) -m pytest $$($(PYTHON) -c 'import xdist' 2>/dev/null && echo --numprocesses=$(TEST_WORKERS) --dist worksteal) $(ARGS) || status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$status
 

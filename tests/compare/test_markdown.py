@@ -291,11 +291,11 @@ def test_a_failing_output_shows_fail_in_verdict_table_and_conclusion(artifacts_r
 def test_one_document_holds_a_section_per_model(artifacts_root, tmp_path):
     _, text, results = run_cli(
         artifacts_root, tmp_path, "--backends", "torch-cpu,ort-cpu", "--batch-sizes", "1", "--iters", "1",
-        models=("dinov2", "dinov3"),
+        models=("dinov3", TINY),
     )
     reports = results["reports"]
     lines = text.splitlines()
-    assert lines[0] == "# Validation report: dinov2, dinov3"
+    assert lines[0] == f"# Validation report: dinov3, {TINY}"
     passed = sum(r["passed"] for r in reports)
     assert lines[2].startswith(f"**{'PASS' if passed == 2 else 'FAIL'}**: {passed} of 2 models pass")
     for report in reports:
@@ -305,7 +305,7 @@ def test_one_document_holds_a_section_per_model(artifacts_root, tmp_path):
             assert_printed(rows[(want["backend"], _label(want))]["rel err"], want["rel_error"])
     if importlib.util.find_spec("matplotlib"):
         charts = {path.name for path in links(text, tmp_path)}
-        assert charts == {"report-dinov2-latency.png", "report-dinov3-latency.png"}
+        assert charts == {"report-dinov3-latency.png", f"report-{TINY}-latency.png"}
 
 
 # ---------------------------------------------------------------------------------------------

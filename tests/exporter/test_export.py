@@ -10,7 +10,7 @@ import pytest
 
 from exporter import artifact
 from exporter.export import ExportOptions, export
-from tests.helpers import TINY, run_cli
+from tests.helpers import TINY, call, run_cli
 
 EXPECTED = {
     "dinov2": ("vit_small_patch14_reg4_dinov2.lvd142m", 518, 1374),
@@ -69,16 +69,18 @@ def test_failed_verification_exits_1_and_leaves_the_good_artifact_untouched(tiny
     assert not list(tiny_copy.glob(f".{TINY}.staging-*"))
 
 
-def test_cli_prints_summary_table_and_json(tmp_path):
-    result = run_cli("exporter", TINY, "--artifacts", str(tmp_path), "--weights", "random", "--json")
-    assert result.returncode == 0, result.stderr
-    rows = json.loads(result.stdout)
+def test_cli_prints_summary_table_and_json(tmp_path, capsys):
+    from exporter.cli import main
+
+    code, out, err = call(main, capsys, TINY, "--artifacts", str(tmp_path), "--weights", "random", "--json")
+    assert code == 0, err
+    rows = json.loads(out)
     assert rows[0]["model"] == TINY and rows[0]["input_size"] == [3, 160, 160]
     assert rows[0]["cosine"] >= 0.99999 and rows[0]["nodes"] > 0
-    assert "WARNING" in result.stderr and "random weights" in result.stderr
-    table = run_cli("exporter", TINY, "--artifacts", str(tmp_path), "--weights", "random")
-    assert table.returncode == 0
-    assert "Exported artifacts" in table.stdout and "random-init (seed 0)" in table.stdout
+    assert "WARNING" in err and "random weights" in err
+    code, out, _ = call(main, capsys, TINY, "--artifacts", str(tmp_path), "--weights", "random")
+    assert code == 0
+    assert "Exported artifacts" in out and "random-init (seed 0)" in out
 
 
 def test_unknown_model_exits_2_with_closest_names_and_no_traceback():

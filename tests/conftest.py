@@ -16,9 +16,9 @@ from tests.helpers import TINY  # noqa: E402 - after the environment is set
 @pytest.fixture(scope="session")
 def artifacts_root(tmp_path_factory, worker_id) -> Path:
     """A session-wide artifacts root holding dinov2, dinov3 and the tiny ViT, exported once for the whole
-    run: the pytest-xdist workers share it (the first to take the lock exports, the others wait), since two
-    exports of the same three models would cost each core half a minute. Tests edit copies, never it;
-    what the tool itself adds there (blocks.onnx) it publishes under the artifact's own lock."""
+    run: the pytest-xdist workers share it, each model under a lock of its own, and each worker starts from
+    another model, so the two cores export different models at once instead of the same ones twice. Tests
+    edit copies, never it; what the tool itself adds there (blocks.onnx) it publishes under the artifact's lock."""
     import fcntl
 
     from exporter.export import ExportOptions, export
@@ -26,13 +26,15 @@ def artifacts_root(tmp_path_factory, worker_id) -> Path:
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if worker_id != "master" else base  # xdist: basetemp/popen-gwN, one parent per run
     root = shared / "artifacts-shared"
-    with open(shared / "artifacts-shared.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (root / "done").is_file():
-            root.mkdir(exist_ok=True)
-            for name in ("dinov2", "dinov3", TINY):
+    root.mkdir(exist_ok=True)
+    models = ["dinov2", "dinov3", TINY]
+    start = int(worker_id[2:]) % len(models) if worker_id.startswith("gw") else 0
+    for name in models[start:] + models[:start]:
+        with open(shared / f"artifacts-shared.{name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (root / f"{name}.done").is_file():
                 export(name, root, ExportOptions(weights="random"))
-            (root / "done").touch()
+                (root / f"{name}.done").touch()
     return root
 
 

@@ -128,7 +128,7 @@ def test_a_kill_while_a_variant_is_added_leaves_the_previous_or_the_new_artifact
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_FILESYSTEM)
     outcomes = []
-    for delay in (0.0, 0.6):  # at the start and near the end of the (slowed) publish window
+    for delay in (0.0, 0.2, 2.0):  # at the start of the (slowed) publish window, inside it, and after it
         kill_at(tiny_copy, delay, tmp_path / "site", "--if-missing", "--variant", "int8")
         files = artifact.load(tiny_copy, TINY).manifest["files"]  # verifies every file's sha256
         assert files == before or set(files) == set(before) | {"model.int8.onnx"}, delay

@@ -214,6 +214,7 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
     )
     statuses, run, timings, warnings = [], Run(batch=batch), [], []
     written = {}  # --images: {"truth"|"reference": {"prefix"}} once that run has written its outputs
+    unavailable = {}  # backend -> why it was skipped: its variant rows are skipped for the same reason
     plans = {}
     if plan:
         folder = Path(plan["folder"])
@@ -259,8 +260,11 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
         cls, variant = split(name)
         # The reference is the truth the others are judged against: it always runs in true fp32.
         precision = "fp32" if name == options.reference else options.dtype
+        base = name.partition(":")[0]
         try:
             cls.probe()
+            if variant and base in unavailable:  # its provider could not run model.onnx: no worker to learn it again
+                raise BackendUnavailable(unavailable[base])
         except BackendUnavailable as why:
             outcome = worker.Outcome("skipped", str(why))
         else:
@@ -275,6 +279,8 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
                 batch = run.batch = made_input(outcome)
                 image = None
         statuses.append(BackendStatus(name, outcome.status, outcome.reason, outcome.details))
+        if outcome.status == "skipped" and not variant:
+            unavailable[name] = outcome.reason
         if outcome.status == "ran":
             run.outputs[name] = outcome.outputs[name]
             run.taps.update(outcome.taps)

@@ -19,13 +19,12 @@ import numpy as np
 from exporter import artifact, environment, metrics, registry
 from exporter.errors import UserError
 from exporter.images import list_images, open_rgb
-
-from . import dataset, inputs, layers, worker
+from exporter.tolerances import Tolerance, tolerance_for
 from exporter.variants import PRECISION_VARIANTS, precision_variants
 
+from . import dataset, inputs, layers, worker
 from .backends import BACKENDS, TRUTHS, BackendUnavailable, split
 from .results import BackendStatus, LatencyStats, NeighbourComparison, OutputComparison, Report, TruthComparison
-from exporter.tolerances import Tolerance, tolerance_for
 
 OUTPUTS = ("pooled", "tokens")
 NEIGHBOURS_K = 10  # k of overlap@k, or fewer when there are fewer images
@@ -260,11 +259,10 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
         cls, variant = split(name)
         # The reference is the truth the others are judged against: it always runs in true fp32.
         precision = "fp32" if name == options.reference else options.dtype
-        base = name.partition(":")[0]
         try:
             cls.probe()
-            if variant and base in unavailable:  # its provider could not run model.onnx: no worker to learn it again
-                raise BackendUnavailable(unavailable[base])
+            if variant and cls.name in unavailable:  # its provider could not run model.onnx: no worker to learn it again
+                raise BackendUnavailable(unavailable[cls.name])
         except BackendUnavailable as why:
             outcome = worker.Outcome("skipped", str(why))
         else:

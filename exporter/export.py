@@ -19,7 +19,8 @@ import torch
 from . import artifact, environment, registry, runtime, weights
 from .artifact import INPUT_NAME, OUTPUT_NAMES
 from .errors import CheckFailed, UserError
-from .variants import FP16_KEEP, LN_DECOMPOSED, write_ln_decomposed
+from .precision import VariantOptions
+from .variants import LN_DECOMPOSED, write_ln_decomposed
 
 DEFAULT_OPSET = 18
 TRACE_BATCH = 2  # batch 1 would let the exporter specialise the batch axis to a constant
@@ -28,8 +29,9 @@ SAMPLE_SEED = 0
 
 
 @dataclass(frozen=True)
-class ExportOptions:
-    """How to export: weights ("auto", "random" or a path), seed, opset and the verify thresholds."""
+class ExportOptions(VariantOptions):
+    """How to export: weights ("auto", "random" or a path), seed, opset, the verify thresholds, and the
+    reduced-precision variants to write too (VariantOptions: exporter/precision.py)."""
 
     weights: str = "auto"
     seed: int = 0
@@ -38,10 +40,6 @@ class ExportOptions:
     max_abs: float = artifact.VERIFY_DEFAULTS["max_abs"]
     verbose: bool = False
     decompose_layernorm: bool = False  # also write model.ln-decomposed.onnx (for the CANN provider)
-    variants: tuple[str, ...] = ()  # reduced-precision graphs to write too: int8, int8-qdq, fp16 (exporter/variants.py)
-    fp16_keep: tuple[str, ...] = FP16_KEEP  # op types the fp16 variant keeps fp32, unless searched
-    search_precision: bool = False  # fp16: search the smallest fp32 list instead (exporter/keep_fp32.py)
-    calibration_images: str | None = None  # a folder or glob: int8-qdq calibrates on them, every variant is verified on them
 
 
 @dataclass(frozen=True)

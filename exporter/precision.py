@@ -22,12 +22,12 @@ from .variants import FP16_KEEP
 
 @dataclass(frozen=True)
 class VariantOptions:
-    """Which variants to write and how (exporter.export.ExportOptions has the same fields for a whole export)."""
+    """Which variants to write and how; exporter.export.ExportOptions extends it for a whole export."""
 
-    variants: tuple[str, ...] = ()
-    fp16_keep: tuple[str, ...] = FP16_KEEP
-    search_precision: bool = False
-    calibration_images: str | None = None
+    variants: tuple[str, ...] = ()  # int8, int8-qdq, fp16 (exporter/variants.py)
+    fp16_keep: tuple[str, ...] = FP16_KEEP  # op types the fp16 variant keeps fp32, unless searched
+    search_precision: bool = False  # fp16: search the smallest fp32 list instead (exporter/keep_fp32.py)
+    calibration_images: str | None = None  # a folder or glob: int8-qdq calibrates on them, every variant is verified on them
 
 
 @dataclass(frozen=True)

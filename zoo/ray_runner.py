@@ -90,25 +90,22 @@ def run_on_ray(todo: list[tuple], settings: Settings, record, address: str, cpus
     """Run every entry of `todo` as a Ray task; `record(row, name, why)` hears each as it finishes (row None: not recorded)."""
     ray = start(address)
     try:
-        resources, backends = {}, "torch-cpu,ort-cpu"
         have = ray.cluster_resources()
-        for resource, backend in ACCELERATORS:
-            if have.get(resource, 0) >= 1:  # one card per model, and that card's eager backend in the comparison
-                resources, backends = ({"num_gpus": 1} if resource == "GPU" else {"resources": {resource: 1}}), f"{backends},{backend}"
-                break
-        card = {"GPU": 1} if "num_gpus" in resources else dict(resources.get("resources", {}))
+        # One card per model where the cluster has cards, and that card's eager backend in the comparison.
+        card, eager = next(((r, b) for r, b in ACCELERATORS if have.get(r, 0) >= 1), (None, None))
+        resources = {} if card is None else {"num_gpus": 1} if card == "GPU" else {"resources": {card: 1}}
+        backends = "torch-cpu,ort-cpu" + (f",{eager}" if eager else "")
         nodes, pending = ray.nodes(), {}
         for entry in todo:
             need = memory_need(entry[2])
-            why = infeasible({"CPU": cpus, "memory": need, **card}, nodes)
+            why = infeasible({"CPU": cpus, "memory": need, **({card: 1} if card else {})}, nodes)
             if why:  # Ray would queue it for ever: a row that says so instead
                 name, module, params, size = entry
                 record(Row(name, module, params, size, seconds=0.1, node="(none)", error=f"sweep: {why}"), name)
                 continue
             task = ray.remote(_task).options(num_cpus=cpus, memory=need, max_retries=RETRIES, retry_exceptions=False, **resources)
             pending[task.remote(entry, settings, backends)] = entry
-        cards = next((f", one {r} each" for r, _ in ACCELERATORS if have.get(r, 0) >= 1), "")
-        status(f"{len(pending)} models on Ray ({int(have.get('CPU', 0))} CPUs{cards})")
+        status(f"{len(pending)} models on Ray ({int(have.get('CPU', 0))} CPUs" + (f", one {card} each)" if card else ")"))
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)

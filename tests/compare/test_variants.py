@@ -1,6 +1,8 @@
 """Variant rows: each reduced-precision graph of an artifact runs on every onnxruntime backend, judged by its class."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from compare.run import CompareOptions, check_names, compare, rows
@@ -24,6 +26,9 @@ def test_each_variant_is_a_row_of_every_onnxruntime_backend_with_its_class_laten
     assert all(timed[name].graph_speedup is not None for name in expected) and timed["ort-cpu"].graph_speedup is None
     assert {r.backend for r in report.layers} >= expected  # per-block drift of the variant graphs too
     assert report.verdict.status == "PASS", report.verdict
+    written = json.loads(json.dumps(report.to_dict()))  # what --json writes: the same rows and the same verdict
+    assert written["verdict"] == "PASS" and written["exit_code"] == 0
+    assert {r["backend"] for r in written["accuracy"] if r["tolerance"] in ("int8", "fp16")} == expected
 
 
 def test_the_variants_option_picks_rows_and_names_a_missing_variant(variants_root):

@@ -57,15 +57,13 @@ def test_kill_at_any_instant_of_an_export_leaves_the_previous_or_the_new_artifac
     original = tmp_path / "original"
     shutil.copytree(tiny_copy / TINY, original)
     before = _hashes(artifact.load(tiny_copy, TINY).manifest)
-    start = time.monotonic()
-    assert _start_export(tmp_path / "timing", "--seed", "3").wait(timeout=300) == 0
-    duration = time.monotonic() - start
+    assert _start_export(tmp_path / "timing", "--seed", "3").wait(timeout=300) == 0  # what the new artifact is
     after = _hashes(artifact.load(tmp_path / "timing", TINY).manifest)
     assert after != before
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_FILESYSTEM)
-    # One kill halfway through a whole export, then three across the (slowed) publish window.
-    kills = [(duration / 2, None)] + [(delay, tmp_path / "site") for delay in (0.0, 0.12, 0.3)]
+    # Three kills across the (slowed) publish window; test_export_killed_midway kills one while it stages.
+    kills = [(delay, tmp_path / "site") for delay in (0.0, 0.12, 0.3)]
     outcomes = []
     for delay, slow_site in kills:
         kill_at(tiny_copy, delay, slow_site, "--weights", "random", "--seed", "3")
@@ -76,7 +74,7 @@ def test_kill_at_any_instant_of_an_export_leaves_the_previous_or_the_new_artifac
             shutil.rmtree(tiny_copy / TINY)
             shutil.copytree(original, tiny_copy / TINY)
     print("kill outcomes:", outcomes)
-    assert "old" in outcomes[1:] and "new" in outcomes[1:], outcomes  # the publish window was really crossed
+    assert "old" in outcomes and "new" in outcomes, outcomes  # the publish window was really crossed
     with artifact.staging(tiny_copy / TINY):  # the next run removes what the killed ones left behind
         pass
     assert not list(tiny_copy.glob(f".{TINY}{artifact.STAGING_PREFIX}*"))

@@ -15,8 +15,17 @@ PYTHON    := $(VENV)/bin/python
 SETUP_DEP := $(VENV)/.installed
 endif
 
+# Paths reach the CLI as data, one argument each, whatever they hold (spaces, quotes, $, ;): make keeps
+# their literal text (`$(value ...)`, never expanded again) and hands them to the recipe's shell through
+# its environment, where they are quoted ("$$IMAGES"); they are never pasted into the command line.
+# MODEL and PATTERN are lists of names: split on blanks, with globbing off (set -f), never run as code.
+# ARGS is the one variable that is shell text by design: extra options, as you would type them.
+PATH_VARIABLES := ARTIFACTS IMAGES SAVE AGAINST REPORT MODEL PATTERN
+$(foreach v,$(PATH_VARIABLES),$(eval override $(v) := $$(value $(v))))
+export $(PATH_VARIABLES)
+
 # Optional make variables that turn into CLI flags.
-COMPARE_FLAGS := $(if $(SAVE),--save-reference $(SAVE)) $(if $(AGAINST),--against $(AGAINST)) $(if $(REPORT),--report $(REPORT)) $(if $(IMAGES),--images '$(IMAGES)')
+COMPARE_FLAGS := $(if $(SAVE),--save-reference "$$SAVE") $(if $(AGAINST),--against "$$AGAINST") $(if $(REPORT),--report "$$REPORT") $(if $(IMAGES),--images "$$IMAGES")
 
 .PHONY: setup host-deps export compare bench sweep test clean help
 
@@ -48,23 +57,23 @@ host-deps:
 	$(PYTHON) -m pip install -c .host-constraints.txt -e ".[$$($(PYTHON) -m exporter.environment extra)]"
 
 export: $(SETUP_DEP)
-	$(PYTHON) -m exporter $(MODEL) --artifacts $(ARTIFACTS) $(ARGS)
+	set -f; $(PYTHON) -m exporter --artifacts "$$ARTIFACTS" $(ARGS) -- $$MODEL
 
 # Both export first whatever artifact is missing; no MODEL means every registered model.
 compare: $(SETUP_DEP)
-	$(PYTHON) -m exporter $(MODEL) --artifacts $(ARTIFACTS) --if-missing
-	$(PYTHON) -m compare $(MODEL) --artifacts $(ARTIFACTS) $(COMPARE_FLAGS) $(ARGS)
+	set -f; $(PYTHON) -m exporter --artifacts "$$ARTIFACTS" --if-missing -- $$MODEL
+	set -f; $(PYTHON) -m compare --artifacts "$$ARTIFACTS" $(COMPARE_FLAGS) $(ARGS) -- $$MODEL
 
 # Benchmarks (bench/): the latency sweep over batch sizes 1,2,4,8, the int8 variant's speed-ups and
 # cosine, and the time to verdict against its one-process floor; ARGS e.g. '--only floor --pairs 5'.
 bench: $(SETUP_DEP)
-	$(PYTHON) -m exporter $(MODEL) --artifacts $(ARTIFACTS) --if-missing
-	$(PYTHON) -m bench $(MODEL) --artifacts $(ARTIFACTS) $(ARGS)
+	set -f; $(PYTHON) -m exporter --artifacts "$$ARTIFACTS" --if-missing -- $$MODEL
+	set -f; $(PYTHON) -m bench --artifacts "$$ARTIFACTS" $(ARGS) -- $$MODEL
 
 # One subprocess per model, results appended to sweep/results.jsonl (a rerun resumes); ARGS e.g.
-# '--max-params 100M --shard 1/4 --readme README.md'. PATTERN words are quoted so the shell never globs them.
+# '--max-params 100M --shard 1/4 --readme README.md'. PATTERN words reach it as data (see PATH_VARIABLES).
 sweep: $(SETUP_DEP)
-	$(PYTHON) -m zoo $(foreach p,$(PATTERN),'$(p)') $(ARGS)
+	set -f; $(PYTHON) -m zoo $(ARGS) -- $$PATTERN
 
 # pytest exits 5 when it collects no test; that is a failure here, not a pass. Most tests wait on
 # subprocesses (a worker per backend, an export), so two pytest workers (pytest-xdist, the dev extra)

@@ -13,10 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-from exporter.cli import console
 from rich.table import Table
 
 from exporter import registry
+from exporter.cli import Parser, console, guarded
+from exporter.errors import UserError
 
 from . import floor, variants
 
@@ -49,30 +50,51 @@ def floor_pairs(model: str, artifacts: str, pairs: int) -> dict:
     return {"model": model, "make compare s": tool, "floor s": one, "ratios": ratios, "median ratio": statistics.median(ratios)}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+def parse(argv=None) -> argparse.Namespace:
+    """The bench's options; every bad one is a one-line UserError before any work."""
+    parser = Parser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", help=f"aliases or timm names (default: {', '.join(registry.ALIASES)})")
     parser.add_argument("--artifacts", default="artifacts")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts: {', '.join(PARTS)}")
     parser.add_argument("--pairs", type=int, default=3, help="floor: A B pairs (default: 3)")
     args = parser.parse_args(argv)
-    parts = [part for part in args.only.split(",") if part]
-    unknown = [part for part in parts if part not in PARTS]
-    if unknown:
-        parser.error(f"--only: unknown part {unknown[0]}; choose from {', '.join(PARTS)}")
-    out = console()
-    models = args.models or list(registry.ALIASES)
+    args.parts = [part.strip() for part in args.only.split(",") if part.strip()]
+    unknown = [part for part in args.parts if part not in PARTS]
+    if unknown or not args.parts:
+        raise UserError(f"--only {args.only!r}: " + (f"unknown part {unknown[0]!r}" if unknown else "names no part")
+                        + f"; choose from {', '.join(PARTS)}")
+    if args.pairs < 1:
+        raise UserError(f"--pairs must be at least 1, got {args.pairs}")
+    args.models = [registry.resolve(model).key for model in args.models] or list(registry.ALIASES)  # a bad name fails now
+    return args
+
+
+def main(argv=None) -> int:
+    out, err = console(), console(stderr=True)
+    return guarded(lambda: run(parse(argv), out, err), err)
+
+
+def run(args: argparse.Namespace, out, err) -> int:
+    """Each part in turn; a part that fails for a model says why in one line, and the exit code is then 1."""
+    parts, models, failed = args.parts, args.models, []
     if "latency" in parts:
         for model in models:
-            subprocess.run(["make", "-s", "compare", f"MODEL={model}", f"ARTIFACTS={args.artifacts}", f"PYTHON={sys.executable}",
-                            "ARGS=--batch-sizes 1,2,4,8"], cwd=ROOT, check=False)
+            done = subprocess.run(["make", "-s", "compare", f"MODEL={model}", f"ARTIFACTS={args.artifacts}",
+                                   f"PYTHON={sys.executable}", "ARGS=--batch-sizes 1,2,4,8"], cwd=ROOT, check=False)
+            if done.returncode not in (0, 1):  # 1 is a comparison that ran and failed: its tables say so
+                failed.append(f"latency of {model}: make compare exited {done.returncode}")
     if "variants" in parts:
         table = Table(title="int8 (onnxruntime.quantization, dynamic) on this CPU; targets in brackets")
         for column in ("model", "batch", "torch-cpu ms", "ort-cpu ms", "int8 ms", "int8 vs ort-cpu [>=1.8]",
                        "int8 vs torch-cpu [>=3.5]", "pooled cosine, worst photo [>=0.999]"):
             table.add_column(column, justify="left" if column == "model" else "right")
         for model in models:
-            for row in variants.measure(model, args.artifacts):
+            try:
+                measured = variants.measure(model, args.artifacts)
+            except (UserError, subprocess.CalledProcessError) as why:
+                failed.append(f"variants of {model}: {_reason(why)}")
+                continue
+            for row in measured:
                 table.add_row(row["model"], str(row["batch"]), f"{row['torch-cpu ms']:.1f}", f"{row['ort-cpu ms']:.1f}",
                               f"{row['int8 ms']:.1f}", *(_against(row[key], key) for key in variants.TARGETS))
         out.print(table)
@@ -81,11 +103,24 @@ def main(argv=None) -> int:
         for column in ("model", "make compare s", "floor s", "ratios", "median ratio [<=1.15]"):
             table.add_column(column, justify="left" if column == "model" else "right")
         for model in models:
-            found = floor_pairs(model, args.artifacts, args.pairs)
+            try:
+                found = floor_pairs(model, args.artifacts, args.pairs)
+            except subprocess.CalledProcessError as why:
+                failed.append(f"floor of {model}: {_reason(why)}")
+                continue
             table.add_row(model, " ".join(f"{s:.2f}" for s in found["make compare s"]), " ".join(f"{s:.2f}" for s in found["floor s"]),
                           " ".join(f"{r:.3f}" for r in found["ratios"]), f"{found['median ratio']:.3f}")
         out.print(table)
-    return 0
+    for line in failed:
+        err.print(f"error: {line}")
+    return 1 if failed else 0
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, subprocess.CalledProcessError):
+        command = " ".join(map(str, error.cmd[:4])) if isinstance(error.cmd, (list, tuple)) else str(error.cmd)
+        return f"{command} ... exited {error.returncode}"
+    return str(error)
 
 
 def _against(value: float, key: str) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -112,6 +113,8 @@ def parse(argv=None) -> argparse.Namespace:
             raise UserError(f"--{flag.replace('_', '-')} {path} is a folder; give a file name in it")
         if not Path(path).resolve().parent.is_dir():
             raise UserError(f"--{flag.replace('_', '-')} {path}: folder {Path(path).parent} does not exist; create it first")
+        if not os.access(Path(path).resolve().parent, os.W_OK):
+            raise UserError(f"--{flag.replace('_', '-')} {path}: folder {Path(path).parent} is not writable; pick another")
     if args.save_reference and args.against and Path(args.save_reference).resolve() == Path(args.against).resolve():
         raise UserError(
             f"--save-reference {args.save_reference} would overwrite the reference read with --against; save to another file"
@@ -175,7 +178,12 @@ def _variants(text: str) -> tuple[str, ...] | None:
     """--variants: None for all the artifact has, () for none, else the names."""
     if text.strip() == "all":
         return None
-    return () if text.strip() == "none" else _names(text)
+    if text.strip() == "none":
+        return ()
+    names = _names(text)
+    if not names:  # '' is no shorthand for none: say it
+        raise UserError(f"--variants {text!r} names no variant; write all, none, or a list such as int8,fp16")
+    return names
 
 
 def run(args: argparse.Namespace, out: Console, err: Console, argv) -> int:

@@ -47,7 +47,7 @@ def preprocess(paths: list[Path], data_config: dict, folder: Path, step=lambda m
     Returns (images, skipped): {"path", "sha256"} per image written, in order, and {"path", "reason"} per
     file that is not a readable image. Nothing is dropped silently.
     """
-    from exporter.images import eval_transform, preprocess as one_image
+    from exporter.images import eval_transform, preprocess as one_image, printable
 
     transform = eval_transform(data_config)
     images, skipped = [], []
@@ -59,10 +59,10 @@ def preprocess(paths: list[Path], data_config: dict, folder: Path, step=lambda m
             try:
                 array = one_image(path, data_config, transform)
             except UserError as why:
-                skipped.append({"path": str(path), "reason": str(why)})
+                skipped.append({"path": printable(path), "reason": str(why)})
                 continue
             array.astype(np.float32).tofile(out)
-            images.append({"path": str(path), "sha256": sha256(path)})
+            images.append({"path": printable(path), "sha256": sha256(path)})
     return images, skipped
 
 

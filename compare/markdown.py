@@ -52,7 +52,7 @@ def write(path: Path, reports: list[Report], command: str, make_line: str | None
             charts[model][kind] = chart.name
     generated = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     # The document goes last, so its links never point at a chart that is not there yet.
-    write_atomic(path, document(reports, command, charts, generated, make_line).encode())
+    write_atomic(path, document(reports, command, charts, generated, make_line).encode("utf-8", "backslashreplace"))
     return [path, *written]
 
 
@@ -115,7 +115,8 @@ def model_section(report: Report, charts: dict | None, with_verdict: bool = True
                   f"The k nearest neighbours of each image by cosine of `pooled`, on `{report.reference}` and on each backend.", ""]
         lines += [*table(("backend", "k", "mean overlap@k", "nearest neighbour unchanged", "tolerance", "min overlap", "min unchanged", "verdict"),
                          [(r.backend, str(r.k), _num(r.overlap, ".4f"), _num(r.nearest_unchanged, ".4f"), r.tolerance,
-                           repr(r.min_overlap), repr(r.min_nearest), _passfail(r.passed)) for r in report.neighbours]), ""]
+                           repr(r.min_overlap), repr(r.min_nearest), r.note if r.passed is None else _passfail(r.passed))
+                          for r in report.neighbours]), ""]
     if report.truth:
         lines += [f"### Against the {report.truth[0].truth} truth", "",
                   f"Relative error of each backend against eager float64 on the CPU, and that error as a multiple of "
@@ -299,6 +300,8 @@ def conclusion(report: Report, status: BackendStatus) -> str:
     if not rows:
         return f"{name}: ran, but produced no compared output"
     failing = [r.label for r in rows if not r.passed]
+    # The verdict is the one judge: a backend it failed on neighbour agreement alone is FAIL here too.
+    failing += ["neighbour agreement" for r in report.neighbours if r.backend == name and r.passed is False]
     parts = [f"{name}: " + (f"FAIL ({', '.join(failing)})" if failing else "PASS")]
     parts.append(f"max rel err {_num(_worst(r.rel_error for r in rows), ERROR)}")
     parts.append(f"min cosine {_num(_worst((r.worst_sample_cosine for r in rows), lowest=True), COSINE)}")
@@ -362,9 +365,12 @@ def export_args(weights_source: str) -> list[str]:
 
 
 def make_variable(name: str, *words: str) -> str:
-    # Quoted twice: once for the shell that runs make, once for the recipe's shell, which gets
-    # the value pasted in unquoted (`--report $(REPORT)`), so a path with a space stays one word.
-    return f"{name}={shlex.quote(shlex.join(words))}"
+    """`NAME=value` for a make command line, quoted for the shell that runs make. ARGS is quoted twice: the
+    recipe's shell reads it as shell text. The path variables reach the recipe as data (the Makefile's
+    PATH_VARIABLES), so they are quoted once, whatever they hold."""
+    if name == "ARGS":
+        return f"{name}={shlex.quote(shlex.join(words))}"
+    return f"{name}={shlex.quote(' '.join(words))}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -105,8 +105,12 @@ def load(path, manifest: dict) -> Stored:
     if not Path(path).is_file():
         raise UserError(f"reference {path} does not exist; pass a file written by --save-reference")
     try:
+        _check_sizes(Path(path), manifest)  # before any member is read: a declared 1e12 elements is refused unread
         metadata, arrays = _read(Path(path))
         _check(path, metadata, manifest)
+        problem = schema_problem(metadata, arrays, manifest)
+        if problem:
+            raise UserError(f"reference {path} is malformed: {problem}; save it again with --save-reference")
         return _stored(str(path), metadata, arrays)
     except UNREADABLE as error:
         why = (str(error).splitlines() or [""])[0]
@@ -116,6 +120,101 @@ def load(path, manifest: dict) -> Stored:
         ) from error
 
 
+MAX_BATCH = 4096  # rows of one saved batch (input, outputs, taps)
+MAX_IMAGES = 1_000_000  # rows of the saved per-image embeddings of an --images reference
+
+
+def _check_sizes(path: Path, manifest: dict) -> None:
+    """Refuse a member whose declared size no reference of this model can have, from the npy headers alone.
+
+    The bound comes from the model's shapes: a batch of at most MAX_BATCH rows of the largest per-image
+    array (input or tokens) in float64, or MAX_IMAGES pooled embeddings. A zip member that inflates past
+    its own header's size (a zip bomb) is refused too, since its declared size is then what is checked.
+    """
+    channels, height, width = manifest["data_config"]["input_size"]
+    shapes = manifest.get("outputs", {})
+    tokens = shapes.get("tokens", [None, 0, 0])[1:]
+    per_item = max(channels * height * width, int(np.prod([d for d in tokens if isinstance(d, int)] or [0])))
+    pooled = (shapes.get("pooled") or [None, 4096])[-1]
+    limit = max(MAX_BATCH * per_item * 8, MAX_IMAGES * (pooled if isinstance(pooled, int) else 4096) * 8)
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.file_size > limit + 4096:  # + the npy header
+                raise ValueError(f"member {info.filename} inflates to {info.file_size:,} bytes, over the {limit:,} a reference "
+                                 f"of {manifest['model']} can hold")
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = header(member)
+            if dtype.hasobject:
+                raise ValueError(f"member {info.filename} holds Python objects")
+            declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            if declared > limit:
+                raise ValueError(f"member {info.filename} declares {declared:,} bytes, over the {limit:,} a reference of "
+                                 f"{manifest['model']} can hold")
+
+
+def _is_number(value, optional: bool = False) -> bool:
+    return (value is None and optional) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def schema_problem(metadata: dict, arrays: dict[str, np.ndarray], manifest: dict) -> str | None:
+    """What in a reference's metadata or arrays does not have the shape `save` writes, in words, or None.
+    Every field the comparison reads is checked here, so that nothing later meets a wrong type."""
+    from exporter.tolerances import TOLERANCES
+
+    for key in ("host", "created_utc", "dtype", "reference"):
+        if not isinstance(metadata.get(key), str):
+            return f"'{key}' is not a string"
+    described = metadata.get("input")
+    if not isinstance(described, dict):
+        return "'input' is not an object"
+    if not (isinstance(described.get("sha256"), str) and isinstance(described.get("source", ""), str)
+            and isinstance(described.get("kind", ""), str)):
+        return "'input' lacks its sha256, source or kind as strings"
+    shape = described.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(d, int) and d >= 0 for d in shape)):
+        return "'input.shape' is not 4 counts"
+    if described.get("kind") == "images":
+        count, images = described.get("count"), described.get("images")
+        if not (isinstance(count, int) and isinstance(images, list) and len(images) == count
+                and all(isinstance(i, dict) and isinstance(i.get("sha256"), str) and isinstance(i.get("path"), str) for i in images)):
+            return "'input.images' is not a list of {path, sha256} of 'input.count' images"
+    batch = arrays.get("batch")
+    if batch is None or batch.ndim != 4 or batch.dtype.kind != "f" or list(batch.shape[1:]) != list(manifest["data_config"]["input_size"]):
+        return f"'batch' is not a float batch of {manifest['data_config']['input_size']} inputs"
+    backends = metadata.get("backends")
+    if not isinstance(backends, dict):
+        return "'backends' is not an object"
+    for name, saved in backends.items():
+        if not (isinstance(saved, dict) and isinstance(saved.get("details"), dict) and saved.get("tolerance") in TOLERANCES
+                and (saved.get("precision") == "fp32" or saved.get("precision") in TOLERANCES)):
+            return f"backend {name!r} lacks its details, a known tolerance class or a known precision"
+        for output in ("pooled", "tokens"):
+            found = arrays.get(f"outputs/{name}/{output}")
+            if found is None or found.dtype.kind != "f" or found.ndim < 2 or found.shape[0] != batch.shape[0]:
+                return f"backend {name!r} has no float '{output}' output of {batch.shape[0]} rows"
+        if described.get("kind") == "images":
+            found = arrays.get(f"embeddings/{name}/pooled")
+            pooled = arrays[f"outputs/{name}/pooled"]
+            if found is None or found.dtype.kind != "f" or found.shape != (described["count"], *pooled.shape[1:]):
+                return f"backend {name!r} has no pooled embedding for each of the {described['count']} images"
+    for key, array in arrays.items():
+        kind, _, rest = key.partition("/")
+        owner = rest.partition("/")[0]
+        if key != "batch" and (kind not in ("outputs", "taps", "embeddings") or owner not in backends):
+            return f"member {key!r} belongs to no saved backend"
+        if array.dtype.kind not in "fiub":
+            return f"member {key!r} is not numeric"
+    truth = metadata.get("truth", [])
+    if not (isinstance(truth, list) and all(
+            isinstance(row, dict) and set(row) <= {"backend", "output", "rel_error", "ratio", "truth"}
+            and isinstance(row.get("backend"), str) and isinstance(row.get("output"), str)
+            and _is_number(row.get("rel_error")) and "ratio" in row and _is_number(row["ratio"], optional=True) for row in truth)):
+        return "'truth' is not a list of {backend, output, rel_error, ratio} rows"
+    return None
+
+
 def _read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     data = np.load(path, allow_pickle=False)
     if not isinstance(data, np.lib.npyio.NpzFile):
@@ -123,6 +222,8 @@ def _read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     with data:
         # Read every member now: a damaged member only shows itself when it is read.
         arrays = {key: data[key] for key in data.files}
+    if "metadata" not in arrays:
+        raise KeyError("no metadata member")
     metadata = json.loads(str(arrays.pop("metadata")))
     return metadata, arrays
 
@@ -135,11 +236,13 @@ def _check(path, metadata, manifest: dict) -> None:
             f"reference {path} has format version {metadata.get('version')}, but this tool reads version {VERSION}; "
             f"save the reference again with the same version of this tool on both hosts"
         )
-    if (metadata["model"], metadata["timm_name"]) != (manifest["model"], manifest["timm_name"]):
+    if (metadata.get("model"), metadata.get("timm_name")) != (manifest["model"], manifest["timm_name"]):
         raise UserError(
             f"reference {path} was saved for {metadata['model']} ({metadata['timm_name']}), not {manifest['model']}; compare the same model"
         )
     here = manifest["files"]["weights.safetensors"]["sha256"]
+    if not isinstance(metadata.get("weights_sha256"), str):
+        raise UserError(f"reference {path} records no weights sha256; save it again with --save-reference")
     if metadata["weights_sha256"] != here:
         raise UserError(
             f"reference {path} was saved with other weights of {manifest['model']} (sha256 {metadata['weights_sha256'][:12]} there, "

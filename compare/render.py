@@ -155,7 +155,8 @@ def neighbours_table(report: Report) -> Table:
         table.add_column(column, justify="right" if column in ("k", "mean overlap@k", "nearest unchanged") else "left")
     for row in report.neighbours:
         table.add_row(row.backend, str(row.k), _num(row.overlap, ".4f"), _num(row.nearest_unchanged, ".4f"),
-                      f"{row.tolerance}: overlap>={row.min_overlap:g}, nearest>={row.min_nearest:g}", PASS if row.passed else FAIL)
+                      f"{row.tolerance}: overlap>={row.min_overlap:g}, nearest>={row.min_nearest:g}",
+                      row.note if row.passed is None else PASS if row.passed else FAIL)
     return table
 
 

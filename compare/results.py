@@ -89,7 +89,8 @@ class NeighbourComparison:
     tolerance: str
     min_overlap: float
     min_nearest: float
-    passed: bool
+    passed: bool | None  # None: not judged (fewer than 2 images have no neighbours), `note` says so
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ class Verdict:
 def verdict(report: "Report") -> Verdict:
     """The one verdict function: a PASS needs at least one compared backend, no failed row and no error."""
     failed = sorted({r.backend for r in report.accuracy if not r.passed}
-                    | {r.backend for r in report.neighbours if not r.passed}
+                    | {r.backend for r in report.neighbours if r.passed is False}
                     | {b.name for b in report.backends if b.status == "error"})
     compared = [b.name for b in report.backends if b.status in ("ran", "stored") and b.name != report.reference
                 and any(r.backend == b.name for r in report.accuracy)]

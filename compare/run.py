@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,9 +15,9 @@ from typing import Callable
 
 import numpy as np
 
-from exporter import artifact, environment, metrics, registry
+from exporter import artifact, environment, metrics, processes, registry
 from exporter.errors import UserError
-from exporter.images import list_images, open_rgb
+from exporter.images import list_images, open_rgb, printable
 from exporter.tolerances import Tolerance, tolerance_for
 from exporter.variants import PRECISION_VARIANTS, precision_variants
 
@@ -182,11 +181,13 @@ def compile_cache(art: artifact.Artifact, precision: str) -> Path:
     digest = art.manifest["files"]["model.onnx"]["sha256"]
     root = art.folder / COMPILE_CACHE
     try:
-        for old in root.glob("*") if root.is_dir() else ():
+        # Never through a link: a .compile-cache that is a symbolic link is replaced by a real folder (the
+        # link goes, its target is untouched), and stale entries are removed without following links.
+        folder = artifact.own_folder(root / digest / precision, art.folder)
+        for old in os.scandir(root):
             if old.name != digest:
-                shutil.rmtree(old, ignore_errors=True)
-        (root / digest / precision).mkdir(parents=True, exist_ok=True)
-        return root / digest / precision
+                artifact.remove_tree(Path(old.path))
+        return folder
     except OSError:  # a read-only artifact (a shared or mounted copy): the user's cache instead
         folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vit-parity" / "compile" / digest / precision
         folder.mkdir(parents=True, exist_ok=True)
@@ -207,7 +208,8 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
     names = rows(options, art.manifest)
     job = worker.Job(
         backend="", artifacts=str(art.folder.parent.resolve()), key=art.key, precision=options.dtype,
-        batch_sizes=(options.batch_sizes or (batch.shape[0],)) if options.latency else (),
+        # The accuracy batch size by default: --images' batch (the parent holds an empty placeholder then).
+        batch_sizes=(options.batch_sizes or ((plan or {}).get("batch") or batch.shape[0],)) if options.latency else (),
         warmup=options.warmup, iters=options.iters, budget_s=options.budget_s, layers=options.layers,
         artifact_id=worker.artifact_identity(art),
     )
@@ -249,6 +251,8 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
         outcome = worker.run_backend(cls, truth_job, batch, options.timeout_s, compile_cache(art, options.truth), progress_of(cls.name))
         batch = run.batch = made_input(outcome)
         image = None
+        if outcome.details.get("input_error"):  # no readable image: the user's input, not the truth's fault
+            raise UserError(outcome.reason)
         if outcome.status != "ran":
             raise UserError(f"the {options.truth} truth ({cls.name}) did not run: {outcome.reason}")
         run.truth = outcome.outputs[cls.name]
@@ -288,6 +292,8 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
                 batch = run.batch = decoded_batch()
             timings += [LatencyStats(**row) for row in outcome.latency]
         warnings += outcome.warnings
+        if name == options.reference and outcome.details.get("input_error"):  # the images, not the backend
+            raise UserError(outcome.reason)
         if name == options.reference and outcome.status != "ran":
             raise UserError(f"the reference backend {name} cannot run here: {outcome.reason}; pick another with --reference")
         if name in options.require and outcome.status == "skipped":  # a row mostly on the CPU included
@@ -302,6 +308,8 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
     step(f"{spec.key}: verifying the artifact")
     art = artifact.load(Path(options.artifacts), spec.key)
     manifest = art.manifest
+    for size, flag in ((options.batch_size or 1, "--batch-size"), (max(options.batch_sizes or (1,)), "--batch-sizes")):
+        check_batch_memory(size, manifest["data_config"]["input_size"], flag)
     stored = None
     if options.against:
         from . import reference
@@ -316,6 +324,8 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
     if options.images:
         with images_folder() as folder:
             batch, plan = _images_plan(options, manifest, folder, groups)
+            if stored is not None:
+                _same_images_as_stored(plan["decode"]["paths"], stored, options)
             statuses, run, timings, warnings = run_backends(options, art, batch, step, plan)
             described = _images_described(options, manifest, *dataset.decoded(folder))
         warnings = [f"skipped {s['path']}: {s['reason']}" for s in described["skipped"]] + warnings
@@ -386,7 +396,7 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
     return report, run
 
 
-IMAGES_PREFIX = "vit-parity-images-"  # + the parent's pid: the --images run folder, removed by the next run if left
+IMAGES_PREFIX = processes.IMAGES_PREFIX  # + the parent's pid: the --images run folder, removed by the next run if left
 
 
 @contextlib.contextmanager
@@ -409,10 +419,30 @@ def _images_plan(options: CompareOptions, manifest: dict, folder: Path, groups: 
     return np.zeros((0, *shape), dtype=np.float32), plan
 
 
+def _same_images_as_stored(paths: list[str], stored, options: CompareOptions) -> None:
+    """Refuse, before any backend runs, images that cannot be the stored ones: the stored images' hashes must
+    come first, in order, among the files here whose hash is one of them (unreadable files are skipped by
+    the run, so this is necessary, not sufficient: the run checks the decoded set again)."""
+    want = [image["sha256"] for image in stored.input["images"]]
+    wanted, found = set(want), []
+    for path in paths:
+        if len(found) == len(want):
+            break
+        try:
+            digest = artifact.sha256(Path(path))
+        except OSError:
+            continue
+        if digest in wanted:
+            found.append(digest)
+    if found != want:
+        raise UserError(f"the images differ from those stored in {options.against} ({len(want)} images there; here "
+                        f"{len(found)} of them in that order, compared by content hash); pass --images with the same images")
+
+
 def _images_described(options: CompareOptions, manifest: dict, images: list[dict], skipped: list[dict]) -> dict:
     shape = list(manifest["data_config"]["input_size"])
     digest = hashlib.sha256("".join(image["sha256"] for image in images).encode()).hexdigest()
-    return {"kind": "images", "source": options.images, "shape": [len(images), *shape], "dtype": "float32",
+    return {"kind": "images", "source": printable(options.images), "shape": [len(images), *shape], "dtype": "float32",
             "sha256": digest, "count": len(images), "images": images, "skipped": skipped,
             "batch_size": options.batch_size or 1}
 
@@ -460,11 +490,13 @@ def per_image_figures(found: dict[str, np.ndarray]) -> dict[str, dict[str, list]
 def neighbour_row(backend: str, reference: np.ndarray, embeddings: np.ndarray, tolerance: Tolerance) -> NeighbourComparison:
     """Neighbour agreement of one backend's pooled embeddings with the reference's, judged by its class."""
     found = metrics.neighbours(reference, embeddings, NEIGHBOURS_K)
-    judged = found["k"] > 0
-    passed = (not judged) or bool(found["overlap"] >= tolerance.min_overlap and found["nearest_unchanged"] >= tolerance.min_nearest)
+    if found["k"] < 1:  # nothing to judge: never a PASS on nothing
+        passed, note = None, f"not judged: {len(reference)} image{'s' if len(reference) != 1 else ''}, neighbours need at least 2"
+    else:
+        passed, note = bool(found["overlap"] >= tolerance.min_overlap and found["nearest_unchanged"] >= tolerance.min_nearest), ""
     return NeighbourComparison(backend=backend, k=found["k"], overlap=found["overlap"], nearest_unchanged=found["nearest_unchanged"],
                                tolerance=tolerance.name, min_overlap=tolerance.min_overlap, min_nearest=tolerance.min_nearest,
-                               passed=passed)
+                               passed=passed, note=note)
 
 
 def images_truth(run: Run, options: CompareOptions) -> list[TruthComparison]:
@@ -531,6 +563,19 @@ def _input(options: CompareOptions, manifest: dict, stored) -> tuple[np.ndarray,
     batch, described = inputs.make_input(kind, options.image, config, size, options.seed or 0)
     _same_as_stored(described, stored, options)
     return batch, described, None
+
+
+def check_batch_memory(size: int, input_size, flag: str = "--batch-size") -> None:
+    """Refuse a batch whose input alone would not fit in a quarter of this host's memory (the outputs, the
+    model and every backend's copies need the rest), in one line rather than a MemoryError later."""
+    need = size * int(np.prod(input_size)) * 4
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX: nothing to compare with
+        return
+    if need > have // 4:
+        raise UserError(f"{flag} {size}: its input alone is {need / 2**30:.1f} GiB, over a quarter of this host's "
+                        f"{have / 2**30:.0f} GiB of memory; use a smaller batch")
 
 
 def _same_as_stored(described: dict, stored, options: CompareOptions) -> None:

@@ -31,7 +31,7 @@ from exporter import processes
 
 RESULT, ARRAYS, JOB, INPUT, LOG, PROGRESS = "result.json", "arrays.npz", "job.json", "input.npy", "worker.log", "progress"
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # so `python -m compare.worker` works uninstalled
-TEMP_PREFIX = "vit-parity-worker-"  # + the parent's pid: a killed run's folders are removed by the next run
+TEMP_PREFIX = processes.WORKER_PREFIX  # + the parent's pid: a killed run's folders are removed by the next run
 # Exceptions that mean a mistake in Python code, ours or a backend's, not a device's finding.
 BUG_TYPES = (AssertionError, AttributeError, IndexError, KeyError, NameError, TypeError, ZeroDivisionError)
 LIBRARIES = tuple({sysconfig.get_paths()[key] for key in ("purelib", "platlib", "stdlib", "platstdlib")})
@@ -261,8 +261,8 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
 
         images, skipped = dataset.decode(job.dataset)
         if not images:
-            return Outcome("error", f"none of the {len(skipped)} files is a readable image (first: {skipped[0]['path']}: "
-                                    f"{skipped[0]['reason']}); pass a folder of JPEG or PNG files"), arrays
+            return Outcome("error", f"--images: none of the {len(skipped)} files is a readable image (first: {skipped[0]['path']}: "
+                                    f"{skipped[0]['reason']}); pass a folder of JPEG or PNG files", {"input_error": True}), arrays
         batch = dataset.read_rows(Path(job.dataset["inputs"]), 0, min(job.dataset["batch"], len(images)), job.dataset["shape"])
     try:
         outcome.details = backend.load(art, job.precision)

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,19 +31,80 @@ PREVIOUS_MARK = ".previous"  # marks a previous artifact moved aside during a no
 VERIFY_DEFAULTS = {"min_cosine": 0.99999, "max_abs": 1e-4}
 
 
-def sha256(path: Path) -> str:
+def sha256(path: Path, follow: bool = True) -> str:
+    """The file's sha256; follow=False refuses a symbolic link (O_NOFOLLOW): an artifact's files are its own."""
+    fd = os.open(path, os.O_RDONLY | (0 if follow else os.O_NOFOLLOW))
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with os.fdopen(fd, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
 def _readable(path: Path) -> None:
-    # mkstemp creates 0600 files; an artifact is meant to be shared, so apply the usual umask.
+    # mkstemp creates 0600 files; an artifact is meant to be shared, so apply the usual umask. Through a
+    # descriptor opened with O_NOFOLLOW: a symbolic link in our folder never carries a chmod to its target.
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, 0o666 & ~umask)
+    finally:
+        os.close(fd)
+
+
+def plain_name(name) -> bool:
+    """Whether `name` is one file name in its folder: no separator, no `..`, not absolute, not hidden."""
+    return (isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and "\0" not in name
+            and not name.startswith("."))
+
+
+def own_file_problem(path: Path) -> str | None:
+    """Why `path` is not a regular file of its folder's own (a symbolic link, a device, missing), or None.
+    Read with lstat: a link is never followed out of a folder we read or write."""
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        return "is missing"
+    if stat.S_ISLNK(found.st_mode):
+        return f"is a symbolic link (to {os.readlink(path)}); an artifact holds its own files, never links out of its folder"
+    if not stat.S_ISREG(found.st_mode):
+        return "is not a regular file"
+    return None
+
+
+def own_folder(path: Path, inside: Path) -> Path:
+    """Create the folder `path` under `inside` (and those between), refusing to pass through a symbolic link:
+    a link found where one of our folders belongs is removed (the link, never its target) and a real folder
+    made there. Returns `path`."""
+    path, inside = Path(path), Path(inside)
+    current = inside
+    for part in path.relative_to(inside).parts:
+        current = current / part
+        try:
+            found = os.lstat(current)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(current)
+            found = os.lstat(current)
+        if stat.S_ISLNK(found.st_mode) or not stat.S_ISDIR(found.st_mode):
+            os.unlink(current)  # a link or a file where our folder belongs: the entry goes, its target is untouched
+            os.mkdir(current)
+    return path
+
+
+def remove_tree(path: Path) -> None:
+    """Remove `path`: a folder with everything in it (shutil.rmtree never follows links inside), or, when
+    `path` is itself a symbolic link or a file, only that entry, never what a link points at."""
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(found.st_mode):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -170,6 +232,10 @@ def publish(folder: Path, staged: dict[str, Path], manifest: dict, replace: bool
         stage = stage.pop()
         files = {name: _record(path) for name, path in staged.items()}
         write_json_atomic(stage / MANIFEST, {**manifest, "files": files})
+        # mkdtemp made the stage 0700; the published folder is as shareable as its 0644 files (the umask's mode).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(stage, 0o777 & ~umask)
         _fsync_dir(stage)
         if not folder.exists():
             os.rename(stage, folder)
@@ -186,8 +252,11 @@ def publish(folder: Path, staged: dict[str, Path], manifest: dict, replace: bool
 
 
 def _record(path: Path) -> dict:
+    problem = own_file_problem(path)
+    if problem:
+        raise UserError(f"{path} {problem}")
     _readable(path)
-    return {"sha256": sha256(path), "bytes": path.stat().st_size}
+    return {"sha256": sha256(path, follow=False), "bytes": os.lstat(path).st_size}
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -298,9 +367,31 @@ def manifest_problem(manifest) -> str | None:
         if not isinstance(manifest.get(key), kind):
             return f"'{key}' is missing or not a{'n' if kind is dict else ''} {'object' if kind is dict else 'string'}"
     for name, record in manifest["files"].items():
-        if not (isinstance(record, dict) and isinstance(record.get("sha256"), str) and isinstance(record.get("bytes"), int)):
-            return f"the record of {name} is not {{sha256, bytes}}"
+        if not plain_name(name):
+            return f"the file name {name!r} is not a plain name inside the artifact folder (no '/', '..' or leading '.')"
+        if not (isinstance(record, dict) and _is_digest(record.get("sha256")) and isinstance(record.get("bytes"), int)):
+            return f"the record of {name} is not {{sha256: 64 hex digits, bytes}}"
     return data_config_problem(manifest["data_config"])
+
+
+def drop(folder: Path, names: list[str]) -> dict:
+    """Remove the files `names` (variants, derived graphs) from the artifact `folder` and its manifest, under its
+    lock: the manifest without them is written first, so a reader never sees a listed file that is gone. Returns
+    the new manifest."""
+    with _locked(folder):
+        manifest = read_manifest(folder)
+        manifest["files"] = {k: v for k, v in manifest.get("files", {}).items() if k not in names}
+        if isinstance(manifest.get("variants"), dict):
+            manifest["variants"] = {k: v for k, v in manifest["variants"].items() if k not in names}
+        write_json_atomic(folder / MANIFEST, manifest)
+        for name in names:
+            if plain_name(name):
+                remove_tree(folder / name)
+    return manifest
+
+
+def _is_digest(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def verify_files(artifact: Artifact, export_hint: str = "re-export the model") -> None:
@@ -316,13 +407,70 @@ def verify_files(artifact: Artifact, export_hint: str = "re-export the model") -
     for name, record in files.items():
         if name.endswith(DERIVED_SUFFIX):
             continue
-        path = artifact.path(name)
-        if not path.is_file():
-            raise UserError(f"artifact file {path} is missing; {export_hint}")
-        size = path.stat().st_size
-        if size != record["bytes"]:
-            raise UserError(
-                f"artifact file {path} is truncated or changed: {size} bytes, manifest says {record['bytes']}; {export_hint}"
-            )
-        if sha256(path) != record["sha256"]:
-            raise UserError(f"artifact file {path} was modified after export (sha256 differs from the manifest); {export_hint}")
+        problem = file_problem(artifact, name)
+        if problem:
+            raise UserError(f"artifact file {artifact.path(name)} {problem}; {export_hint}")
+
+
+def file_problem(artifact: Artifact, name: str) -> str | None:
+    """What is wrong with the artifact's file `name` against its manifest record, or None: missing, a link,
+    truncated, changed, or a graph whose external data lies outside the folder."""
+    path, record = artifact.path(name), artifact.manifest["files"][name]
+    problem = own_file_problem(path)
+    if problem:
+        return problem
+    size = os.lstat(path).st_size
+    if size != record["bytes"]:
+        return f"is truncated or changed: {size} bytes, manifest says {record['bytes']}"
+    if sha256(path, follow=False) != record["sha256"]:
+        return "was modified after export (sha256 differs from the manifest)"
+    if name.endswith(".onnx"):
+        return external_data_problem(path)
+    return None
+
+
+def damaged(artifact: Artifact) -> list[str]:
+    """The names of the artifact's files (derived ones aside) that are missing, links, truncated or changed."""
+    return [name for name in artifact.manifest.get("files", {})
+            if not name.endswith(DERIVED_SUFFIX) and file_problem(artifact, name)]
+
+
+def external_data_problem(path: Path) -> str | None:
+    """Why the ONNX graph at `path` refers to weights outside its own folder, or None.
+
+    onnx >= 1.21 refuses such paths itself when it loads the data; this check reads only the graph's
+    records (no weights), so every graph of an artifact is checked before anything loads it, whatever
+    the onnx version: each location must be a plain file name in the graph's folder, a regular file there.
+    """
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # noqa: BLE001 - onnx raises DecodeError, ValueError...: a damaged graph is a finding
+        return f"is not a readable ONNX graph ({type(error).__name__})"
+    seen = set()
+    for tensor in _tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        if location in seen:
+            continue
+        seen.add(location)
+        if not plain_name(location):
+            return f"refers to external data at {location!r}, outside the artifact folder"
+        problem = own_file_problem(Path(path).parent / location)
+        if problem:
+            return f"refers to external data {location} that {problem}"
+    return None
+
+
+def _tensors(graph):
+    """Every tensor a graph holds: its initializers and the tensors in node attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _tensors(sub)

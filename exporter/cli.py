@@ -74,9 +74,11 @@ def parse(argv=None) -> argparse.Namespace:
     args.variant = list(dict.fromkeys(args.variant))
     keep = [op.strip() for op in args.fp16_keep.split(",") if op.strip()]
     args.fp16_keep = () if keep == ["none"] else tuple(keep)
-    bad = [op for op in args.fp16_keep if not op.isidentifier()]
+    # An op type ONNX does not know would be "kept fp32" in the manifest while keeping nothing.
+    bad = [op for op in args.fp16_keep if not (op.isidentifier() and _onnx_op(op))] if args.fp16_keep != FP16_KEEP else []
     if bad:
-        raise UserError(f"--fp16-keep takes ONNX op types such as LayerNormalization,Softmax (or none), got {bad[0]!r}")
+        raise UserError(f"--fp16-keep takes ONNX op types such as LayerNormalization,Softmax (or none); {bad[0]!r} is not "
+                        f"an ONNX operator")
     fp16 = FP16 in args.variant
     if args.search_precision and not fp16:
         raise UserError("--search-precision searches the fp16 variant's fp32 list; add --variant fp16")
@@ -94,6 +96,12 @@ def parse(argv=None) -> argparse.Namespace:
 
         list_images(args.calibration_images, "--calibration-images")  # a bad path fails now, not after the trace
     return args
+
+
+def _onnx_op(name: str) -> bool:
+    import onnx.defs
+
+    return onnx.defs.has(name)
 
 
 def check_thresholds(min_cosine: float | None, max_error: float | None, error_flag: str, what: str) -> None:
@@ -182,8 +190,9 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
             try:
                 found = artifact.load(args.artifacts, spec.key)  # every hash checked: a damaged artifact is not "present"
             except UserError as why:
-                err.print(f"{spec.key}: exporting again, the artifact there is unusable: {why}")
-                continue
+                found = _repaired(args.artifacts, spec.key, why, err)
+                if found is None:
+                    continue
             present.append(spec.key)
             for warning in artifact.verify_warnings(found.manifest):
                 err.print(Text(f"warning: {warning}", style="yellow"))
@@ -215,6 +224,44 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
             results.append(result)
     _print_results(args, added + results, out)
     return 0
+
+
+def _repaired(root: str, key: str, why: UserError, err: Console):
+    """An artifact that failed its checks under --if-missing: what to do without ever trading the user's weights.
+
+    Damaged variants and derived graphs are dropped (a requested variant is then rebuilt from the artifact's
+    own model.onnx), and the artifact is returned. Damaged core files of an artifact made with random weights
+    are exported again with the same seed (None); those of an artifact with the user's own weights, or an
+    artifact whose manifest cannot tell, are an error that names them: its weights are never replaced.
+    """
+    from .weights import is_random
+
+    folder = artifact_folder(root, key)
+    try:
+        manifest = artifact.read_manifest(folder)
+        problem = artifact.manifest_problem(manifest)
+    except UserError as unreadable:
+        manifest, problem = {}, str(unreadable)
+    if problem:
+        raise UserError(f"{key}: the artifact in {folder} is unusable ({why}), and its manifest cannot say whose weights it "
+                        f"holds, so it is not exported again over them: move the folder aside, then export again (with "
+                        f"--weights FILE for your own weights)")
+    found = artifact.Artifact(folder=folder, manifest=manifest)
+    bad = artifact.damaged(found)
+    core = [name for name in bad if name not in manifest.get("variants", {}) and name != "model.ln-decomposed.onnx"]
+    if core:
+        source = str(manifest.get("weights_source", "unknown"))
+        if is_random(source):
+            err.print(f"{key}: exporting again with the same seed, the artifact there is unusable: {why}")
+            return None
+        raise UserError(f"{key}: {', '.join(core)} in {folder} failed the artifact's checks ({why}); it holds weights from "
+                        f"{source}, which are never replaced by others: restore the file, or move the folder aside and export "
+                        f"again with --weights FILE")
+    if not bad:
+        raise why  # not a file of the artifact: the loader's own finding stands
+    err.print(Text(f"warning: {key}: dropped {', '.join(bad)}, which failed the artifact's checks ({why}); "
+                   f"add a variant again with --if-missing --variant NAME", style="yellow"))
+    return artifact.Artifact(folder=folder, manifest=artifact.drop(folder, bad))
 
 
 def _options(args, kind, **changes):
@@ -272,14 +319,23 @@ def _error(message: str) -> Text:
 
 
 def guarded(body, err: Console, interrupted: str = "interrupted") -> int:
-    """Run a CLI body and return its exit code; user errors become one line and a code, never a traceback."""
+    """Run a CLI body and return its exit code; user errors become one line and a code, never a traceback.
+
+    Every command first removes what killed runs of any command left in the temp folder (their owner is dead).
+    """
+    from .processes import remove_all_stale
+
     try:
+        remove_all_stale()
         return body()
     except UserError as error:
         err.print(_error(str(error)), highlight=False, soft_wrap=True)
         return error.exit_code
     except OSError as error:  # a path the user gave cannot be written or read: full disk, no permission
         err.print(_error(f"{error}; check the path and the free space"), highlight=False, soft_wrap=True)
+        return 2
+    except MemoryError:  # what a size check did not foresee: one line, never a traceback
+        err.print(_error("out of memory; use a smaller batch, fewer images, or a host with more memory"), highlight=False)
         return 2
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM/SIGHUP (exporter.Stopped)
         from . import exit_code

@@ -308,9 +308,10 @@ def _stage_and_publish(spec, model, source, config, sample, folder, options, ste
             from . import precision
 
             said = lambda message: step(f"{spec.key}: {message}")  # noqa: E731
-            inputs, reference, described = precision.verify_inputs(sample, outputs, lambda batch: eager_outputs(model, batch),
-                                                                    config, options.calibration_images, said)
-            variants.update(precision.write_variants(stage, inputs, reference, described, options, said))
+            with precision.verify_folder() as scratch:
+                inputs, described = precision.verify_inputs(sample, outputs, lambda batch: eager_outputs(model, batch),
+                                                            config, options.calibration_images, said, scratch)
+                variants.update(precision.write_variants(stage, inputs, described, options, said))
         step(f"{spec.key}: writing the artifact")
         state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(stage / "weights.safetensors"))

@@ -44,6 +44,55 @@ def worst_sample_cosine(a, b) -> float:
     return min(cosine(x, y) for x, y in zip(a, b))
 
 
+class Agreement:
+    """`cosine`, `worst_sample_cosine`, `relative_error` and `nonfinite_count` of `a` against the reference `b`,
+    accumulated over chunks of rows (axis 0), so that many samples never need to be in memory at once. The
+    figures equal those of the whole arrays (float64 sums; the order of summation may differ in the last bits)."""
+
+    def __init__(self):
+        self.dot = self.aa = self.bb = self.diff = 0.0
+        self.worst = float("inf")
+        self.nonfinite = 0
+        self.size = 0
+
+    def add(self, a, b) -> None:
+        a, b = _as_float(a), _as_float(b)
+        if a.shape != b.shape:
+            raise ValueError(f"agreement needs equal shapes, got {a.shape} and {b.shape}")
+        self.nonfinite += nonfinite_count(a)
+        self.size += a.size
+        if a.size == 0:
+            return
+        self.worst = min(self.worst, worst_sample_cosine(a, b))
+        flat_a, flat_b = a.ravel(), b.ravel()
+        self.dot += float(np.dot(flat_a, flat_b))
+        self.aa += float(np.dot(flat_a, flat_a))
+        self.bb += float(np.dot(flat_b, flat_b))
+        self.diff += float(np.dot(flat_a - flat_b, flat_a - flat_b))
+
+    @property
+    def cosine(self) -> float:
+        if self.size == 0:
+            return 1.0
+        if not all(np.isfinite(v) for v in (self.dot, self.aa, self.bb)):
+            return float("nan")
+        if self.aa == 0 and self.bb == 0:
+            return 1.0
+        if self.aa == 0 or self.bb == 0:
+            return 0.0
+        return float(np.clip(self.dot / np.sqrt(self.aa * self.bb), -1.0, 1.0))
+
+    @property
+    def worst_sample_cosine(self) -> float:
+        return self.cosine if self.worst == float("inf") else self.worst
+
+    @property
+    def relative_error(self) -> float:
+        if self.bb == 0:
+            return 0.0 if self.diff == 0 else float("inf")
+        return float(np.sqrt(self.diff) / np.sqrt(self.bb))
+
+
 def max_abs_diff(a, b) -> float:
     """The largest |a - b|; 0.0 for empty arrays, NaN when a NaN is involved."""
     d = np.abs(_as_float(a) - _as_float(b))

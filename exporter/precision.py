@@ -7,8 +7,10 @@ sample.npz, unless --calibration-images asks for the eager outputs of those imag
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,22 +43,62 @@ class Added:
 VARIANT_CHUNK = 8  # images per onnxruntime call when a variant is checked on many calibration images
 
 
-def check_variant(path: Path, inputs: np.ndarray, reference: dict[str, np.ndarray], tolerance) -> tuple[bool, dict]:
-    """Run the graph at `path` on `inputs` and judge it against the eager fp32 `reference` by `tolerance`:
-    the lowest cosine (whole and worst sample) and the relative error of every output must pass, with
-    no NaN or Inf. Returns (passed, figures); figures name the worst output."""
+class VerifySet:
+    """What variants are verified on: inputs and their eager fp32 outputs, row by row. In memory for the
+    export's sample; on disk (raw float32 rows in `folder`) once --calibration-images join it, so that memory
+    holds one chunk of VARIANT_CHUNK images whatever their count (2,500 tiny images took 3.4 GB when stacked)."""
+
+    def __init__(self, inputs: np.ndarray, reference: dict[str, np.ndarray], folder: Path | None = None):
+        self.folder, self.count = folder, 0
+        self.shapes = {INPUT_NAME: list(inputs.shape[1:]), **{n: list(reference[n].shape[1:]) for n in OUTPUT_NAMES}}
+        self.memory = None if folder else {INPUT_NAME: inputs, **{n: reference[n] for n in OUTPUT_NAMES}}
+        if folder:
+            self.append(inputs, reference)
+        else:
+            self.count = len(inputs)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def append(self, inputs: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
+        """Add rows (on disk only): the inputs and their eager outputs."""
+        for name, array in ((INPUT_NAME, inputs), *((n, outputs[n]) for n in OUTPUT_NAMES)):
+            with open(self.folder / f"{name}.f32", "ab") as handle:
+                np.ascontiguousarray(array, dtype=np.float32).tofile(handle)
+        self.count += len(inputs)
+
+    def rows(self, name: str, start: int, count: int) -> np.ndarray:
+        if self.memory is not None:
+            return self.memory[name][start:start + count]
+        size = int(np.prod(self.shapes[name]))
+        found = np.fromfile(self.folder / f"{name}.f32", dtype=np.float32, count=count * size, offset=start * size * 4)
+        return found.reshape(-1, *self.shapes[name])
+
+    def chunks(self, size: int = VARIANT_CHUNK):
+        """(inputs, {output: eager fp32 rows}) `size` rows at a time."""
+        for start in range(0, self.count, size):
+            yield self.rows(INPUT_NAME, start, size), {n: self.rows(n, start, size) for n in OUTPUT_NAMES}
+
+
+def check_variant(path: Path, inputs, reference: dict[str, np.ndarray] | None, tolerance) -> tuple[bool, dict]:
+    """Run the graph at `path` on `inputs` (an array, with `reference`, or a VerifySet) and judge it against the
+    eager fp32 outputs by `tolerance`: the lowest cosine (whole and worst sample) and the relative error of
+    every output must pass, with no NaN or Inf. Chunk by chunk: memory holds one chunk. Returns (passed,
+    figures); figures name the worst output."""
     from exporter import metrics
 
+    verify_set = inputs if isinstance(inputs, VerifySet) else VerifySet(inputs, reference)
     session = runtime.session(path)
     names = [o.name for o in session.get_outputs()]
-    chunks = [session.run(None, {INPUT_NAME: inputs[i:i + VARIANT_CHUNK]}) for i in range(0, len(inputs), VARIANT_CHUNK)]
+    found = {name: metrics.Agreement() for name in names}
+    for batch, want in verify_set.chunks():
+        for name, got in zip(names, session.run(None, {INPUT_NAME: batch})):
+            found[name].add(np.asarray(got, dtype=np.float32), want[name])
     figures, passed = {}, True
-    for index, name in enumerate(names):
-        got = np.concatenate([chunk[index] for chunk in chunks]).astype(np.float32)
-        want = reference[name]
-        bad = metrics.nonfinite_count(got)
-        cos = min(metrics.cosine(got, want), metrics.worst_sample_cosine(got, want)) if not bad else float("nan")
-        rel = metrics.relative_error(got, want) if not bad else float("nan")
+    for name in names:
+        bad = found[name].nonfinite
+        cos = min(found[name].cosine, found[name].worst_sample_cosine) if not bad else float("nan")
+        rel = found[name].relative_error if not bad else float("nan")
         ok = bool(not bad and cos >= tolerance.min_cosine and rel <= tolerance.max_rel)
         figures[name] = {"cosine": cos, "rel_error": rel, "nonfinite": bad, "passed": ok}
         passed = passed and ok
@@ -75,31 +117,42 @@ def _fails(variant: str, tolerance, figures: dict, hint: str) -> CheckFailed:
                        f"{figures['worst_output']} {found}; {hint}")
 
 
-def verify_inputs(sample: np.ndarray, outputs: dict, eager, config: dict, images: str | None, step) -> tuple[np.ndarray, dict, dict]:
+def verify_inputs(sample: np.ndarray, outputs: dict, eager, config: dict, images: str | None, step,
+                  folder: Path | None = None) -> tuple[VerifySet, dict]:
     """What variants are verified on: the sample and, with `images`, those images through the model's eval
-    transform; their eager fp32 outputs (`eager(batch)` gives those of the images); a description for the manifest."""
+    transform, with their eager fp32 outputs (`eager(batch)` gives those of the images), streamed into
+    `folder` VARIANT_CHUNK images at a time; and a description for the manifest."""
     described = {"sample": int(len(sample))}
     if not images:
-        return sample, outputs, described
-    from .images import eval_transform, list_images, preprocess
+        return VerifySet(sample, outputs), described
+    from .images import eval_transform, list_images, preprocess, printable
 
-    transform, decoded = eval_transform(config), []
+    found, transform, pending, skipped = VerifySet(sample, outputs, folder), eval_transform(config), [], 0
+
+    def flush() -> None:
+        if pending:
+            batch = np.stack(pending)
+            found.append(batch, eager(batch))
+            pending.clear()
+
     for path in list_images(images, "--calibration-images"):
         try:
-            decoded.append(preprocess(path, config, transform))
+            pending.append(preprocess(path, config, transform))
         except UserError as why:
-            step(f"skipped {path}: {why}")
-    if not decoded:
+            skipped += 1
+            step(f"skipped {printable(path)}: {why}")
+        if len(pending) == VARIANT_CHUNK:
+            flush()
+    flush()
+    if len(found) == len(sample):
         raise UserError(f"--calibration-images {images}: none of the files is a readable image; pass a folder of JPEG or PNG files")
-    batch = np.stack(decoded)
-    found = [eager(batch[i:i + VARIANT_CHUNK]) for i in range(0, len(batch), VARIANT_CHUNK)]
-    described["calibration_images"] = len(batch)
-    return (np.concatenate([sample, batch]),
-            {name: np.concatenate([outputs[name], *(e[name] for e in found)]) for name in OUTPUT_NAMES}, described)
+    described["calibration_images"] = len(found) - len(sample)
+    described["skipped"] = skipped
+    return found, described
 
 
-def write_variants(stage: Path, inputs: np.ndarray, reference: dict, described: dict, options: VariantOptions, step,
-                       source: str = "model.onnx") -> dict[str, dict]:
+def write_variants(stage: Path, inputs: VerifySet, described: dict, options: VariantOptions, step,
+                   source: str = "model.onnx") -> dict[str, dict]:
     """Write and verify every variant of `options.variants` from stage/`source`; their manifest records, by file.
 
     A variant that fails its class raises CheckFailed: nothing of this export is published.
@@ -114,7 +167,7 @@ def write_variants(stage: Path, inputs: np.ndarray, reference: dict, described: 
         search = None
         if variant == variants.FP16 and options.search_precision:
             step(f"searching what must stay fp32 in the fp16 graph (on {len(inputs)} inputs)")
-            search = _search_fp32(stage / source, target, inputs, reference, tolerance, step)
+            search = _search_fp32(stage / source, target, inputs, tolerance, step)
             if not search["passed"]:
                 raise CheckFailed(f"the fp16 variant fails its {tolerance.name} class even with every node kept fp32: the "
                                   f"conversion itself breaks the graph, not its precision")
@@ -125,10 +178,11 @@ def write_variants(stage: Path, inputs: np.ndarray, reference: dict, described: 
             recipe = variants.write_fp16(stage / source, target, keep_ops=options.fp16_keep)
         else:
             step(f"writing the {variant} variant with onnxruntime.quantization")
-            calibration = inputs if variant == variants.INT8_QDQ else None
-            recipe = variants.write_int8(stage / source, target, calibration)
+            calibration = (lambda: (inputs.rows(INPUT_NAME, row, 1) for row in range(len(inputs)))) \
+                if variant == variants.INT8_QDQ else None
+            recipe = variants.write_int8(stage / source, target, calibration, len(inputs))
         step(f"verifying the {variant} variant against eager fp32 ({tolerance.name} class)")
-        passed, figures = check_variant(target, inputs, reference, tolerance)
+        passed, figures = check_variant(target, inputs, None, tolerance)
         if not passed:
             hint = ("keep more fp32 (--fp16-keep OPS) or let --search-precision find the smallest list"
                     if variant == variants.FP16 else "try another int8 recipe (int8 or int8-qdq) or --calibration-images")
@@ -142,7 +196,7 @@ def write_variants(stage: Path, inputs: np.ndarray, reference: dict, described: 
     return records
 
 
-def _search_fp32(source: Path, target: Path, inputs, reference, tolerance, step) -> dict:
+def _search_fp32(source: Path, target: Path, inputs: VerifySet, tolerance, step) -> dict:
     """keep_fp32.search over the nodes of `source`, each trial an fp16 graph written to `target` and checked."""
     import onnx
 
@@ -153,7 +207,7 @@ def _search_fp32(source: Path, target: Path, inputs, reference, tolerance, step)
 
     def judge(kept: frozenset) -> tuple[bool, dict]:
         variants.write_fp16(source, target, keep_ops=(), keep_nodes=sorted(kept))
-        passed, figures = check_variant(target, inputs, reference, tolerance)
+        passed, figures = check_variant(target, inputs, None, tolerance)
         return passed, {k: figures[k] for k in ("cosine", "rel_error", "worst_output")}
 
     return keep_fp32.search(nodes, judge, step)
@@ -172,12 +226,12 @@ def add_variants(root: Path | str, key: str, options: VariantOptions, step=lambd
 
         model = rebuild_model(art)
         eager = lambda batch: eager_outputs(model, batch)  # noqa: E731
-    with artifact.staging(art.folder) as stage:
+    with artifact.staging(art.folder) as stage, verify_folder() as scratch:
         for name in art.manifest["files"]:
             _link(art.path(name), stage / name)
-        inputs, reference, described = verify_inputs(sample, outputs, eager, art.manifest["data_config"],
-                                                      options.calibration_images, step)
-        added = write_variants(stage, inputs, reference, described, options, step)
+        inputs, described = verify_inputs(sample, outputs, eager, art.manifest["data_config"],
+                                          options.calibration_images, step, scratch)
+        added = write_variants(stage, inputs, described, options, step)
         manifest = {**art.manifest, "variants": {**art.manifest.get("variants", {}), **added}}
         manifest.pop("files")
         step("publishing")
@@ -185,10 +239,21 @@ def add_variants(root: Path | str, key: str, options: VariantOptions, step=lambd
     return added
 
 
+@contextlib.contextmanager
+def verify_folder():
+    """A temp folder for the streamed verify set, named so that a killed export's is removed by the next command."""
+    from .processes import IMAGES_PREFIX, owned_prefix
+
+    with tempfile.TemporaryDirectory(prefix=owned_prefix(IMAGES_PREFIX)) as folder:
+        yield Path(folder)
+
+
 def _link(source: Path, target: Path) -> None:
+    # The staging folder is beside the artifact: the same filesystem. Never through a link: the loader
+    # refused artifact files that are links, and a hard link made with follow_symlinks=False is to the entry itself.
     try:
-        os.link(source, target)  # the staging folder is beside the artifact: the same filesystem
+        os.link(source, target, follow_symlinks=False)
     except OSError:
-        shutil.copyfile(source, target)
+        shutil.copyfile(source, target, follow_symlinks=False)
 
 

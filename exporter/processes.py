@@ -12,6 +12,7 @@ import ctypes
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 import time
@@ -71,13 +72,37 @@ def alive(pid: int) -> bool:
     return True
 
 
+# The temp folders of this tool, each named <prefix><owner pid>-...: --images runs (decoded images, about
+# 1.2 MB an image for dinov3), workers, and sweep scratch artifacts. Every command removes those whose owner is dead.
+IMAGES_PREFIX = "vit-parity-images-"
+WORKER_PREFIX = "vit-parity-worker-"
+SWEEP_PREFIX = "vit-parity-sweep-"
+STALE_PREFIXES = (IMAGES_PREFIX, WORKER_PREFIX, SWEEP_PREFIX)
+
+
 def remove_stale(prefix: str, folder: Path | str | None = None) -> list[Path]:
-    """Remove the folders `<prefix><pid>-*` in `folder` (the temp folder) whose owner pid is dead; return them."""
+    """Remove the folders `<prefix><pid>-*` in `folder` (the temp folder) whose owner pid is dead; return them.
+    Only real folders of that name: a link is never followed (shutil.rmtree refuses one)."""
     root = Path(folder or tempfile.gettempdir())
     removed = []
     for path in root.glob(f"{prefix}*"):
         pid = path.name[len(prefix):].split("-", 1)[0]
-        if path.is_dir() and pid.isdigit() and not alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+        if not (pid.isdigit() and not alive(int(pid))):
+            continue
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
     return removed
+
+
+def remove_all_stale() -> None:
+    """What killed runs of any of this tool's commands left in the temp folder: every command calls this first."""
+    for prefix in STALE_PREFIXES:
+        try:
+            remove_stale(prefix)
+        except OSError:  # an unreadable temp folder: nothing of ours to clean there
+            pass

@@ -120,11 +120,17 @@ def _library(module: str) -> dict:
     return {"library": module, "version": environment.version("onnxruntime")}
 
 
-def write_int8(source: Path, target: Path, calibration: np.ndarray | None = None) -> dict:
+# MinMax calibration keeps every calibration input's intermediate outputs until it computes the ranges; with
+# this onnxruntime option it merges them every CALIBRATION_CHUNK inputs, so memory does not grow with the count.
+CALIBRATION_CHUNK = 8
+
+
+def write_int8(source: Path, target: Path, calibration=None, count: int = 0) -> dict:
     """onnxruntime.quantization of `source` into `target`; return the recipe.
 
     Without `calibration`: quantize_dynamic (weights int8 per channel, activations quantized at run
-    time). With it (NCHW float32 inputs): quantize_static in QDQ format, MinMax-calibrated on them.
+    time). With it (a function that returns an iterator over `count` NCHW float32 inputs of one row
+    each, streamed): quantize_static in QDQ format, MinMax-calibrated on them.
     """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
@@ -138,18 +144,21 @@ def write_int8(source: Path, target: Path, calibration: np.ndarray | None = None
 
         class Reader(CalibrationDataReader):
             def __init__(self):
-                self.rows = iter(range(len(calibration)))
+                self.rows = calibration()
 
             def get_next(self):
                 row = next(self.rows, None)
-                return None if row is None else {"pixel_values": calibration[row:row + 1]}
+                return None if row is None else {"pixel_values": np.ascontiguousarray(row, dtype=np.float32)}
+
+            def rewind(self):
+                self.rows = calibration()
 
         quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(INT8_OPS),
                         per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        use_external_data_format=external)
+                        use_external_data_format=external, extra_options={"CalibMaxIntermediateOutputs": CALIBRATION_CHUNK})
     return {**_library("onnxruntime.quantization"), "call": "quantize_static",
             "options": {**options, "quant_format": "QDQ", "activation_type": "QInt8", "calibrate_method": "MinMax",
-                        "calibration_inputs": int(len(calibration))}}
+                        "calibration_inputs": int(count)}}
 
 
 def write_fp16(source: Path, target: Path, keep_ops=FP16_KEEP, keep_nodes=()) -> dict:

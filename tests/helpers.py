@@ -41,6 +41,19 @@ def run_cli(module: str, *args: str, env: dict | None = None, timeout: int = 600
     )
 
 
+def make_argv(tmp_path: Path, target: str, *variables: str) -> list[list[str]]:
+    """Run `make -s target variables...` for real, with PYTHON a recorder that runs nothing: the argv each
+    `$(PYTHON) ...` line of the recipe was given, in order, as the shell really passed it."""
+    recorder, log = tmp_path / "python-recorder", tmp_path / "argv.jsonl"
+    recorder.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                        "with open(os.environ['ARGV_LOG'], 'a') as log:\n    log.write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    recorder.chmod(0o755)
+    log.unlink(missing_ok=True)
+    subprocess.run(["make", "-s", target, f"PYTHON={recorder}", *variables], cwd=ROOT, env={**os.environ, "ARGV_LOG": str(log)},
+                   check=True, capture_output=True, text=True, timeout=60)
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+
+
 def call(main, capsys, *args):
     """Run a CLI's main in-process; return (exit code, stdout, stderr)."""
     code = main([*args])

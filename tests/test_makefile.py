@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, make_argv
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 
@@ -30,10 +30,33 @@ def test_python_override_installs_nothing(target):
     assert "python3 -m " in plan
 
 
-def test_compare_passes_model_and_two_host_variables():
-    plan = _dry_run("compare", "PYTHON=python3", "MODEL=dinov3", "SAVE=npu.npz", "ARTIFACTS=/data/a")
-    assert "python3 -m exporter dinov3 --artifacts /data/a --if-missing" in plan
-    assert "python3 -m compare dinov3 --artifacts /data/a --save-reference npu.npz" in plan
+def test_compare_passes_model_and_two_host_variables(tmp_path):
+    runs = make_argv(tmp_path, "compare", "MODEL=dinov3", "SAVE=npu.npz", "ARTIFACTS=/data/a")
+    assert runs == [["-m", "exporter", "--artifacts", "/data/a", "--if-missing", "--", "dinov3"],
+                    ["-m", "compare", "--artifacts", "/data/a", "--save-reference", "npu.npz", "--", "dinov3"]]
+
+
+def test_make_variables_reach_the_cli_as_single_arguments_and_never_run_as_code(tmp_path):
+    """A quote, a space, a $ and a ; in a path variable are data: each variable is one argument, as written,
+    and the `touch` inside IMAGES never runs (it did while values were pasted into the recipe's shell text)."""
+    touched = tmp_path / "touched"
+    hostile = {"IMAGES": f"x'; touch {touched}; '", "ARTIFACTS": "/tmp/a b", "SAVE": "s$HOME $(shell id).npz",
+               "AGAINST": "/x/John's photos/ref.npz", "REPORT": 'r "q" #.md'}
+    runs = make_argv(tmp_path, "compare", "MODEL=dinov3 test_vit", *(f"{k}={v}" for k, v in hostile.items()),
+                     "ARGS=--no-latency --budget 2")
+    assert not touched.exists(), "a make variable ran as shell code"
+    compare = runs[1]
+    for flag, variable in (("--images", "IMAGES"), ("--artifacts", "ARTIFACTS"), ("--save-reference", "SAVE"),
+                           ("--against", "AGAINST"), ("--report", "REPORT")):
+        assert compare[compare.index(flag) + 1] == hostile[variable], flag
+    assert compare[-3:] == ["--", "dinov3", "test_vit"] and "--no-latency" in compare and "2" in compare
+    assert runs[0][:3] == ["-m", "exporter", "--artifacts"] and runs[0][3] == "/tmp/a b"
+
+
+def test_sweep_patterns_are_names_never_globbed_by_the_shell(tmp_path):
+    # make runs in the project root, where the shell would expand a bare * to README.md, Makefile...
+    runs = make_argv(tmp_path, "sweep", "PATTERN=vit_* eva02_tiny* *")
+    assert runs == [["-m", "zoo", "--", "vit_*", "eva02_tiny*", "*"]]
 
 
 def test_host_deps_pins_the_host_builds_and_keeps_its_onnxruntime_variant():

@@ -64,6 +64,41 @@ def _task(entry: tuple, settings: Settings, backends: str) -> dict:
     return {"row": {**asdict(row), "node": where}}
 
 
+CONNECT_S = 10.0  # how long the sweep waits for a cluster address to answer before it says none is there
+
+
+def check_address(address: str, within_s: float = CONNECT_S) -> None:
+    """A one-line UserError, within `within_s` seconds, when nothing answers at the cluster `address`
+    (HOST:PORT of the head's GCS, or ray://HOST:PORT of a Ray client server). Ray's own connect retries for
+    minutes and floods warnings; a TCP connect answers at once, so a typo or a stopped cluster is said plainly.
+    "auto" (find a running cluster here) is left to Ray."""
+    import importlib.util
+
+    from exporter.errors import UserError
+
+    if address == "auto":
+        return
+    client = address.startswith("ray://")
+    if client and importlib.util.find_spec("grpc") is None:  # the client's transport; not in every Ray install
+        raise UserError(f"--ray {address}: a ray:// address needs the Ray client: pip install 'ray[client]', "
+                        f"or give the head's HOST:PORT (e.g. head:6379)")
+    rest = address[len("ray://"):] if client else address
+    host, _, port = rest.rpartition(":") if ":" in rest else (rest, "", "10001" if client else "6379")
+    host = host.strip("[]")
+    try:
+        port_number = int(port)
+        if not 0 < port_number < 65536 or not host:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"--ray {address} is not an address; write HOST:PORT (e.g. head:6379) or ray://HOST:PORT") from None
+    try:
+        with socket.create_connection((host, port_number), timeout=within_s):
+            pass
+    except OSError as error:
+        raise UserError(f"--ray {address}: no Ray cluster answers there ({error.strerror or error}); start one with "
+                        f"ray start --head, or drop the address to start a Ray here") from None
+
+
 def start(address: str):
     """Connect to the cluster at `address`, or start a Ray here ("local"); return the ray module."""
     if address == "local":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import resource
 import shlex
@@ -32,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from exporter.errors import UserError
-from exporter.processes import die_with_parent, owned_prefix, remove_stale
+from exporter.processes import SWEEP_PREFIX, die_with_parent, owned_prefix, remove_stale
 
 COMPARE_ARGS = ("--no-latency", "--layers")  # and --backends: torch-cpu,ort-cpu, plus the card a Ray task holds
 README_START, README_END = "<!-- coverage:start -->", "<!-- coverage:end -->"
@@ -57,14 +58,17 @@ class Row:
     node: str = ""  # the host that ran it (its hostname; a Ray node's IP address and hostname)
 
 
-def parse_size(text: str) -> int:
-    """'100M' -> 100_000_000; '1.5G' -> 1_500_000_000; plain numbers as they are."""
+def parse_size(text: str, flag: str = "size") -> int:
+    """'100M' -> 100_000_000; '1.5G' -> 1_500_000_000; plain numbers as they are. A finite count, 0 or more."""
     scale = {"K": 1e3, "M": 1e6, "G": 1e9}
     text = text.strip().upper()
     try:
-        return int(float(text[:-1]) * scale[text[-1]]) if text[-1:] in scale else int(float(text))
+        value = float(text[:-1]) * scale[text[-1]] if text[-1:] in scale else float(text)
     except (ValueError, IndexError):
-        raise UserError(f"'{text}' is not a size; write e.g. 100M or 16G") from None
+        raise UserError(f"{flag} '{text}' is not a size; write e.g. 100M or 16G") from None
+    if not math.isfinite(value) or value < 0 or value > 2 ** 62:
+        raise UserError(f"{flag} '{text}' is not a size: it must be a finite amount of 0 or more; write e.g. 100M or 16G")
+    return int(value)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -81,6 +85,16 @@ def parse_shard(text: str) -> tuple[int, int]:
 def shard(names: list[str], index: int, count: int) -> list[str]:
     """Every count-th name from position index-1: the n slices cover the list with no overlap and no gap."""
     return names[index - 1::count]
+
+
+def read_text(path: str, flag: str) -> str:
+    """A text file the user named, as UTF-8; a one-line error when it is missing, unreadable or not text."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{flag} {path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as error:
+        raise UserError(f"{flag} {path}: {error.strerror or error}") from None
 
 
 def describe(name: str) -> tuple[str, int, str]:
@@ -110,11 +124,14 @@ def select(patterns: list[str], list_file: str | None, max_params: int | None, m
         names.update(timm.list_models(module=module))
     listed = set()
     if list_file:
-        lines = Path(list_file).read_text().splitlines()
+        lines = read_text(list_file, "--list").splitlines()
         listed = {line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()}
     names |= listed
     chosen, over = [], []
     for name in sorted(names):
+        if not timm.is_model(name):  # a listed name timm does not know: a row that says so, never a process
+            chosen.append((name, UNKNOWN, 0, "?"))
+            continue
         try:
             module, params, size = describe(name)
         except Exception:  # noqa: BLE001 - a model timm cannot even build is a row, not a crash
@@ -122,6 +139,9 @@ def select(patterns: list[str], list_file: str | None, max_params: int | None, m
             continue
         (chosen if max_params is None or params <= max_params or name in listed else over).append((name, module, params, size))
     return chosen, over
+
+
+UNKNOWN = "(not a timm model)"  # the module of a listed name timm does not know
 
 
 def _limits(memory: int | None):
@@ -136,7 +156,7 @@ def _limits(memory: int | None):
     return apply
 
 
-SCRATCH_PREFIX = "vit-parity-sweep-"  # + the sweep's pid: each model's artifacts, unless --keep
+SCRATCH_PREFIX = SWEEP_PREFIX  # + the sweep's pid: each model's artifacts, unless --keep
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 GRACE_S = 5.0  # how long a stopped step may take to stop its own workers before it is killed
 
@@ -212,7 +232,9 @@ def run_model(name: str, module: str, params: int, size: str, root: Path, timeou
     started = time.monotonic()
     base = Row(model=name, module=module, params=params, input=size, node=socket.gethostname())
     python = [sys.executable, "-m"]
-    code, out, err = _run([*python, "exporter", name, "--weights", "random", "--artifacts", str(root), "--json"], timeout, memory, root)
+    # The name after "--": a list line such as "-v" is a model name to the step, never one of its options.
+    code, out, err = _run([*python, "exporter", "--weights", "random", "--artifacts", str(root), "--json", "--", name],
+                          timeout, memory, root)
     if code != 0:
         return _done(base, started, error=_last_error(code, err, "export", timeout))
     manifest = json.loads((root / name / "manifest.json").read_text())
@@ -221,8 +243,8 @@ def run_model(name: str, module: str, params: int, size: str, root: Path, timeou
     # Each model's own report, removed first: a compare that dies before writing it never gets another's.
     report_path = root / f"{name.replace('/', '_')}.report.json"
     report_path.unlink(missing_ok=True)
-    code, out, err = _run([*python, "compare", name, "--artifacts", str(root), "--backends", backends, *COMPARE_ARGS,
-                           "--json", str(report_path)],
+    code, out, err = _run([*python, "compare", "--artifacts", str(root), "--backends", backends, *COMPARE_ARGS,
+                           "--json", str(report_path), "--", name],
                           timeout, memory, root)
     report = _report_of(report_path, name)
     if report is None:
@@ -255,21 +277,44 @@ def _done(row: Row, started: float, **fields) -> Row:
     return Row(**{**asdict(row), **fields, "seconds": round(time.monotonic() - started, 1)})
 
 
+ROW_TYPES = {"model": str, "module": str, "params": int, "input": str, "export_s": (int, float, type(None)),
+             "verify_cosine": (int, float, type(None)), "attention": str, "compare": str, "layers": str, "error": str,
+             "seconds": (int, float), "node": str}
+
+
+def row_of(found) -> Row | None:
+    """A Row from one JSONL record, or None when any field is missing, unknown or of the wrong type."""
+    if not (isinstance(found, dict) and {"model", "module", "params", "input"} <= set(found) <= set(ROW_TYPES)):
+        return None
+    if any(isinstance(value, bool) or not isinstance(value, ROW_TYPES[key]) for key, value in found.items()):
+        return None
+    return Row(**found)
+
+
 def read_rows(path: Path) -> list[Row]:
-    """The rows a JSONL file holds; a line cut short by a killed sweep is ignored (that model runs again)."""
+    """The rows a JSONL file holds; a line cut short by a killed sweep, or one that is not a row (wrong
+    types, other fields), is ignored: that model runs again."""
     rows = []
     if path.is_file():
-        for line in path.read_text().splitlines():
+        for line in path.read_bytes().decode("utf-8", "replace").splitlines():
             try:
-                rows.append(Row(**json.loads(line)))
-            except (ValueError, TypeError):
+                row = row_of(json.loads(line))
+            except ValueError:
                 continue
+            if row is not None:
+                rows.append(row)
     return rows
 
 
 def append_row(path: Path, row: Row) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(asdict(row)) + "\n")
+    """Append one row as a line of its own: after a line cut short (a crash mid-write), on a fresh line."""
+    with open(path, "a+b") as handle:
+        handle.seek(0, os.SEEK_END)
+        fresh = b""
+        if handle.tell():
+            handle.seek(-1, os.SEEK_END)
+            fresh = b"" if handle.read(1) == b"\n" else b"\n"
+        handle.write(fresh + (json.dumps(asdict(row)) + "\n").encode())
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -352,12 +397,14 @@ def matrix_table(rows: list[Row]):
 
 
 def update_readme(readme: Path, markdown: str) -> None:
-    text = readme.read_text()
+    text = read_text(str(readme), "--readme")
     if README_START not in text or README_END not in text:
         raise UserError(f"{readme} has no {README_START} ... {README_END} block to fill")
     head, rest = text.split(README_START, 1)
     tail = rest.split(README_END, 1)[1]
-    readme.write_text(f"{head}{README_START}\n{markdown}{README_END}{tail}")
+    from exporter.artifact import write_atomic
+
+    write_atomic(readme, f"{head}{README_START}\n{markdown}{README_END}{tail}".encode())
 
 
 @dataclass(frozen=True)
@@ -374,6 +421,9 @@ def run_local(entry: tuple, settings: Settings, backends: str = "torch-cpu,ort-c
     """One model (name, module, params, input) in a scratch artifacts folder of its own (or OUT/artifacts with
     --keep), removed afterwards: its row. StepStopped when a step was stopped from outside."""
     name, module, params, size = entry
+    if module == UNKNOWN:
+        return Row(name, module, params, size, error=f"sweep: {name} is not a timm model (timm.is_model); check the list file",
+                   seconds=0.1, node=socket.gethostname())
     root = settings.folder / "artifacts" if settings.keep else Path(tempfile.mkdtemp(prefix=owned_prefix(SCRATCH_PREFIX)))
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -412,16 +462,40 @@ def parse(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.patterns and not args.list_file and not args.module:
         raise UserError("name at least one pattern or --list FILE, e.g. python -m zoo 'vit_*small*'")
-    if args.cpus <= 0:
-        raise UserError(f"--cpus must be above 0, got {args.cpus:g}")
-    slurm = slurm_shard(os.environ)
-    if args.shard is None:
+    if not (0 < args.cpus < math.inf):
+        raise UserError(f"--cpus must be a finite number above 0, got {args.cpus:g}")
+    if not (0 < args.timeout < math.inf):
+        raise UserError(f"--timeout must be a finite number of seconds above 0, got {args.timeout:g}")
+    if args.ray is not None and not args.ray.strip():
+        raise UserError("--ray '' names no cluster; give ADDRESS (e.g. head:6379), or --ray alone for a Ray started here")
+    parse_size(args.memory, "--memory")
+    if args.max_params is not None:
+        parse_size(args.max_params, "--max-params")
+    if args.shard is None:  # an explicit --shard wins: the Slurm variables are not even read
+        slurm = slurm_shard(os.environ)
         args.shard = slurm or "1/1"
         if slurm and args.out is None:
             index, count = parse_shard(slurm)
             args.out = f"sweep/shard-{index}-of-{count}"
+    parse_shard(args.shard)
     args.out = args.out or "sweep"
     return args
+
+
+def check_outputs(folder: Path, readme: str | None) -> None:
+    """Fail before any model runs when the results folder cannot be written or the README cannot be updated."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise UserError(f"--out {folder} cannot be written ({error.strerror or error}); pick a folder you can write") from None
+    if readme:
+        text = read_text(readme, "--readme")
+        if README_START not in text or README_END not in text:
+            raise UserError(f"--readme {readme} has no {README_START} ... {README_END} block to fill")
+        if not os.access(readme, os.W_OK):
+            raise UserError(f"--readme {readme} is not writable")
 
 
 def slurm_shard(environ) -> str | None:
@@ -451,10 +525,14 @@ def main(argv=None) -> int:
     def body() -> int:
         args = parse(argv)
         index, count = parse_shard(args.shard)
-        max_params = parse_size(args.max_params) if args.max_params else None
-        memory = parse_size(args.memory) or None
+        max_params = parse_size(args.max_params, "--max-params") if args.max_params else None
+        memory = parse_size(args.memory, "--memory") or None
         folder = Path(args.out)
-        folder.mkdir(parents=True, exist_ok=True)
+        check_outputs(folder, args.readme)
+        if args.ray and args.ray != "local" and not args.report_only:
+            from .ray_runner import check_address
+
+            check_address(args.ray)  # within seconds, before the models are listed
         jsonl = folder / "results.jsonl"
         with err.status("listing models"):
             chosen, over = select(args.patterns, args.list_file, max_params, tuple(args.module))

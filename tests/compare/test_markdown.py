@@ -8,7 +8,6 @@ import math
 import re
 import shlex
 import shutil
-import subprocess
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -18,7 +17,7 @@ from compare import markdown
 from compare.cli import main, parse
 from compare.results import LayerComparison
 from compare.run import CompareOptions, compare
-from tests.helpers import ROOT, TINY
+from tests.helpers import TINY, make_argv
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SECTIONS = (
@@ -128,15 +127,11 @@ def assert_png(path: Path) -> None:
         assert image.size[0] > 100 and image.size[1] > 100
 
 
-def dry_run(target: str, make_line: str, module: str) -> list[str]:
-    """What `make -n` says the recipe runs for `make_line`: the argv given to `python -m module`."""
+def dry_run(target: str, make_line: str, module: str, tmp_path: Path) -> list[str]:
+    """What the recipe of `make_line` gives `python -m module`, as the shell really passes it (make_argv)."""
     words = shlex.split(make_line)
     assert words[:2] == ["make", target]
-    printed = subprocess.run(
-        ["make", "-n", target, "PYTHON=python", *words[2:]], cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout
-    recipe = next(line for line in printed.splitlines() if line.startswith(f"python -m {module} "))
-    return shlex.split(recipe)[3:]
+    return next(argv[2:] for argv in make_argv(tmp_path, target, *words[2:]) if argv[:2] == ["-m", module])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,22 +174,22 @@ def test_reproduce_section_holds_the_exact_command(tiny_run):
     assert shlex.join(["python", "-m", "compare", *argv]) in commands
 
 
-def test_make_compare_line_runs_the_same_comparison_as_the_command(tiny_run):
+def test_make_compare_line_runs_the_same_comparison_as_the_command(tiny_run, tmp_path):
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     argv, text, _, _ = tiny_run
     make_line = next(line for line in section(text, "## Reproduce").splitlines() if line.startswith("make compare"))
-    assert vars(parse(dry_run("compare", make_line, "compare"))) == vars(parse(argv))
+    assert vars(parse(dry_run("compare", make_line, "compare", tmp_path))) == vars(parse(argv))
 
 
-def test_make_export_line_rebuilds_the_artifact_with_the_same_weights(tiny_run, artifacts_root):
+def test_make_export_line_rebuilds_the_artifact_with_the_same_weights(tiny_run, artifacts_root, tmp_path):
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     from exporter.cli import parse as export_parse
 
     _, text, _, _ = tiny_run
     make_line = next(line for line in section(text, "## Reproduce").splitlines() if line.startswith("make export"))
-    args = export_parse(dry_run("export", make_line, "exporter"))
+    args = export_parse(dry_run("export", make_line, "exporter", tmp_path))
     assert (args.models, args.artifacts, args.weights, args.seed) == ([TINY], str(artifacts_root), "random", 0)
 
 

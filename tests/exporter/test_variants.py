@@ -138,3 +138,54 @@ def test_a_kill_while_a_variant_is_added_leaves_the_previous_or_the_new_artifact
             shutil.copytree(original, tiny_copy / TINY)
     print("kill outcomes:", outcomes)
     assert "old" in outcomes and "new" in outcomes, outcomes  # the publish window was really crossed
+
+
+def test_a_verify_set_streamed_from_disk_gives_the_figures_of_the_whole_arrays(variants_root, tmp_path):
+    from exporter.precision import VerifySet
+
+    art = artifact.load(variants_root, TINY)
+    with np.load(art.path("sample.npz")) as sample:
+        inputs, reference = sample["pixel_values"], {n: sample[n] for n in ("pooled", "tokens")}
+    rng = np.random.default_rng(0)
+    more = (inputs[:1] + rng.normal(0, 0.1, (20 - len(inputs), *inputs.shape[1:]))).astype(np.float32)  # 20 rows: 3 chunks of 8
+    from exporter.export import eager_outputs, rebuild_model
+
+    extra = eager_outputs(rebuild_model(art), more)
+    whole = np.concatenate([inputs, more]), {n: np.concatenate([reference[n], extra[n]]) for n in reference}
+    on_disk = VerifySet(inputs, reference, tmp_path)
+    on_disk.append(more, extra)
+    assert len(on_disk) == 20 and len(list(on_disk.chunks())) == 3
+    for graph in ("model.int8.onnx", "model.fp16.onnx"):
+        passed_a, a = check_variant(art.path(graph), *whole, TOLERANCES["int8"])
+        passed_b, b = check_variant(art.path(graph), on_disk, None, TOLERANCES["int8"])
+        assert passed_a == passed_b and a["worst_output"] == b["worst_output"]
+        for name in ("pooled", "tokens"):
+            assert b["outputs"][name]["cosine"] == pytest.approx(a["outputs"][name]["cosine"], abs=1e-9)
+            assert b["outputs"][name]["rel_error"] == pytest.approx(a["outputs"][name]["rel_error"], rel=1e-6)
+
+
+def test_calibration_images_stream_memory_does_not_grow_with_their_count(variants_root, tmp_path):
+    """Decoded images and their eager outputs go to disk a chunk at a time: 48 images peak like 16 do
+    (numpy's allocations, as tracemalloc sees them), where stacking them grew with the count (3.4 GB for 2,500)."""
+    import tracemalloc
+
+    from exporter.export import eager_outputs, rebuild_model
+    from exporter.precision import verify_inputs
+    from tests.helpers import make_images
+
+    art = artifact.load(variants_root, TINY)
+    model = rebuild_model(art)
+    with np.load(art.path("sample.npz")) as sample:
+        inputs, reference = sample["pixel_values"], {n: sample[n] for n in ("pooled", "tokens")}
+    peaks = {}
+    for count in (16, 48):
+        images = make_images(tmp_path / f"images{count}", count, extras=False)
+        scratch = tmp_path / f"scratch{count}"
+        scratch.mkdir()
+        tracemalloc.start()
+        found, described = verify_inputs(inputs, reference, lambda batch: eager_outputs(model, batch),
+                                         art.manifest["data_config"], str(images), lambda message: None, scratch)
+        peaks[count] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(found) == len(inputs) + count and described["calibration_images"] == count
+    assert peaks[48] < 1.5 * peaks[16], peaks

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -35,7 +36,17 @@ def _start(out, *args):
 
 
 def _tasks(sweep) -> list[int]:
-    return [pid for pid in descendants(sweep.pid) if command_line(pid).startswith("ray::_task")]
+    """The Ray workers running a model's task. Not their children: a step forked by the task carries the
+    task's process title until it execs, and killing it would kill a step, not the task."""
+    tasks = [pid for pid in descendants(sweep.pid) if command_line(pid).startswith("ray::_task")]
+    return [pid for pid in tasks if _parent(pid) not in tasks]
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 def ray_sweep(names, out) -> dict:

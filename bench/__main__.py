@@ -1,7 +1,8 @@
 """make bench: `python -m bench [MODEL ...] [--artifacts DIR] [--only latency,variants,floor] [--pairs N]`.
 
 latency  the comparison with a latency sweep over batch sizes 1, 2, 4, 8 (every backend this host has);
-variants ort-cpu:int8 against ort-cpu and torch-cpu at batch 1 and 8, and its pooled cosine (bench/variants.py);
+variants every derived graph (fused, int8, int8-fused, fp16) against ort-cpu and eager at batch 1 and 8, its pooled cosine
+         over the photos, and the fastest graph verified on this host (bench/variants.py);
 floor    warm `make compare` against the same work in one process (bench/floor.py), A B A B.
 """
 from __future__ import annotations
@@ -84,20 +85,22 @@ def run(args: argparse.Namespace, out, err) -> int:
             if done.returncode not in (0, 1):  # 1 is a comparison that ran and failed: its tables say so
                 failed.append(f"latency of {model}: make compare exited {done.returncode}")
     if "variants" in parts:
-        table = Table(title="int8 (onnxruntime.quantization, dynamic) on this CPU; targets in brackets")
-        for column in ("model", "batch", "torch-cpu ms", "ort-cpu ms", "int8 ms", "int8 vs ort-cpu [>=1.8]",
-                       "int8 vs torch-cpu [>=3.5]", "pooled cosine, worst photo [>=0.999]"):
-            table.add_column(column, justify="left" if column == "model" else "right")
+        from exporter.environment import cpu
+
+        host = cpu()
         for model in models:
             try:
-                measured = variants.measure(model, args.artifacts)
+                found = variants.measure(model, args.artifacts)
             except (UserError, subprocess.CalledProcessError) as why:
                 failed.append(f"variants of {model}: {_reason(why)}")
                 continue
-            for row in measured:
-                table.add_row(row["model"], str(row["batch"]), f"{row['torch-cpu ms']:.1f}", f"{row['ort-cpu ms']:.1f}",
-                              f"{row['int8 ms']:.1f}", *(_against(row[key], key) for key in variants.TARGETS))
-        out.print(table)
+            out.print(variants_table(found, host))
+            for size, graph in found["fastest"].items():
+                row = next(r for r in found["rows"] if r["graph"] == graph)
+                out.print(f"{found['model']}: the fastest graph verified on this host at batch {size} is {graph} "
+                          f"({row['ms'][size]:.1f} ms, {row['vs torch-cpu'].get(size, float('nan')):.2f}x eager, "
+                          f"{row['vs ort-cpu'].get(size, float('nan')):.2f}x ort-cpu)")
+            failed += [f"variants of {model}: {why}" for why in found["failed"]]
     if "floor" in parts:
         table = Table(title="Time to verdict: warm make compare against the same work in one process (A B A B)")
         for column in ("model", "make compare s", "floor s", "ratios", "median ratio [<=1.15]"):
@@ -116,6 +119,32 @@ def run(args: argparse.Namespace, out, err) -> int:
     return 1 if failed else 0
 
 
+def variants_table(found: dict, host: dict) -> Table:
+    """One model's graphs on this CPU: ms, speed-ups, worst pooled cosine over the photos, verified or not."""
+    sizes = sorted({size for row in found["rows"] for size in row["ms"]})
+    features = ", ".join(host["int8_features"] or []) or "unknown"
+    table = Table(title=f"{found['model']}: every graph on {host['model']} ({features}), one runtime per process, "
+                        f"{found['images']} photos; targets in brackets")
+    columns = ["graph", *(f"ms b{s}" for s in sizes), *(f"vs ort-cpu b{s}" for s in sizes), *(f"vs eager b{s}" for s in sizes),
+               "pooled cosine, worst photo [>=0.999]", "verified here"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("graph", "verified here") else "right")
+    for row in found["rows"]:
+        int8 = "int8" in row["graph"]
+        speed = [_ratio(row["vs ort-cpu"].get(s), variants.TARGETS["int8 vs ort-cpu"] if int8 and s == 1 else None) for s in sizes]
+        cosine = row["pooled cosine"]
+        table.add_row(row["graph"], *(f"{row['ms'][s]:.1f}" if row["ms"].get(s) else "-" for s in sizes), *speed,
+                      *(_ratio(row["vs torch-cpu"].get(s)) for s in sizes),
+                      "-" if cosine is None else _against(cosine, "pooled cosine"), "yes" if row["verified"] else "NO")
+    return table
+
+
+def _ratio(value: float | None, target: float | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}x" + (" [>=%.1f]" % target if target else "") + (" (below target)" if target and value < target else "")
+
+
 def _reason(error: BaseException) -> str:
     if isinstance(error, subprocess.CalledProcessError):
         command = " ".join(map(str, error.cmd[:4])) if isinstance(error.cmd, (list, tuple)) else str(error.cmd)
@@ -124,7 +153,7 @@ def _reason(error: BaseException) -> str:
 
 
 def _against(value: float, key: str) -> str:
-    text = f"{value:.4f}" if key == "pooled cosine" else f"{value:.2f}x"
+    text = f"{value:.4f}"
     return text if value >= variants.TARGETS[key] else text + " (below target)"
 
 

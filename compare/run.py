@@ -380,8 +380,9 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
         input=described,
         reference=options.reference,
         dtype=options.dtype,
-        versions=_environment(statuses),
-        warnings=version_warnings(manifest) + artifact.verify_warnings(manifest) + warnings,
+        versions=_environment(statuses, int8_rows(statuses)),
+        warnings=version_warnings(manifest) + artifact.verify_warnings(manifest) + host_warnings(manifest, int8_rows(statuses))
+        + warnings,
         backends=statuses,
         accuracy=accuracy,
         latency=_with_speedups(timings, options.reference),
@@ -598,9 +599,33 @@ def judged_by(name: str, statuses: list[BackendStatus], stored, options: Compare
     return tolerance_for(backend_class, precision, options.min_cosine, options.max_rel)
 
 
-def _environment(statuses: list[BackendStatus]) -> dict:
-    """Library versions here, plus each backend's device name and accelerator stack versions."""
+def int8_rows(statuses: list[BackendStatus]) -> list[str]:
+    """The rows that ran an int8 graph of this artifact here (stored rows ran on their own host)."""
+    return [s.name for s in statuses if s.status == "ran" and s.details.get("variant_class") == "int8"]
+
+
+def host_warnings(manifest: dict, rows: list[str], here: dict | None = None) -> list[str]:
+    """A warning for each int8 row whose graph was verified on a CPU with other int8 features than this host's
+    (VNNI or not changes int8 numerics), or on an unrecorded one."""
+    here = here or environment.cpu()
+    found = precision_variants(manifest)
+    warnings = []
+    for row in rows:
+        record = found.get(row.partition(":")[2], {})
+        note = environment.int8_host_note(record.get("verify", {}).get("host"), here)
+        if note:
+            warnings.append(f"{row}: {note}")
+    return warnings
+
+
+def _environment(statuses: list[BackendStatus], int8: list[str] = ()) -> dict:
+    """Library versions here, plus each backend's device name and accelerator stack versions, and the CPU's int8
+    features when an int8 graph ran (reading them takes about a second)."""
     env = {**environment.versions(), "torch_npu": environment.version("torch_npu")}
+    if int8:
+        host = environment.cpu()
+        env["cpu"] = host["model"]
+        env["cpu int8 features"] = ", ".join(host["int8_features"] or []) if host["int8_features"] is not None else "unknown"
     for status in statuses:
         for key in ("device_name", "cann", "cuda"):
             if status.details.get(key):

@@ -144,14 +144,14 @@ def summary_table(results) -> Table:
 def variants_table(results) -> Table:
     """Each reduced-precision variant written: its file, class, verify figures and what stayed fp32."""
     table = Table(title="Reduced-precision variants (verified against eager fp32)")
-    for column in ("model", "variant", "file", "MB", "class", "cosine", "rel err", "recipe", "kept fp32"):
+    for column in ("model", "variant", "file", "MB", "class", "cosine", "rel err", "recipe", "kept in float"):
         table.add_column(column, justify="right" if column in ("MB", "cosine", "rel err") else "left")
     for r in results:
         for name, record in r.variants.items():
             recipe, verify = record["recipe"], record["verify"]
-            keep = recipe.get("keep_fp32", {})
+            keep = recipe.get("keep_fp32") or recipe.get("keep_float") or {}
             kept = (", ".join(keep.get("entries", [])) or "nothing") + f" ({len(keep['nodes'])} nodes)" if "entries" in keep \
-                else ", ".join(keep.get("op_types", [])) or ("-" if not keep else "nothing")
+                else ", ".join(keep.get("op_types", keep.get("nodes", []))) or ("-" if not keep else "nothing")
             table.add_row(r.model, record["variant"], name, f"{Path(r.folder, name).stat().st_size / 1e6:.1f}",
                           record["class"], f"{verify['cosine']:.6f}", f"{verify['rel_error']:.2e}",
                           f"{recipe['library']} {recipe['call']}", kept)
@@ -159,9 +159,10 @@ def variants_table(results) -> Table:
 
 
 def trials_table(model: str, record: dict) -> Table:
-    """The trials of one fp32 search, in order: what was kept fp32, and whether the fp16 graph passed."""
-    table = Table(title=f"{model}: the search for what must stay fp32 in the fp16 graph ({len(record['search']['trials'])} trials)")
-    for column in ("#", "kept fp32", "nodes", "cosine", "rel err", "result"):
+    """The trials of one search, in order: what was kept in float, and whether the reduced-precision graph passed."""
+    table = Table(title=f"{model}: the search for what must stay in float in the {record['variant']} graph "
+                        f"({len(record['search']['trials'])} trials)")
+    for column in ("#", "kept in float", "nodes", "cosine", "rel err", "result"):
         table.add_column(column, justify="right" if column in ("#", "nodes", "cosine", "rel err") else "left")
     for i, trial in enumerate(record["search"]["trials"], 1):
         entries = trial["keep_fp32"]
@@ -299,7 +300,7 @@ def _print_results(args, results, out: Console) -> None:
             for record in r.variants.values():
                 if "search" in record:
                     out.print(trials_table(r.model, record))
-                    out.print(Text(f"{r.model}: must stay fp32 in the fp16 graph: "
+                    out.print(Text(f"{r.model}: must stay in float in the {record['variant']} graph: "
                                    f"{', '.join(record['search']['keep_fp32']) or 'nothing'}", style="bold"))
 
 

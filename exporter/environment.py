@@ -103,3 +103,47 @@ if __name__ == "__main__":  # used by `make host-deps`
     import sys
 
     print("\n".join(host_constraints()) if sys.argv[1:] == ["constraints"] else onnxruntime_extra())
+
+
+# The CPU features that change int8 numerics: with VNNI (or AMX) onnxruntime's u8s8 kernels accumulate exactly;
+# with AVX2 alone they use vpmaddubsw, whose 16-bit intermediate sums can saturate (onnxruntime's quantization
+# docs advise reduce_range there); ARM's dot-product extensions (asimddp, i8mm) take the place of VNNI.
+INT8_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@functools.lru_cache(maxsize=None)  # py-cpuinfo takes about a second (it asks a helper process); the CPU does not change
+def cpu() -> dict:
+    """This host's CPU as int8 numerics see it: {"model", "machine", "int8_features"}, read with py-cpuinfo
+    (its flags come from CPUID and /proc/cpuinfo). Unknown where py-cpuinfo is missing or fails."""
+    try:
+        import cpuinfo  # py-cpuinfo
+
+        info = cpuinfo.get_cpu_info()
+    except Exception:  # noqa: BLE001 - an exotic host: the features are then unknown, never a crash
+        info = {}
+    flags = {flag.lower() for flag in info.get("flags", [])}
+    # py-cpuinfo spells some flags both ways (avx512_vnni and avx512vnni): accept either.
+    found = [feature for feature in INT8_FEATURES if feature in flags or feature.replace("_", "") in flags]
+    return {"model": info.get("brand_raw") or platform.processor() or "unknown", "machine": platform.machine(),
+            "int8_features": found if info else None}
+
+
+def int8_reduce_range(host: dict) -> bool:
+    """Whether int8 weights should use 7 bits (onnxruntime.quantization's reduce_range) on `host`: on x86
+    without VNNI, where the u8s8 kernels can saturate. False where the features are unknown."""
+    features = host.get("int8_features")
+    x86 = host.get("machine", "").lower() in ("x86_64", "amd64", "i386", "i686")
+    return bool(features is not None and x86 and not any(f in features for f in VNNI))
+
+
+def int8_host_note(verified: dict | None, here: dict) -> str | None:
+    """Why an int8 graph's verify figures may not hold here, or None: the verifying host's int8 features
+    differ from this host's (or were not recorded)."""
+    if not verified or verified.get("int8_features") is None:
+        return "its verifying host's CPU features were not recorded (an older export): int8 numerics depend on them"
+    if here.get("int8_features") is None or set(verified["int8_features"]) == set(here["int8_features"]):
+        return None
+    shown = lambda host: ", ".join(host["int8_features"]) or "none of " + "/".join(INT8_FEATURES[:3])  # noqa: E731
+    return (f"verified on {verified.get('model', 'another CPU')} ({shown(verified)}), but this host's "
+            f"{here.get('model', 'CPU')} has {shown(here)}: int8 numerics depend on VNNI, so its verify figures do not carry over")

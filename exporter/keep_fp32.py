@@ -1,4 +1,5 @@
-"""The search for what must stay fp32 in an fp16 graph: the smallest list, by block scope, then by op type.
+"""The search for what must stay in float in a reduced-precision graph: the smallest list, by block scope,
+then by a finer unit (the op type for fp16; the module, e.g. blocks.2.mlp.fc2, for int8).
 
 In the manner of Polygraphy's `debug precision` and onnxconverter-common's
 `auto_convert_mixed_precision`, but minimal, not just sufficient: delta debugging (Zeller's ddmin,
@@ -53,11 +54,13 @@ def ddmin(units: list[str], nodes_of: Callable[[list[str]], frozenset], search: 
     return units
 
 
-def search(graph_nodes: list[tuple[str, str, str]], judge, step=lambda message: None) -> dict:
-    """The smallest fp32 list for a graph whose nodes are (name, scope, op type), judged by `judge`.
+def search(graph_nodes: list[tuple[str, str, str]], judge, step=lambda message: None,
+           label=lambda scope, unit: f"{scope}/{unit}") -> dict:
+    """The smallest list for a graph whose nodes are (name, scope, unit), judged by `judge`: first by scope,
+    then by (scope, unit) inside the scopes kept, each entry named `label(scope, unit)`.
 
     Returns {"keep_fp32": ["blocks.2/MatMul", ...], "nodes": [names], "trials": [...], "passed": bool}.
-    passed is False when even the all-fp32 list fails (nothing fp16 can pass: not a precision problem).
+    passed is False when even keeping every node fails (not a precision problem).
     """
     by_scope: dict[str, list] = {}
     for name, scope, op in graph_nodes:
@@ -73,10 +76,11 @@ def search(graph_nodes: list[tuple[str, str, str]], judge, step=lambda message: 
     if not found.passes(scopes, scope_nodes(scopes)):
         return {"keep_fp32": scopes, "nodes": sorted(scope_nodes(scopes)), "trials": found.trials, "passed": False}
     scopes = ddmin(scopes, scope_nodes, found)
-    pairs = [f"{scope}/{op}" for scope in scopes for op in dict.fromkeys(op for _, op in by_scope[scope])]
+    units = {label(scope, op): (scope, op) for scope in scopes for op in dict.fromkeys(op for _, op in by_scope[scope])}
+    pairs = list(units)
 
     def pair_nodes(kept):
-        wanted = {tuple(entry.split("/", 1)) for entry in kept}
+        wanted = {units[entry] for entry in kept}
         return frozenset(name for scope in scopes for name, op in by_scope[scope] if (scope, op) in wanted)
 
     pairs = ddmin(pairs, pair_nodes, found)

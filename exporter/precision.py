@@ -155,62 +155,103 @@ def write_variants(stage: Path, inputs: VerifySet, described: dict, options: Var
                    source: str = "model.onnx") -> dict[str, dict]:
     """Write and verify every variant of `options.variants` from stage/`source`; their manifest records, by file.
 
-    A variant that fails its class raises CheckFailed: nothing of this export is published.
+    fp16 is made from the LayerNorm-decomposed graph where the artifact has one (so that the CANN provider
+    keeps the norms on the NPU, in fp32 by the ViT rules). int8 uses 7-bit weights on hosts without VNNI, and
+    when the plain recipe fails its class, the int8 search leaves the smallest set of modules in float.
+    Each record holds the CPU that verified it: int8 numerics depend on it. A variant that fails its class
+    raises CheckFailed: nothing of this export is published.
     """
-    from . import variants
+    from . import environment, variants
     from .tolerances import TOLERANCES
 
     records = {}
-    for variant in options.variants:
+    # A variant made from another's graph (int8-fused from fused) comes after it.
+    ordered = sorted(options.variants, key=lambda v: v in variants.MADE_FROM)
+    for variant in ordered:
         tolerance = TOLERANCES[variants.PRECISION_VARIANTS[variant]]
         target = stage / variants.variant_file(variant)
+        origin = variants.LN_DECOMPOSED if variant == variants.FP16 and (stage / variants.LN_DECOMPOSED).is_file() else source
+        if variant in variants.MADE_FROM:
+            origin = variants.variant_file(variants.MADE_FROM[variant])
+            if not (stage / origin).is_file():
+                raise UserError(f"the {variant} variant is made from the {variants.MADE_FROM[variant]} graph; add "
+                                f"--variant {variants.MADE_FROM[variant]} too")
         search = None
-        if variant == variants.FP16 and options.search_precision:
+        if variant == variants.FUSED:
+            step("writing the fused fp32 graph with onnxruntime.transformers.optimizer")
+            recipe = variants.write_fused(stage / origin, target)
+        elif variant == variants.FP16 and options.search_precision:
             step(f"searching what must stay fp32 in the fp16 graph (on {len(inputs)} inputs)")
-            search = _search_fp32(stage / source, target, inputs, tolerance, step)
-            if not search["passed"]:
-                raise CheckFailed(f"the fp16 variant fails its {tolerance.name} class even with every node kept fp32: the "
-                                  f"conversion itself breaks the graph, not its precision")
-            recipe = variants.write_fp16(stage / source, target, keep_ops=(), keep_nodes=search["nodes"])
+            search = _search(variant, stage / origin, target, inputs, tolerance, step)
+            recipe = variants.write_fp16(stage / origin, target, keep_ops=(), keep_nodes=search["nodes"])
             recipe["keep_fp32"]["entries"] = search["keep_fp32"]
         elif variant == variants.FP16:
             step(f"writing the fp16 variant, {', '.join(options.fp16_keep) or 'nothing'} kept fp32")
-            recipe = variants.write_fp16(stage / source, target, keep_ops=options.fp16_keep)
+            recipe = variants.write_fp16(stage / origin, target, keep_ops=options.fp16_keep)
         else:
-            step(f"writing the {variant} variant with onnxruntime.quantization")
+            host = environment.cpu()
+            reduce_range = environment.int8_reduce_range(host)
+            step(f"writing the {variant} variant with onnxruntime.quantization" + (" (7-bit weights: no VNNI here)" if reduce_range else ""))
             calibration = (lambda: (inputs.rows(INPUT_NAME, row, 1) for row in range(len(inputs)))) \
                 if variant == variants.INT8_QDQ else None
-            recipe = variants.write_int8(stage / source, target, calibration, len(inputs))
+
+            def write(exclude=()):
+                return variants.write_int8(stage / origin, target, calibration, len(inputs), exclude, reduce_range)
+
+            recipe = write()
+            passed, figures = check_variant(target, inputs, None, tolerance)
+            if not passed:
+                step(f"the plain {variant} recipe fails its class (cosine {figures['cosine']:.6f}, rel err "
+                     f"{figures['rel_error']:.3g}): searching the smallest set of modules to leave in float")
+                search = _search(variant, stage / origin, target, inputs, tolerance, step,
+                                 lambda kept: write(sorted(kept)))
+                recipe = write(search["nodes"])
+                recipe["keep_float"]["entries"] = search["keep_fp32"]
         step(f"verifying the {variant} variant against eager fp32 ({tolerance.name} class)")
         passed, figures = check_variant(target, inputs, None, tolerance)
         if not passed:
             hint = ("keep more fp32 (--fp16-keep OPS) or let --search-precision find the smallest list"
-                    if variant == variants.FP16 else "try another int8 recipe (int8 or int8-qdq) or --calibration-images")
+                    if variant == variants.FP16 else "the optimizer's fusions change the numbers: do not use this graph"
+                    if variant == variants.FUSED else "try another int8 recipe (int8 or int8-qdq) or --calibration-images")
             raise _fails(variant, tolerance, figures, hint)
         records[target.name] = {
-            "variant": variant, "class": variants.PRECISION_VARIANTS[variant], "from": source, "recipe": recipe,
+            "variant": variant, "class": variants.PRECISION_VARIANTS[variant], "from": origin, "recipe": recipe,
             "verify": {**{k: figures[k] for k in ("cosine", "rel_error", "worst_output", "outputs")}, "inputs": described,
-                       "thresholds": {"min_cosine": tolerance.min_cosine, "max_rel": tolerance.max_rel}},
+                       "thresholds": {"min_cosine": tolerance.min_cosine, "max_rel": tolerance.max_rel},
+                       "host": environment.cpu()},
             **({"search": {"keep_fp32": search["keep_fp32"], "trials": search["trials"]}} if search else {}),
         }
     return records
 
 
-def _search_fp32(source: Path, target: Path, inputs: VerifySet, tolerance, step) -> dict:
-    """keep_fp32.search over the nodes of `source`, each trial an fp16 graph written to `target` and checked."""
+def _search(variant: str, source: Path, target: Path, inputs: VerifySet, tolerance, step, write=None) -> dict:
+    """keep_fp32.search over the nodes of `source`, each trial a graph written to `target` and checked: for fp16
+    what stays fp32, by block scope then op type; for int8 which quantized nodes stay float, by block scope
+    then module (blocks.2.mlp.fc2). CheckFailed when even keeping every node in float fails."""
     import onnx
 
     from . import keep_fp32, variants
 
     graph = onnx.load(str(source), load_external_data=False).graph
-    nodes = [(node.name, variants.scope_of(node), node.op_type) for node in graph.node if node.name]
+    if variant == variants.FP16:
+        nodes = [(node.name, variants.scope_of(node), node.op_type) for node in graph.node if node.name]
+        label, write = (lambda scope, op: f"{scope}/{op}"), \
+            (lambda kept: variants.write_fp16(source, target, keep_ops=(), keep_nodes=sorted(kept)))
+    else:
+        nodes = [(node.name, variants.scope_of(node), variants.module_of(node)) for node in graph.node
+                 if node.name and node.op_type in variants.INT8_OPS]
+        label = lambda scope, module: module  # noqa: E731
 
     def judge(kept: frozenset) -> tuple[bool, dict]:
-        variants.write_fp16(source, target, keep_ops=(), keep_nodes=sorted(kept))
+        write(kept)
         passed, figures = check_variant(target, inputs, None, tolerance)
         return passed, {k: figures[k] for k in ("cosine", "rel_error", "worst_output")}
 
-    return keep_fp32.search(nodes, judge, step)
+    found = keep_fp32.search(nodes, judge, step, label)
+    if not found["passed"]:
+        raise CheckFailed(f"the {variant} variant fails its {tolerance.name} class even with every node kept in float: "
+                          f"the conversion itself breaks the graph, not its precision")
+    return found
 
 
 def add_variants(root: Path | str, key: str, options: VariantOptions, step=lambda message: None) -> dict[str, dict]:

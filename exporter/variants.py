@@ -95,7 +95,10 @@ def write_ln_decomposed(source, target) -> int:
 # Reduced-precision variants: another graph beside model.onnx, made by the field's libraries and
 # verified against eager fp32 by a tolerance class of its own (exporter/tolerances.py).
 INT8, INT8_QDQ, FP16 = "int8", "int8-qdq", "fp16"
-PRECISION_VARIANTS = {INT8: "int8", INT8_QDQ: "int8", FP16: "fp16"}  # variant -> its tolerance class
+# The fused fp32 graph (onnxruntime's transformer optimizer), judged like model.onnx itself, and int8 made from it.
+FUSED, INT8_FUSED = "fused", "int8-fused"
+PRECISION_VARIANTS = {INT8: "int8", INT8_QDQ: "int8", FP16: "fp16", FUSED: "same-host", INT8_FUSED: "int8"}  # variant -> class
+MADE_FROM = {INT8_FUSED: FUSED}  # a variant made from another variant's graph, which must be written first
 # The ViT rules of what stays fp32: LayerNormalization (its mean of squares overflows fp16 once
 # activations pass 256, onnxruntime#13639, onnxconverter-common#323), and the same ops of a norm
 # the exporter wrote out as primitives (RMSNorm and the like: Pow, ReduceMean, Sqrt).
@@ -125,22 +128,27 @@ def _library(module: str) -> dict:
 CALIBRATION_CHUNK = 8
 
 
-def write_int8(source: Path, target: Path, calibration=None, count: int = 0) -> dict:
+def write_int8(source: Path, target: Path, calibration=None, count: int = 0, exclude=(), reduce_range: bool = False) -> dict:
     """onnxruntime.quantization of `source` into `target`; return the recipe.
 
     Without `calibration`: quantize_dynamic (weights int8 per channel, activations quantized at run
     time). With it (a function that returns an iterator over `count` NCHW float32 inputs of one row
-    each, streamed): quantize_static in QDQ format, MinMax-calibrated on them.
+    each, streamed): quantize_static in QDQ format, MinMax-calibrated on them. The nodes `exclude` stay
+    in float (nodes_to_exclude: what the int8 search found); `reduce_range` uses 7-bit weights, for hosts
+    without VNNI (environment.int8_reduce_range).
     """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    options = {"op_types_to_quantize": list(INT8_OPS), "per_channel": True, "weight_type": "QInt8"}
+    options = {"op_types_to_quantize": list(INT8_OPS), "per_channel": True, "weight_type": "QInt8",
+               "reduce_range": bool(reduce_range), "nodes_to_exclude": list(exclude)}
+    kept = {"keep_float": {"nodes": list(exclude)}}
     external = Path(str(source) + ".data").exists()  # weights over 2 GB: the dynamo exporter's model.onnx.data
     with _quiet_logging():
         if calibration is None:
             quantize_dynamic(str(source), str(target), op_types_to_quantize=list(INT8_OPS), per_channel=True,
-                             weight_type=QuantType.QInt8, use_external_data_format=external)
-            return {**_library("onnxruntime.quantization"), "call": "quantize_dynamic", "options": options}
+                             weight_type=QuantType.QInt8, use_external_data_format=external,
+                             nodes_to_exclude=list(exclude), reduce_range=bool(reduce_range))
+            return {**_library("onnxruntime.quantization"), "call": "quantize_dynamic", "options": options, **kept}
 
         class Reader(CalibrationDataReader):
             def __init__(self):
@@ -155,10 +163,39 @@ def write_int8(source: Path, target: Path, calibration=None, count: int = 0) -> 
 
         quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(INT8_OPS),
                         per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        use_external_data_format=external, extra_options={"CalibMaxIntermediateOutputs": CALIBRATION_CHUNK})
+                        use_external_data_format=external, extra_options={"CalibMaxIntermediateOutputs": CALIBRATION_CHUNK},
+                        nodes_to_exclude=list(exclude), reduce_range=bool(reduce_range))
     return {**_library("onnxruntime.quantization"), "call": "quantize_static",
             "options": {**options, "quant_format": "QDQ", "activation_type": "QInt8", "calibrate_method": "MinMax",
-                        "calibration_inputs": int(count)}}
+                        "calibration_inputs": int(count)}, **kept}
+
+
+def write_fused(source: Path, target: Path) -> dict:
+    """onnxruntime.transformers.optimizer of `source` (model_type "vit") into `target`: LayerNorm with the residual
+    add (SkipLayerNormalization), bias with GELU (BiasGelu), Attention where its pattern matches; return the recipe,
+    with how many of each fusion it made."""
+    from onnxruntime.transformers import optimizer
+
+    with _quiet_logging():
+        # num_heads and hidden_size 0: the optimizer reads them from the graph.
+        model = optimizer.optimize_model(str(source), model_type="vit", num_heads=0, hidden_size=0, use_gpu=False)
+        fused = {op: count for op, count in model.get_fused_operator_statistics().items() if count}
+        model.save_model_to_file(str(target), use_external_data_format=Path(str(source) + ".data").exists())
+    return {**_library("onnxruntime.transformers.optimizer"), "call": "optimize_model",
+            "options": {"model_type": "vit", "num_heads": 0, "hidden_size": 0, "use_gpu": False}, "fused": fused}
+
+
+def module_of(node) -> str:
+    """The deepest module a node came from, e.g. "blocks.2.mlp.fc2" (from the dynamo exporter's name scopes),
+    or the node's own name when it has none."""
+    from .blocks import SCOPES_KEY
+
+    for prop in node.metadata_props:
+        if prop.key == SCOPES_KEY:
+            modules = [scope.removeprefix("model.") for scope in ast.literal_eval(prop.value) if scope.startswith("model.")]
+            if modules:
+                return modules[-1]
+    return node.name
 
 
 def write_fp16(source: Path, target: Path, keep_ops=FP16_KEEP, keep_nodes=()) -> dict:

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
-from compare.run import CompareOptions, check_names, compare, rows
-from exporter import artifact
+from compare.run import CompareOptions, check_names, compare, host_warnings, rows
+from exporter import artifact, environment
 from exporter.errors import UserError
 from tests.helpers import TINY, runnable
 
@@ -26,6 +27,9 @@ def test_each_variant_is_a_row_of_every_onnxruntime_backend_with_its_class_laten
     assert all(timed[name].graph_speedup is not None for name in expected) and timed["ort-cpu"].graph_speedup is None
     assert {r.backend for r in report.layers} >= expected  # per-block drift of the variant graphs too
     assert report.verdict.status == "PASS", report.verdict
+    # Verified here, run here: the same int8 features, so no warning; the CPU's features are in the environment.
+    assert not any("int8 numerics" in w for w in report.warnings), report.warnings
+    assert report.versions["cpu"] == environment.cpu()["model"] and "cpu int8 features" in report.versions
     written = json.loads(json.dumps(report.to_dict()))  # what --json writes: the same rows and the same verdict
     assert written["verdict"] == "PASS" and written["exit_code"] == 0
     assert {r["backend"] for r in written["accuracy"] if r["tolerance"] in ("int8", "fp16")} == expected
@@ -42,3 +46,31 @@ def test_the_variants_option_picks_rows_and_names_a_missing_variant(variants_roo
     for bad in ("torch-cpu:int8", "ort-cpu:int9"):
         with pytest.raises(UserError, match="variants .* run on the onnxruntime backends only"):
             check_names(CompareOptions(backends=(bad,)))
+
+
+def test_an_int8_row_says_when_this_host_has_other_int8_features_than_the_verifying_one(variants_root, tmp_path):
+    shutil.copytree(variants_root / TINY, tmp_path / TINY)
+    manifest_path = tmp_path / TINY / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    here = environment.cpu()
+    other = ["avx2"] if here["int8_features"] != ["avx2"] else ["avx2", "avx512f", "avx512_vnni"]
+    manifest["variants"]["model.int8.onnx"]["verify"]["host"] = {"model": "Some Other CPU", "machine": "x86_64",
+                                                                 "int8_features": other}
+    manifest_path.write_text(json.dumps(manifest))
+    report, _ = compare(TINY, CompareOptions(artifacts=str(tmp_path), backends=("torch-cpu", "ort-cpu"), variants=("int8",),
+                                             latency=False))
+    [warning] = [w for w in report.warnings if "int8 numerics" in w]
+    assert warning.startswith("ort-cpu:int8: verified on Some Other CPU") and here["model"] in warning
+
+
+def test_host_warnings_name_unrecorded_and_differing_hosts_only():
+    def manifest(host):
+        verify = {"host": host} if host is not None else {}
+        return {"files": {"model.int8.onnx": {}}, "variants": {"model.int8.onnx": {"variant": "int8", "verify": verify}}}
+
+    here = {"model": "CPU A", "machine": "x86_64", "int8_features": ["avx2", "avx512_vnni"]}
+    assert host_warnings(manifest({**here, "model": "CPU B"}), ["ort-cpu:int8"], here) == []
+    [unrecorded] = host_warnings(manifest(None), ["ort-cpu:int8"], here)
+    assert "not recorded" in unrecorded
+    [differs] = host_warnings(manifest({"model": "CPU C", "int8_features": ["avx2"]}), ["ort-cpu:int8"], here)
+    assert "verified on CPU C (avx2), but this host's CPU A has avx2, avx512_vnni" in differs

@@ -46,6 +46,7 @@ def test_a_symlinked_compile_cache_is_replaced_and_its_target_left_whole(tiny_co
     outside = tmp_path / "users-folder"
     (outside / "precious").mkdir(parents=True)
     (outside / "precious" / "sentinel.txt").write_text("keep me")
+    shutil.rmtree(tiny_copy / TINY / COMPILE_CACHE, ignore_errors=True)  # copied from a shared artifact that had one
     (tiny_copy / TINY / COMPILE_CACHE).symlink_to(outside, target_is_directory=True)
     folder = compile_cache(artifact.load(tiny_copy, TINY), "fp32")
     assert (outside / "precious" / "sentinel.txt").read_text() == "keep me", "a folder outside the artifact was emptied"
@@ -58,7 +59,7 @@ def test_a_link_inside_the_compile_cache_is_removed_as_a_link(tiny_copy, tmp_pat
     (outside / "sub").mkdir(parents=True)
     (outside / "sub" / "sentinel.txt").write_text("keep me")
     cache = tiny_copy / TINY / COMPILE_CACHE
-    cache.mkdir()
+    cache.mkdir(exist_ok=True)
     (cache / ("0" * 64)).symlink_to(outside, target_is_directory=True)  # a stale entry that is a link
     compile_cache(artifact.load(tiny_copy, TINY), "fp32")
     assert (outside / "sub" / "sentinel.txt").read_text() == "keep me"

@@ -84,7 +84,7 @@ def test_the_search_finds_the_overflowing_block_and_every_entry_is_needed(overfl
     record = variants.precision_variants(art.manifest)["fp16"]
     entries = record["search"]["keep_fp32"]
     assert entries and all(entry.startswith(f"blocks.{OVERFLOW_BLOCK}/") for entry in entries), entries
-    assert "must stay fp32 in the fp16 graph: " + ", ".join(entries) in out
+    assert "must stay in float in the fp16 graph: " + ", ".join(entries) in out
     assert len(record["search"]["trials"]) >= 2 and "trials)" in out
     # Rebuilt here from the entries, not read from the trials: the list passes, and each one-less list fails.
     graph = onnx.load(str(art.path("model.onnx"))).graph
@@ -189,3 +189,81 @@ def test_calibration_images_stream_memory_does_not_grow_with_their_count(variant
         tracemalloc.stop()
         assert len(found) == len(inputs) + count and described["calibration_images"] == count
     assert peaks[48] < 1.5 * peaks[16], peaks
+
+
+OUTLIER_BLOCK, OUTLIER_CHANNEL = 2, 3
+
+
+@pytest.fixture(scope="module")
+def outlier_weights(tmp_path_factory):
+    """test_vit with one outlier channel in block 2's MLP: fc1's output channel 3 scaled 100x. fc2's input then
+    has one channel 100x the others, and dynamic int8 quantizes that input per tensor, so every other channel
+    loses about 7 bits: the classic outlier failure of int8 transformers (LLM.int8, ViT PTQ papers)."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False).eval()
+    fc1 = model.blocks[OUTLIER_BLOCK].mlp.fc1
+    with torch.no_grad():
+        fc1.weight[OUTLIER_CHANNEL].mul_(100)
+        fc1.bias[OUTLIER_CHANNEL].mul_(100)
+    path = tmp_path_factory.mktemp("weights") / "outlier.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def test_the_int8_search_leaves_the_outlier_module_in_float_and_every_entry_is_needed(outlier_weights, tmp_path, capsys):
+    from exporter.variants import write_int8
+
+    code, out, err = call(main, capsys, TINY, "--artifacts", str(tmp_path), "--weights", str(outlier_weights),
+                          "--variant", "int8")
+    assert code == 0, err
+    art = artifact.load(tmp_path, TINY)
+    record = variants.precision_variants(art.manifest)["int8"]
+    host = environment.cpu()
+    assert record["verify"]["host"] == host  # the instruction set of the verifying host, recorded
+    assert record["recipe"]["options"]["reduce_range"] == environment.int8_reduce_range(host)
+    entries = record["search"]["keep_fp32"]
+    trials = record["search"]["trials"]
+    assert not trials[0]["passed"] and trials[0]["keep_fp32"] == [], "the plain recipe failed first"
+    assert f"blocks.{OUTLIER_BLOCK}.mlp.fc2" in entries, entries
+    assert record["recipe"]["keep_float"]["entries"] == entries and "must stay in float in the int8 graph" in out
+    graph = onnx.load(str(art.path("model.onnx"))).graph
+    module = {n.name: variants.module_of(n) for n in graph.node if n.op_type in variants.INT8_OPS}
+    with np.load(art.path("sample.npz")) as sample:
+        inputs, reference = sample["pixel_values"], {n: sample[n] for n in ("pooled", "tokens")}
+
+    def passes(kept):
+        names = sorted(name for name, found in module.items() if found in kept)
+        write_int8(art.path("model.onnx"), tmp_path / "trial.onnx", exclude=names,
+                   reduce_range=record["recipe"]["options"]["reduce_range"])
+        return check_variant(tmp_path / "trial.onnx", inputs, reference, TOLERANCES["int8"])[0]
+
+    assert passes(set(entries))
+    for entry in entries:
+        assert not passes(set(entries) - {entry}), f"{entry} is not needed"
+
+
+def test_the_fused_graph_is_verified_and_hashed_like_any_variant_and_int8_is_made_from_it(artifacts_root, tmp_path, capsys):
+    shutil.copytree(artifacts_root / TINY, tmp_path / TINY)
+    code, out, err = call(main, capsys, TINY, "--artifacts", str(tmp_path), "--if-missing",
+                          "--variant", "int8-fused", "--variant", "fused")  # the order given does not matter
+    assert code == 0, err
+    art = artifact.load(tmp_path, TINY)  # every hash checked
+    found = variants.precision_variants(art.manifest)
+    fused, int8 = found["fused"], found["int8-fused"]
+    assert fused["class"] == "same-host" and fused["recipe"]["call"] == "optimize_model"
+    assert fused["recipe"]["fused"].get("SkipLayerNormalization", 0) > 0
+    assert fused["verify"]["cosine"] >= TOLERANCES["same-host"].min_cosine
+    ops = Counter(n.op_type for n in onnx.load(str(art.path("model.fused.onnx"))).graph.node)
+    assert ops["SkipLayerNormalization"] == fused["recipe"]["fused"]["SkipLayerNormalization"]
+    assert int8["from"] == "model.fused.onnx" and int8["class"] == "int8"
+    assert art.manifest["files"]["model.fused.onnx"]["sha256"] == artifact.sha256(art.path("model.fused.onnx"))
+
+
+def test_int8_fused_without_the_fused_graph_is_one_line(artifacts_root, tmp_path, capsys):
+    shutil.copytree(artifacts_root / TINY, tmp_path / TINY)
+    code, _, err = call(main, capsys, TINY, "--artifacts", str(tmp_path), "--if-missing", "--variant", "int8-fused")
+    assert code == 2 and "add --variant fused too" in one_line_error(err.split("\n", 1)[1] if err.startswith(TINY) else err)

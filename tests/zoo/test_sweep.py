@@ -61,9 +61,9 @@ def test_a_sweep_records_each_model_and_its_failure_and_resumes_without_redoing(
     assert rows["test_vit"].compare == "PASS" and not rows["test_vit"].error
     assert rows["test_vit"].layers.endswith("no drift: every block within same-host fp32 thresholds")
     assert rows["test_vit"].module == "vision_transformer" and rows["test_vit"].input == "160x160"
-    assert rows["not_a_model"].error.startswith("export: model 'not_a_model' is not known")
+    assert rows["not_a_model"].error == "sweep: not_a_model is not a timm model (timm.is_model); check the list file"
     log = capsys.readouterr().err
-    assert "not_a_model: export: model 'not_a_model' is not known" in log and "test_vit: PASS, layers ort-cpu: no drift" in log
+    assert "not_a_model: sweep: not_a_model is not a timm model" in log and "test_vit: PASS, layers ort-cpu: no drift" in log
     assert not list(scratch.glob("vit-parity-sweep-*")) and not list(out.glob("*sweep*")), "artifacts are deleted after each model"
     matrix = json.loads((out / "coverage.json").read_text())
     assert [row["model"] for row in matrix] == ["not_a_model", "test_vit"]

@@ -52,9 +52,9 @@ $(VENV)/.installed: pyproject.toml
 # onnxruntime variant found (onnxruntime-cann, -gpu or plain) is kept too, through its own extra:
 # pip treats the variants as different projects and would put plain onnxruntime over an EP build.
 host-deps:
-	$(PYTHON) -m exporter.environment constraints > .host-constraints.txt
+	$(PYTHON) -m vitparity.environment constraints > .host-constraints.txt
 	cat .host-constraints.txt
-	$(PYTHON) -m pip install -c .host-constraints.txt -e ".[$$($(PYTHON) -m exporter.environment extra)]"
+	$(PYTHON) -m pip install -c .host-constraints.txt -e ".[$$($(PYTHON) -m vitparity.environment extra)]"
 
 export: $(SETUP_DEP)
 	set -f; $(PYTHON) -m exporter --artifacts "$$ARTIFACTS" $(ARGS) -- $$MODEL

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from rich.table import Table
 
-from exporter import registry
-from exporter.cli import Parser, console, guarded
-from exporter.errors import UserError
+from vitparity import registry
+from vitparity.cli import Parser, console, guarded
+from vitparity.errors import UserError
 
 from . import floor, variants
 
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace, out, err) -> int:
             if done.returncode not in (0, 1):  # 1 is a comparison that ran and failed: its tables say so
                 failed.append(f"latency of {model}: make compare exited {done.returncode}")
     if "variants" in parts:
-        from exporter.environment import cpu
+        from vitparity.environment import cpu
 
         host = cpu()
         for model in models:

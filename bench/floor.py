@@ -23,9 +23,9 @@ def floor(model: str, artifacts: str, budget_s: float = 3.0) -> dict:
     from compare.backends.onnxruntime import OrtCpu
     from compare.backends.torch_cpu import TorchCpu
     from compare.run import compare_outputs
-    from exporter import artifact, registry
-    from exporter.tolerances import tolerance_for
-    from exporter.variants import precision_variants
+    from vitparity import artifact, registry
+    from vitparity.graphs import precision_variants
+    from vitparity.tolerances import tolerance_for
 
     art = artifact.load(artifacts, registry.resolve(model).key)  # every hash checked
     batch, _ = inputs.make_input("image", None, art.manifest["data_config"], 1, 0)

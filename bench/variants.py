@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from exporter.errors import UserError
+from vitparity.errors import UserError
 
 # The issues' targets: printed next to what was measured, never asserted.
 TARGETS = {"int8 vs ort-cpu": 1.5, "pooled cosine": 0.999}
@@ -45,16 +45,20 @@ def photos(folder: Path, count: int = 16) -> Path:
 def ensure_variants(model: str, artifacts: str, graphs=GRAPHS) -> tuple[list[str], list[str]]:
     """Export the artifact if missing and add each graph it lacks (the exporter's own CLI, one variant per call,
     so that one that cannot be verified here does not stop the others). Returns (present, why the others failed)."""
-    from exporter import artifact, registry
-    from exporter.variants import precision_variants
+    from vitparity import artifact, registry
+    from vitparity.graphs import precision_variants
 
-    made, failed = [], []
-    for graph in graphs:
-        done = subprocess.run([sys.executable, "-m", "exporter", "--artifacts", artifacts, "--if-missing", "--variant", graph,
-                               "--", model], capture_output=True, text=True)
-        if done.returncode:
-            lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-            failed.append(f"{graph}: " + (lines[-1][len("error:"):].strip() if lines else f"exit {done.returncode}"))
+    def export(*flags: str) -> str:
+        """"" when the exporter succeeded, else its error line."""
+        done = subprocess.run([sys.executable, "-m", "exporter", "--artifacts", artifacts, "--if-missing", *flags, "--", model],
+                              capture_output=True, text=True)
+        lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        return "" if not done.returncode else lines[-1][len("error:"):].strip() if lines else f"exit {done.returncode}"
+
+    why = export()  # the artifact itself first: without it no variant can be made
+    if why:
+        raise UserError(f"cannot export {model}: {why}")
+    failed = [f"{graph}: {why}" for graph in graphs for why in [export("--variant", graph)] if why]
     present = precision_variants(artifact.load(artifacts, registry.resolve(model).key).manifest)
     made = [graph for graph in graphs if graph in present]
     return made, failed

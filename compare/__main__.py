@@ -1,5 +1,5 @@
 """Entry point for `python -m compare`."""
-from exporter import entry_point
+from vitparity import entry_point
 
 
 def _main():

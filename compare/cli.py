@@ -10,10 +10,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from exporter import registry
-from exporter.cli import Parser, check_thresholds, console, guarded
-from exporter.artifact import write_json_atomic
-from exporter.errors import UserError
+from vitparity import registry
+from vitparity.artifact import write_json_atomic
+from vitparity.cli import Parser, check_thresholds, console, guarded
+from vitparity.errors import UserError
 
 from .backends import BACKENDS
 from .markdown import make_variable

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.artifact import sha256
-from exporter.errors import UserError
+from vitparity.artifact import sha256
+from vitparity.errors import UserError
 
 OUTPUTS = ("pooled", "tokens")
 INPUTS = "inputs.f32"
@@ -47,7 +47,8 @@ def preprocess(paths: list[Path], data_config: dict, folder: Path, step=lambda m
     Returns (images, skipped): {"path", "sha256"} per image written, in order, and {"path", "reason"} per
     file that is not a readable image. Nothing is dropped silently.
     """
-    from exporter.images import eval_transform, preprocess as one_image, printable
+    from vitparity.images import eval_transform, printable
+    from vitparity.images import preprocess as one_image
 
     transform = eval_transform(data_config)
     images, skipped = [], []
@@ -95,7 +96,7 @@ def stream(backend, plan: dict, groups: dict, step=lambda done, total: None, fir
     written before by those runs). Arrays: "embeddings" (pooled, one row per image) and, against each
     of reference/truth, "<against>|<output>|<group>|<figure>" with one value per image.
     """
-    from exporter import metrics
+    from vitparity import metrics
 
     size, shape = plan["batch"], plan["shape"]
     count = Path(plan["inputs"]).stat().st_size // (4 * int(np.prod(shape)))  # float32 rows the decoder wrote

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.errors import UserError
-from exporter.images import eval_transform, preprocess
+from vitparity.errors import UserError
+from vitparity.images import eval_transform, preprocess
 
 SAMPLE_IMAGE = "grace_hopper.jpg"  # public domain, from matplotlib's sample data
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporter import metrics, registry
+from vitparity import metrics, registry
 
 from .results import LayerComparison
 
@@ -14,7 +14,7 @@ def _figures(a: np.ndarray, b: np.ndarray) -> dict:
 
 
 def _passes(figures: dict, tolerance) -> bool:
-    return bool(figures["nonfinite"] == 0 and figures["cosine"] >= tolerance.min_cosine and figures["rel_error"] <= tolerance.max_rel)
+    return tolerance.judge(figures["cosine"], figures["rel_error"], figures["nonfinite"]).passed
 
 
 def layer_rows(backend: str, got: dict, want: dict, tolerance, layout: dict | None = None) -> list[LayerComparison]:

@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from exporter.artifact import write_atomic
+from vitparity.artifact import write_atomic
 
 from .results import BackendStatus, LayerComparison, Report
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.artifact import write_atomic
-from exporter.errors import UserError
+from vitparity.artifact import write_atomic
+from vitparity.errors import UserError
 
 from .backends import split
 from .results import BackendStatus, Report
@@ -161,7 +161,7 @@ def _is_number(value, optional: bool = False) -> bool:
 def schema_problem(metadata: dict, arrays: dict[str, np.ndarray], manifest: dict) -> str | None:
     """What in a reference's metadata or arrays does not have the shape `save` writes, in words, or None.
     Every field the comparison reads is checked here, so that nothing later meets a wrong type."""
-    from exporter.tolerances import TOLERANCES
+    from vitparity.tolerances import TOLERANCES
 
     for key in ("host", "created_utc", "dtype", "reference"):
         if not isinstance(metadata.get(key), str):

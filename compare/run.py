@@ -15,15 +15,22 @@ from typing import Callable
 
 import numpy as np
 
-from exporter import artifact, environment, metrics, processes, registry
-from exporter.errors import UserError
-from exporter.images import list_images, open_rgb, printable
-from exporter.tolerances import Tolerance, tolerance_for
-from exporter.variants import PRECISION_VARIANTS, precision_variants
+from vitparity import artifact, environment, metrics, processes, registry
+from vitparity.errors import UserError
+from vitparity.graphs import PRECISION_VARIANTS, precision_variants
+from vitparity.images import list_images, open_rgb, printable
+from vitparity.tolerances import Tolerance, tolerance_for
 
 from . import dataset, inputs, layers, worker
 from .backends import BACKENDS, TRUTHS, BackendUnavailable, split
-from .results import BackendStatus, LatencyStats, NeighbourComparison, OutputComparison, Report, TruthComparison
+from .results import (
+    BackendStatus,
+    LatencyStats,
+    NeighbourComparison,
+    OutputComparison,
+    Report,
+    TruthComparison,
+)
 
 OUTPUTS = ("pooled", "tokens")
 NEIGHBOURS_K = 10  # k of overlap@k, or fewer when there are fewer images
@@ -145,11 +152,7 @@ def _compared(backend: str, output: str, group: str, a: np.ndarray, b: np.ndarra
     cos = metrics.cosine(a, b) if shape_match else nan
     worst = metrics.worst_sample_cosine(a, b) if shape_match else nan
     rel = metrics.relative_error(a, b) if shape_match else nan
-    passed = bool(
-        shape_match and bad == 0
-        and min(cos, worst) >= tolerance.min_cosine
-        and rel <= tolerance.max_rel
-    )
+    passed = tolerance.judge(min(cos, worst), rel, bad, shape_match).passed
     p50, p99, _ = metrics.error_quantiles(a, b) if shape_match else (nan, nan, nan)
     would_cos, would_rel = metrics.loosest_passing(min(cos, worst), rel) if shape_match else (None, None)
     return OutputComparison(
@@ -403,7 +406,7 @@ IMAGES_PREFIX = processes.IMAGES_PREFIX  # + the parent's pid: the --images run 
 @contextlib.contextmanager
 def images_folder():
     """The --images run folder in the temp folder: the preprocessed inputs and the truth's and reference's outputs."""
-    from exporter import processes
+    from vitparity import processes
 
     processes.remove_stale(IMAGES_PREFIX)
     with tempfile.TemporaryDirectory(prefix=processes.owned_prefix(IMAGES_PREFIX)) as folder:
@@ -461,7 +464,7 @@ def image_rows(backend: str, found: dict[str, np.ndarray], tolerance: Tolerance,
         cos, rel, bad = figure("cosine"), figure("rel_error"), figure("nonfinite")
         worst_cos = float(np.min(cos)) if np.isfinite(cos).all() else float("nan")
         worst_rel = float(np.max(rel)) if np.isfinite(rel).all() else float("nan")
-        passed = bool(bad.sum() == 0 and worst_cos >= tolerance.min_cosine and worst_rel <= tolerance.max_rel)
+        passed = tolerance.judge(worst_cos, worst_rel, int(bad.sum())).passed
         would_cos, would_rel = metrics.loosest_passing(worst_cos, worst_rel)
         p99 = figure("p99")
         rows.append(OutputComparison(
@@ -494,7 +497,7 @@ def neighbour_row(backend: str, reference: np.ndarray, embeddings: np.ndarray, t
     if found["k"] < 1:  # nothing to judge: never a PASS on nothing
         passed, note = None, f"not judged: {len(reference)} image{'s' if len(reference) != 1 else ''}, neighbours need at least 2"
     else:
-        passed, note = bool(found["overlap"] >= tolerance.min_overlap and found["nearest_unchanged"] >= tolerance.min_nearest), ""
+        passed, note = tolerance.judge_neighbours(found["overlap"], found["nearest_unchanged"]).passed, ""
     return NeighbourComparison(backend=backend, k=found["k"], overlap=found["overlap"], nearest_unchanged=found["nearest_unchanged"],
                                tolerance=tolerance.name, min_overlap=tolerance.min_overlap, min_nearest=tolerance.min_nearest,
                                passed=passed, note=note)

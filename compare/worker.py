@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter import processes
+from vitparity import processes
 
 RESULT, ARRAYS, JOB, INPUT, LOG, PROGRESS = "result.json", "arrays.npz", "job.json", "input.npy", "worker.log", "progress"
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # so `python -m compare.worker` works uninstalled
@@ -81,7 +81,7 @@ def artifact_identity(art) -> dict:
     """What identifies the artifact the parent verified: its folder's inode (a publish swaps the folder,
     so a new export has a new one) and the manifest's records (size, sha256) of every file but the
     derived ones, which a backend of this very run may add (blocks.onnx)."""
-    from exporter.artifact import DERIVED_SUFFIX
+    from vitparity.artifact import DERIVED_SUFFIX
 
     files = {name: record for name, record in art.manifest["files"].items() if not name.endswith(DERIVED_SUFFIX)}
     return {"inode": os.stat(art.folder).st_ino, "files": files}
@@ -222,7 +222,7 @@ def _changed(art, expected: dict) -> str:
     """Why the artifact on disk is not the one the parent verified, or ""."""
     if not expected:
         return ""
-    from exporter.artifact import Artifact, read_manifest
+    from vitparity.artifact import Artifact, read_manifest
 
     if artifact_identity(Artifact(art.folder, read_manifest(art.folder))) != expected:  # from disk, as it is now
         return (f"the artifact {art.folder} changed while this run compared it (an export finished in between); "
@@ -232,8 +232,8 @@ def _changed(art, expected: dict) -> str:
 
 def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
     """Everything a worker does for one backend, in order. Returns the outcome and its arrays by key."""
-    from exporter import artifact
-    from exporter.errors import UserError
+    from vitparity import artifact
+    from vitparity.errors import UserError
 
     from . import latency
     from .backends import BackendUnavailable
@@ -331,7 +331,7 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
 
 def _stream(backend, plan: dict, first: tuple):
     """Every image of the --images plan through `backend`, the progress written where the parent reads it."""
-    from exporter import registry
+    from vitparity import registry
 
     from . import dataset
 
@@ -358,7 +358,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def main(folder: str) -> int:
-    from exporter.artifact import write_json_atomic
+    from vitparity.artifact import write_json_atomic
 
     folder = Path(folder)
     parent = os.environ.get("VIT_PARITY_PARENT")

@@ -1,5 +1,5 @@
 """Entry point for `python -m exporter`."""
-from . import entry_point
+from vitparity import entry_point
 
 
 def _main():

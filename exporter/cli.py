@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import traceback
 from dataclasses import asdict
@@ -13,20 +12,16 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import artifact, registry
-from .artifact import MANIFEST, artifact_folder
-from .errors import UserError
-from .variants import FP16, FP16_KEEP, PRECISION_VARIANTS, precision_variants
+from vitparity import artifact, registry
+from vitparity.artifact import MANIFEST, artifact_folder
+from vitparity.cli import Parser, check_thresholds, console, guarded
+from vitparity.errors import UserError
+from vitparity.graphs import FP16, PRECISION_VARIANTS, precision_variants
+
+from .variants import FP16_KEEP
 
 DEFAULT_ARTIFACTS = "artifacts"
 MIN_OPSET = 18  # torch.onnx's dynamo exporter writes opset 18; lower ones need a down-conversion it does not promise
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are UserErrors: one line, exit code 2, no usage dump."""
-
-    def error(self, message):
-        raise UserError(f"{message}. See: {self.prog} --help")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -92,7 +87,7 @@ def parse(argv=None) -> argparse.Namespace:
     if args.calibration_images and not args.variant:
         raise UserError("--calibration-images calibrates and verifies variants; add --variant int8-qdq (or int8, fp16)")
     if args.calibration_images:
-        from .images import list_images
+        from vitparity.images import list_images
 
         list_images(args.calibration_images, "--calibration-images")  # a bad path fails now, not after the trace
     return args
@@ -102,14 +97,6 @@ def _onnx_op(name: str) -> bool:
     import onnx.defs
 
     return onnx.defs.has(name)
-
-
-def check_thresholds(min_cosine: float | None, max_error: float | None, error_flag: str, what: str) -> None:
-    """Refuse thresholds no comparison can mean: a cosine outside (0, 1], an error bound that is not positive and finite."""
-    if min_cosine is not None and not (0 < min_cosine <= 1):  # NaN fails this too
-        raise UserError(f"--min-cosine must be in (0, 1], got {min_cosine:g}; e.g. --min-cosine 0.999")
-    if max_error is not None and not (0 < max_error < math.inf):
-        raise UserError(f"{error_flag} must be {what} above 0 and finite, got {max_error:g}; e.g. {error_flag} 1e-2")
 
 
 def aliases_table() -> Table:
@@ -302,47 +289,6 @@ def _print_results(args, results, out: Console) -> None:
                     out.print(trials_table(r.model, record))
                     out.print(Text(f"{r.model}: must stay in float in the {record['variant']} graph: "
                                    f"{', '.join(record['search']['keep_fp32']) or 'nothing'}", style="bold"))
-
-
-def console(stderr: bool = False) -> Console:
-    """A Rich console; piped output (CI, make, files) gets a wide one so tables keep their columns.
-
-    Markup is off: messages and table cells carry user text (model names, paths, key names such as
-    "[blocks.0.norm1.weight]") that must print as written. Styles come from Text objects.
-    """
-    # log_path=False: a log line ends with its time, not with the source line that printed it.
-    probe = Console(stderr=stderr, markup=False, log_path=False)
-    return probe if probe.is_terminal else Console(stderr=stderr, width=200, markup=False, log_path=False)
-
-
-def _error(message: str) -> Text:
-    return Text.assemble(("error:", "bold red"), " ", message)
-
-
-def guarded(body, err: Console, interrupted: str = "interrupted") -> int:
-    """Run a CLI body and return its exit code; user errors become one line and a code, never a traceback.
-
-    Every command first removes what killed runs of any command left in the temp folder (their owner is dead).
-    """
-    from .processes import remove_all_stale
-
-    try:
-        remove_all_stale()
-        return body()
-    except UserError as error:
-        err.print(_error(str(error)), highlight=False, soft_wrap=True)
-        return error.exit_code
-    except OSError as error:  # a path the user gave cannot be written or read: full disk, no permission
-        err.print(_error(f"{error}; check the path and the free space"), highlight=False, soft_wrap=True)
-        return 2
-    except MemoryError:  # what a size check did not foresee: one line, never a traceback
-        err.print(_error("out of memory; use a smaller batch, fewer images, or a host with more memory"), highlight=False)
-        return 2
-    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM/SIGHUP (exporter.Stopped)
-        from . import exit_code
-
-        err.print(Text(interrupted, style="bold red"))
-        return exit_code(stop)
 
 
 def main(argv=None) -> int:

@@ -16,11 +16,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import artifact, environment, registry, runtime, weights
-from .artifact import INPUT_NAME, OUTPUT_NAMES
-from .errors import CheckFailed, UserError
+from vitparity import artifact, environment, registry, runtime
+from vitparity.artifact import INPUT_NAME, OUTPUT_NAMES
+from vitparity.eager import TwoOutputs, eager_outputs
+from vitparity.errors import CheckFailed, UserError
+from vitparity.graphs import LN_DECOMPOSED
+from vitparity.tolerances import verify_tolerance
+
+from . import weights
 from .precision import VariantOptions
-from .variants import LN_DECOMPOSED, write_ln_decomposed
+from .variants import write_ln_decomposed
 
 DEFAULT_OPSET = 18
 TRACE_BATCH = 2  # batch 1 would let the exporter specialise the batch axis to a constant
@@ -61,19 +66,6 @@ class ExportResult:
     variants: dict = field(default_factory=dict)  # reduced-precision variants written: {file: manifest record}
 
 
-class TwoOutputs(torch.nn.Module):
-    """Wraps a timm model so one call returns (pooled, tokens): model(x) and forward_features(x)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.eval()
-
-    def forward(self, pixel_values):
-        tokens = self.model.forward_features(pixel_values)
-        return self.model.forward_head(tokens), tokens
-
-
 def sample_batch(input_size, seed: int = SAMPLE_SEED, batch: int = TRACE_BATCH) -> np.ndarray:
     """A seeded standard-normal NCHW float32 batch, the scale of a normalised image."""
     return np.random.default_rng(seed).standard_normal((batch, *input_size), dtype=np.float32)
@@ -86,12 +78,6 @@ def build_model(spec: registry.ModelSpec, weights_arg: str, seed: int):
         model = registry.create(spec)
     source = weights.load_weights(model, weights_arg, seed)
     return model, source
-
-
-def eager_outputs(model, batch: np.ndarray) -> dict[str, np.ndarray]:
-    with torch.inference_mode():
-        pooled, tokens = TwoOutputs(model)(torch.from_numpy(batch))
-    return {"pooled": pooled.numpy(), "tokens": tokens.numpy()}
 
 
 @contextlib.contextmanager
@@ -190,7 +176,7 @@ def verify_onnx(path: Path, sample: np.ndarray, reference: dict[str, np.ndarray]
     """
     import onnx
 
-    from exporter.metrics import cosine, max_abs_diff
+    from vitparity.metrics import cosine, max_abs_diff
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
@@ -216,12 +202,9 @@ def verify_onnx(path: Path, sample: np.ndarray, reference: dict[str, np.ndarray]
             # fp32 rounding grows with the values: the bound is per unit of the output's peak |value|
             # (absolute for outputs within +-1), so a wide model's large activations are judged alike.
             peak = max(1.0, float(np.abs(want).max()) if want.size else 1.0)
-            if not (cos >= options.min_cosine and diff <= options.max_abs * peak):
-                bound = f"{options.max_abs}" if peak == 1.0 else f"{options.max_abs * peak:.3g} = {options.max_abs} x peak {peak:.3g}"
-                raise CheckFailed(
-                    f"ONNX output {name} at batch {batch_size} differs from eager: cosine {cos:.7f} "
-                    f"(need >= {options.min_cosine}), max abs diff {diff:.3g} (need <= {bound})"
-                )
+            judged = verify_tolerance(options.min_cosine, options.max_abs).judge(cos, max_abs=diff, peak=peak)
+            if not judged.passed:
+                raise CheckFailed(f"ONNX output {name} at batch {batch_size} differs from eager: {judged.reason}")
     return worst_cos, worst_abs
 
 
@@ -344,16 +327,3 @@ def _stage_and_publish(spec, model, source, config, sample, folder, options, ste
         # Everything staged, including model.onnx.data if the exporter split off weights over 2 GB.
         artifact.publish(folder, {p.name: p for p in sorted(stage.iterdir()) if p.is_file()}, manifest)
     return manifest, onnx_bytes
-
-
-def rebuild_model(art: artifact.Artifact):
-    """The eager model of an artifact, rebuilt from its weights.safetensors with a strict load."""
-    from safetensors.torch import load_file
-
-    spec = registry.ModelSpec(alias=art.manifest.get("alias"), timm_name=art.manifest["timm_name"])
-    model = registry.create(spec)
-    try:
-        model.load_state_dict(load_file(str(art.path("weights.safetensors"))), strict=True)
-    except RuntimeError as error:
-        raise UserError(f"{art.path('weights.safetensors')} does not fit {spec.timm_name}: {_first_line(error)}") from error
-    return model

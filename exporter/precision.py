@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import artifact, runtime
-from .artifact import INPUT_NAME, OUTPUT_NAMES
-from .errors import CheckFailed, UserError
+from vitparity import artifact, runtime
+from vitparity.artifact import INPUT_NAME, OUTPUT_NAMES
+from vitparity.errors import CheckFailed, UserError
+
 from .variants import FP16_KEEP
 
 
@@ -85,7 +86,7 @@ def check_variant(path: Path, inputs, reference: dict[str, np.ndarray] | None, t
     eager fp32 outputs by `tolerance`: the lowest cosine (whole and worst sample) and the relative error of
     every output must pass, with no NaN or Inf. Chunk by chunk: memory holds one chunk. Returns (passed,
     figures); figures name the worst output."""
-    from exporter import metrics
+    from vitparity import metrics
 
     verify_set = inputs if isinstance(inputs, VerifySet) else VerifySet(inputs, reference)
     session = runtime.session(path)
@@ -99,8 +100,9 @@ def check_variant(path: Path, inputs, reference: dict[str, np.ndarray] | None, t
         bad = found[name].nonfinite
         cos = min(found[name].cosine, found[name].worst_sample_cosine) if not bad else float("nan")
         rel = found[name].relative_error if not bad else float("nan")
-        ok = bool(not bad and cos >= tolerance.min_cosine and rel <= tolerance.max_rel)
-        figures[name] = {"cosine": cos, "rel_error": rel, "nonfinite": bad, "passed": ok}
+        judged = tolerance.judge(cos, rel, bad)
+        ok = judged.passed
+        figures[name] = {"cosine": cos, "rel_error": rel, "nonfinite": bad, "passed": ok, "failed": judged.reason}
         passed = passed and ok
     # The worst output: a failing one first, then the lowest cosine (NaN lowest of all).
     worst = min(figures, key=lambda n: (figures[n]["passed"], np.nan_to_num(figures[n]["cosine"], nan=-np.inf)))
@@ -110,11 +112,8 @@ def check_variant(path: Path, inputs, reference: dict[str, np.ndarray] | None, t
 
 def _fails(variant: str, tolerance, figures: dict, hint: str) -> CheckFailed:
     worst = figures["outputs"][figures["worst_output"]]
-    found = (f"{worst['nonfinite']} NaN/Inf values" if worst["nonfinite"] else
-             f"cosine {worst['cosine']:.6f} (need >= {tolerance.min_cosine}), rel err {worst['rel_error']:.3g} "
-             f"(need <= {tolerance.max_rel})")
     return CheckFailed(f"the {variant} variant fails its {tolerance.name} class against eager fp32: output "
-                       f"{figures['worst_output']} {found}; {hint}")
+                       f"{figures['worst_output']} {worst['failed']}; {hint}")
 
 
 def verify_inputs(sample: np.ndarray, outputs: dict, eager, config: dict, images: str | None, step,
@@ -125,7 +124,7 @@ def verify_inputs(sample: np.ndarray, outputs: dict, eager, config: dict, images
     described = {"sample": int(len(sample))}
     if not images:
         return VerifySet(sample, outputs), described
-    from .images import eval_transform, list_images, preprocess, printable
+    from vitparity.images import eval_transform, list_images, preprocess, printable
 
     found, transform, pending, skipped = VerifySet(sample, outputs, folder), eval_transform(config), [], 0
 
@@ -161,8 +160,10 @@ def write_variants(stage: Path, inputs: VerifySet, described: dict, options: Var
     Each record holds the CPU that verified it: int8 numerics depend on it. A variant that fails its class
     raises CheckFailed: nothing of this export is published.
     """
-    from . import environment, variants
-    from .tolerances import TOLERANCES
+    from vitparity import environment
+    from vitparity.tolerances import TOLERANCES
+
+    from . import variants
 
     records = {}
     # A variant made from another's graph (int8-fused from fused) comes after it.
@@ -263,7 +264,7 @@ def add_variants(root: Path | str, key: str, options: VariantOptions, step=lambd
         sample, outputs = found[INPUT_NAME], {name: found[name] for name in OUTPUT_NAMES}
     eager = None
     if options.calibration_images:  # the eager outputs of the images: the only part that needs torch
-        from .export import eager_outputs, rebuild_model
+        from vitparity.eager import eager_outputs, rebuild_model
 
         model = rebuild_model(art)
         eager = lambda batch: eager_outputs(model, batch)  # noqa: E731
@@ -283,7 +284,7 @@ def add_variants(root: Path | str, key: str, options: VariantOptions, step=lambd
 @contextlib.contextmanager
 def verify_folder():
     """A temp folder for the streamed verify set, named so that a killed export's is removed by the next command."""
-    from .processes import IMAGES_PREFIX, owned_prefix
+    from vitparity.processes import IMAGES_PREFIX, owned_prefix
 
     with tempfile.TemporaryDirectory(prefix=owned_prefix(IMAGES_PREFIX)) as folder:
         yield Path(folder)

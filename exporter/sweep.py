@@ -3,6 +3,6 @@
 Only this launcher names the upper package; nothing in the exporter imports it.
 """
 if __name__ == "__main__":
-    from . import entry_point
+    from vitparity import entry_point
 
     entry_point(lambda: __import__("zoo.sweep", fromlist=["main"]).main, "interrupted")

@@ -20,7 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-LN_DECOMPOSED = "model.ln-decomposed.onnx"
+from vitparity.graphs import (  # noqa: F401  # noqa: F401
+    FP16,
+    FUSED,
+    INT8,
+    INT8_FUSED,
+    INT8_QDQ,
+    LN_DECOMPOSED,
+    MADE_FROM,
+    PRECISION_VARIANTS,
+    precision_variants,
+    variant_file,
+)
 
 
 def _attribute(node, name: str, default):
@@ -84,7 +95,7 @@ def write_ln_decomposed(source, target) -> int:
     the external data of a model over 2 GB is shared, not copied); return how many were rewritten."""
     import onnx
 
-    from .blocks import load_graph
+    from vitparity.blocks import load_graph
 
     model = load_graph(source)
     count = decompose_layernorm(model)
@@ -92,13 +103,6 @@ def write_ln_decomposed(source, target) -> int:
     return count
 
 
-# Reduced-precision variants: another graph beside model.onnx, made by the field's libraries and
-# verified against eager fp32 by a tolerance class of its own (exporter/tolerances.py).
-INT8, INT8_QDQ, FP16 = "int8", "int8-qdq", "fp16"
-# The fused fp32 graph (onnxruntime's transformer optimizer), judged like model.onnx itself, and int8 made from it.
-FUSED, INT8_FUSED = "fused", "int8-fused"
-PRECISION_VARIANTS = {INT8: "int8", INT8_QDQ: "int8", FP16: "fp16", FUSED: "same-host", INT8_FUSED: "int8"}  # variant -> class
-MADE_FROM = {INT8_FUSED: FUSED}  # a variant made from another variant's graph, which must be written first
 # The ViT rules of what stays fp32: LayerNormalization (its mean of squares overflows fp16 once
 # activations pass 256, onnxruntime#13639, onnxconverter-common#323), and the same ops of a norm
 # the exporter wrote out as primitives (RMSNorm and the like: Pow, ReduceMean, Sqrt).
@@ -106,19 +110,8 @@ FP16_KEEP = ("LayerNormalization", "Pow", "ReduceMean", "Sqrt")
 INT8_OPS = ("MatMul",)  # the ViT's weight matmuls; Conv (the patch embedding) is 1 node of ~100
 
 
-def variant_file(variant: str) -> str:
-    """model.int8.onnx, model.int8-qdq.onnx, model.fp16.onnx."""
-    return f"model.{variant}.onnx"
-
-
-def precision_variants(manifest: dict) -> dict[str, dict]:
-    """The reduced-precision variants an artifact has: {variant: its manifest record (file, class, recipe, verify)}."""
-    return {record["variant"]: {"file": name, **record} for name, record in manifest.get("variants", {}).items()
-            if isinstance(record, dict) and record.get("variant") in PRECISION_VARIANTS and name in manifest.get("files", {})}
-
-
 def _library(module: str) -> dict:
-    from . import environment
+    from vitparity import environment
 
     return {"library": module, "version": environment.version("onnxruntime")}
 
@@ -137,7 +130,13 @@ def write_int8(source: Path, target: Path, calibration=None, count: int = 0, exc
     in float (nodes_to_exclude: what the int8 search found); `reduce_range` uses 7-bit weights, for hosts
     without VNNI (environment.int8_reduce_range).
     """
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     options = {"op_types_to_quantize": list(INT8_OPS), "per_channel": True, "weight_type": "QInt8",
                "reduce_range": bool(reduce_range), "nodes_to_exclude": list(exclude)}
@@ -188,7 +187,7 @@ def write_fused(source: Path, target: Path) -> dict:
 def module_of(node) -> str:
     """The deepest module a node came from, e.g. "blocks.2.mlp.fc2" (from the dynamo exporter's name scopes),
     or the node's own name when it has none."""
-    from .blocks import SCOPES_KEY
+    from vitparity.blocks import SCOPES_KEY
 
     for prop in node.metadata_props:
         if prop.key == SCOPES_KEY:
@@ -234,7 +233,7 @@ def _quiet_logging():
 def scope_of(node) -> str:
     """The module a node came from, at the granularity of the fp32 search: "blocks.3", "patch_embed",
     "norm", "head"..., or "graph" for the exporter's glue between modules."""
-    from .blocks import SCOPES_KEY, _block_of
+    from vitparity.blocks import SCOPES_KEY, _block_of
 
     block = _block_of(node)
     if block is not None:

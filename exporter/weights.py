@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import UserError
+from vitparity.errors import UserError
 
 HF_FILES = ("model.safetensors", "pytorch_model.bin")
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt")

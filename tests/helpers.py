@@ -160,7 +160,7 @@ def rewrite_weights(folder: Path, change) -> None:
     so the loader accepts the edited artifact as genuine."""
     from safetensors.torch import load_file, save_file
 
-    from exporter.artifact import sha256
+    from vitparity.artifact import sha256
 
     path = folder / "weights.safetensors"
     state = load_file(str(path))

@@ -61,8 +61,8 @@ def test_sweep_patterns_are_names_never_globbed_by_the_shell(tmp_path):
 
 def test_host_deps_pins_the_host_builds_and_keeps_its_onnxruntime_variant():
     plan = _dry_run("host-deps", "PYTHON=python3")
-    assert "python3 -m exporter.environment constraints > .host-constraints.txt" in plan
-    assert "pip install -c .host-constraints.txt -e \".[$(python3 -m exporter.environment extra)]\"" in plan
+    assert "python3 -m vitparity.environment constraints > .host-constraints.txt" in plan
+    assert "pip install -c .host-constraints.txt -e \".[$(python3 -m vitparity.environment extra)]\"" in plan
 
 
 def test_an_installed_onnxruntime_cann_is_pinned_and_chooses_the_cann_extra(tmp_path):
@@ -85,7 +85,7 @@ def test_an_installed_onnxruntime_cann_is_pinned_and_chooses_the_cann_extra(tmp_
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
 
     def ask(what):
-        return subprocess.run([sys.executable, "-m", "exporter.environment", what], cwd=ROOT, env=env,
+        return subprocess.run([sys.executable, "-m", "vitparity.environment", what], cwd=ROOT, env=env,
                               capture_output=True, text=True, check=True).stdout.split()
 
     assert ask("extra") == ["cann"]

@@ -1,4 +1,4 @@
 """`python -m zoo PATTERN ...`: the coverage sweep (zoo/sweep.py)."""
-from exporter import entry_point
+from vitparity import entry_point
 
 entry_point(lambda: __import__("zoo.sweep", fromlist=["main"]).main, "interrupted")

@@ -19,7 +19,7 @@ import socket
 from dataclasses import asdict
 from pathlib import Path
 
-from .sweep import Row, Settings, StepStopped, run_local
+from .step import Row, Settings, StepStopped, run_local
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # so that tasks import zoo, exporter and compare uninstalled
 RETRIES = 1  # Ray's own retry of a task whose worker or node died
@@ -74,7 +74,7 @@ def check_address(address: str, within_s: float = CONNECT_S) -> None:
     "auto" (find a running cluster here) is left to Ray."""
     import importlib.util
 
-    from exporter.errors import UserError
+    from vitparity.errors import UserError
 
     if address == "auto":
         return
@@ -109,7 +109,7 @@ def start(address: str):
     try:
         import ray
     except ImportError:
-        from exporter.errors import UserError
+        from vitparity.errors import UserError
 
         raise UserError("--ray needs Ray: pip install -e '.[ray]'") from None
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}}

@@ -75,7 +75,7 @@ class Backend:
         return {}
 
     def layers(self, artifact, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Each block's output tokens and the final norm (exporter.blocks.tap_names), as float32 numpy."""
+        """Each block's output tokens and the final norm (vitparity.blocks.tap_names), as float32 numpy."""
         raise BackendUnavailable(f"{self.name} cannot report per-block outputs")
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter.variants import precision_variants, variant_file
+from vitparity.graphs import precision_variants, variant_file
 
 from .base import Backend, BackendUnavailable
 
@@ -139,7 +139,7 @@ class OnnxRuntime(Backend):
 
         Accuracy rows and layer taps both come through here, so both carry the same proof.
         """
-        from exporter import runtime
+        from vitparity import runtime
 
         providers = [(self.provider, options)] + ([] if self.provider == CPU else [CPU])
         # In a worker this folder lies inside the worker's own temp folder, which the parent always removes.
@@ -164,7 +164,7 @@ class OnnxRuntime(Backend):
         ['CPUExecutionProvider']") and rebuild the session, and a provider may take only a few nodes:
         under MIN_SHARE of the kernel time, the result is the CPU's, and is not an accelerator row.
         """
-        from exporter import runtime
+        from vitparity import runtime
 
         try:
             with runtime.captured_output() as said:
@@ -181,7 +181,7 @@ class OnnxRuntime(Backend):
         return (outputs, *prove_placement(profile, self.provider))
 
     def load(self, artifact, precision: str) -> dict[str, Any]:
-        from exporter import environment, runtime
+        from vitparity import environment, runtime
 
         self.probe()
         facts = self.variant_facts(artifact)
@@ -257,7 +257,7 @@ class OnnxRuntime(Backend):
     def layers(self, artifact, batch: np.ndarray) -> dict[str, np.ndarray]:
         """The taps from the per-block graph of the very file the accuracy row ran, through the same provider
         and fallback checks; where its nodes ran is recorded as `layers_placement`."""
-        from exporter import blocks
+        from vitparity import blocks
 
         graph = self.model_file(artifact)
         session = self.open_session(blocks.ensure(artifact, graph.name), self.session.get_provider_options().get(self.provider, {}))
@@ -272,7 +272,7 @@ class OnnxRuntime(Backend):
 
 
 def _onnxruntime():
-    from exporter import runtime
+    from vitparity import runtime
 
     try:
         return runtime.load_onnxruntime()
@@ -317,7 +317,7 @@ class OrtCann(OnnxRuntime):
     def model_file(self, artifact):
         # The CANN provider has no LayerNormalization kernel; the exporter's decomposed variant
         # (--decompose-layernorm) keeps the whole graph on the NPU.
-        from exporter.variants import LN_DECOMPOSED
+        from vitparity.graphs import LN_DECOMPOSED
 
         if not self.variant and LN_DECOMPOSED in artifact.manifest.get("files", {}):
             return artifact.path(LN_DECOMPOSED)

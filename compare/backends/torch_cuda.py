@@ -10,7 +10,6 @@ from pathlib import Path
 from .base import BackendUnavailable
 from .torch_eager import TorchEager
 
-
 CUDA_LIBRARIES = ("libtorch_cuda.so", "torch_cuda.dll")
 
 

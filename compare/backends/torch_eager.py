@@ -34,7 +34,7 @@ class TorchEager(Backend):
     def load(self, artifact, precision: str) -> dict[str, Any]:
         import torch
 
-        from exporter.export import TwoOutputs, rebuild_model
+        from vitparity.eager import TwoOutputs, rebuild_model
 
         facts = self.open_device()
         precision = self.effective_precision(precision)
@@ -74,7 +74,7 @@ class TorchEager(Backend):
         tokens, NHWC windows (SAM) and patch-only blocks (CaiT, XCiT) are tapped as they are."""
         import torch
 
-        from exporter.blocks import tap_names
+        from vitparity.blocks import tap_names
 
         model = self.module.model
         blocks = getattr(model, "blocks", None)

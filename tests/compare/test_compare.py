@@ -144,7 +144,7 @@ def _graph_that_fails_at_run(path, ir_version):
 
 @pytest.mark.parametrize("ir_version,stage", [(8, "failed while running"), (99, "failed to load the artifact")])
 def test_a_backend_that_fails_on_the_artifact_is_an_error_row_and_exit_1(tiny_copy, capsys, tmp_path, ir_version, stage):
-    from exporter.artifact import sha256
+    from vitparity.artifact import sha256
 
     folder = tiny_copy / TINY
     _graph_that_fails_at_run(folder / "model.onnx", ir_version)

@@ -21,11 +21,11 @@ from compare import reference
 from compare.cli import main
 from compare.inputs import default_image
 from compare.run import neighbour_row
-from exporter import artifact, processes
-from exporter.errors import UserError
-from exporter.images import list_images, open_rgb, to_rgb
-from exporter.tolerances import TOLERANCES
 from tests.helpers import TINY, call, make_images, one_line_error
+from vitparity import artifact, processes
+from vitparity.errors import UserError
+from vitparity.images import list_images, open_rgb, to_rgb
+from vitparity.tolerances import TOLERANCES
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

@@ -15,8 +15,8 @@ import pytest
 
 from compare.cli import main
 from compare.inputs import image_batch
-from exporter import artifact
 from tests.helpers import ROOT, TINY, call, one_line_error, runnable
+from vitparity import artifact
 
 FAST = ["--iters", "1", "--warmup", "0"]
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
 import pytest
 
 from compare.backends import BACKENDS
 from compare.cli import main
-from exporter import artifact
 from tests.helpers import TINY, LowPrecisionCpu, has_row, rewrite_weights
+from vitparity import artifact
 
 
 def _layers(capsys, tmp_path, model, root, *extra):
@@ -113,7 +112,7 @@ def test_layers_tap_patch_only_blocks_and_name_the_drifting_one(tmp_path, capsys
 
 def test_taps_of_another_layout_are_reported_not_compared():
     from compare.layers import compare_layers
-    from exporter.tolerances import TOLERANCES
+    from vitparity.tolerances import TOLERANCES
 
     ones = np.ones((1, 5, 8), dtype=np.float32)
     taps = {"torch-cpu": {"block_0": ones, "norm": ones}, "ort-cpu": {"block_0": ones[:, 1:], "norm": ones}}
@@ -127,8 +126,8 @@ def test_blocks_onnx_references_external_weights_instead_of_copying_them(artifac
     import onnx
     import onnxruntime as ort
 
-    from exporter import blocks
     from exporter.variants import write_ln_decomposed
+    from vitparity import blocks
 
     source = artifact.load(artifacts_root, TINY).path("model.onnx")
     onnx.save(onnx.load(str(source)), str(tmp_path / "model.onnx"), save_as_external_data=True,
@@ -151,7 +150,7 @@ def test_blocks_onnx_references_external_weights_instead_of_copying_them(artifac
 def _weights_referenced(path) -> bool:
     from onnx.external_data_helper import uses_external_data
 
-    from exporter.blocks import load_graph
+    from vitparity.blocks import load_graph
 
     external = [t for t in load_graph(path).graph.initializer if uses_external_data(t)]
     return bool(external) and not any(t.raw_data for t in external)

@@ -18,12 +18,23 @@ import pytest
 
 from compare import worker
 from compare.backends import BACKENDS
-from compare.backends.onnxruntime import kernel_share, prove_placement
 from compare.backends.base import BackendUnavailable
+from compare.backends.onnxruntime import kernel_share, prove_placement
 from compare.cli import main
-from exporter import artifact
-from tests.helpers import (LYING_ONNXRUNTIME, ROOT, TINY, BuggyLayers, DecomposedCpu, call, children, gone, run_cli,
-                           stand_in, wait_for)
+from tests.helpers import (
+    LYING_ONNXRUNTIME,
+    ROOT,
+    TINY,
+    BuggyLayers,
+    DecomposedCpu,
+    call,
+    children,
+    gone,
+    run_cli,
+    stand_in,
+    wait_for,
+)
+from vitparity import artifact
 
 # `python -m compare` whose second backend hangs in load(), like a device stuck in a driver call.
 HANGING_COMPARE = textwrap.dedent('''
@@ -31,7 +42,7 @@ HANGING_COMPARE = textwrap.dedent('''
     from compare.backends import BACKENDS
     from tests.helpers import Hangs
     BACKENDS["hangs"] = Hangs
-    from exporter import entry_point
+    from vitparity import entry_point
     from compare.cli import main
     entry_point(lambda: lambda: main(sys.argv[1:]), "interrupted")
 ''')

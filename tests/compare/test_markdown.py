@@ -393,3 +393,21 @@ def test_layers_flag_puts_the_json_drift_and_block_numbers_in_the_report(artifac
         charts = links(drift, tmp_path)
         assert [path.name for path in charts] == [f"report-{TINY}-blocks.png"]
         assert_png(charts[0])
+
+
+def test_a_backend_failing_only_on_neighbours_is_fail_in_every_line_of_the_report(tiny_report):
+    """The verdict is the one judge: a neighbour row that fails makes the verdict, the JSON, the report's
+    verdict line and its per-backend conclusion all say FAIL (the conclusion once said PASS from accuracy alone)."""
+    from compare.results import NeighbourComparison
+
+    assert all(row.passed for row in tiny_report.accuracy if row.backend == "ort-cpu")
+    failing = NeighbourComparison(backend="ort-cpu", k=3, overlap=0.5, nearest_unchanged=0.5, tolerance="same-host fp32",
+                                  min_overlap=1.0, min_nearest=1.0, passed=False)
+    report = dataclasses.replace(tiny_report, neighbours=[failing])
+    assert report.verdict.status == "FAIL" and report.to_dict()["verdict"] == "FAIL" and report.exit_code == 1
+    text = markdown.document([report], "python -m compare test_vit")
+    assert text.splitlines()[2].startswith("**FAIL**")
+    [status] = [b for b in report.backends if b.name == "ort-cpu"]
+    assert markdown.conclusion(report, status).startswith("ort-cpu: FAIL (neighbour agreement)")
+    not_judged = dataclasses.replace(failing, passed=None, note="not judged: 1 image, neighbours need at least 2")
+    assert dataclasses.replace(tiny_report, neighbours=[not_judged]).verdict.status == tiny_report.verdict.status

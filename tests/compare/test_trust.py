@@ -10,9 +10,17 @@ import numpy as np
 import pytest
 
 from compare.backends.onnxruntime import OrtCann, OrtCpu, placement, placement_summary
-from exporter import artifact
-from tests.helpers import (FAKE_TORCH_NPU, LYING_ONNXRUNTIME, NUMPY1_ONNXRUNTIME, ROOT, TINY, has_row, run_cli,
-                           stand_in)
+from tests.helpers import (
+    FAKE_TORCH_NPU,
+    LYING_ONNXRUNTIME,
+    NUMPY1_ONNXRUNTIME,
+    ROOT,
+    TINY,
+    has_row,
+    run_cli,
+    stand_in,
+)
+from vitparity import artifact
 
 
 def _lying(tmp_path, *providers):
@@ -54,7 +62,7 @@ def test_require_a_provider_that_fell_back_exits_2(artifacts_root, tmp_path):
 PROVIDER_OPTIONS = '''
 import json, sys
 from compare.backends import BACKENDS, BackendUnavailable
-from exporter import artifact
+from vitparity import artifact
 art = artifact.load(sys.argv[1], sys.argv[2])
 for name in ("ort-cann", "ort-cuda"):
     for precision in ("fp32", "fp16", "bf16", "fast-math"):

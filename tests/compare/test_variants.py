@@ -7,9 +7,9 @@ import shutil
 import pytest
 
 from compare.run import CompareOptions, check_names, compare, host_warnings, rows
-from exporter import artifact, environment
-from exporter.errors import UserError
 from tests.helpers import TINY, runnable
+from vitparity import artifact, environment
+from vitparity.errors import UserError
 
 
 def test_each_variant_is_a_row_of_every_onnxruntime_backend_with_its_class_latency_and_layers(variants_root):

@@ -13,8 +13,8 @@ from compare import markdown, render
 from compare.backends import BACKENDS
 from compare.cli import main
 from compare.results import BackendStatus, OutputComparison, Report
-from exporter import artifact
 from tests.helpers import TINY, LowPrecisionCpu, call, one_line_error, runnable
+from vitparity import artifact
 
 FAST = ["--iters", "1", "--warmup", "0"]
 

@@ -14,10 +14,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from compare.run import COMPILE_CACHE, compile_cache
-from exporter import artifact
 from exporter.cli import main
-from exporter.errors import UserError
 from tests.helpers import TINY, call, one_line_error
+from vitparity import artifact
+from vitparity.errors import UserError
 
 
 def _manifest(folder):

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from exporter import artifact
 from exporter.cli import main
 from tests.helpers import TINY, call, one_line_error
+from vitparity import artifact
 
 
 def _main(capsys, *args):

@@ -9,11 +9,12 @@ import numpy as np
 import onnx
 import pytest
 
-from exporter import artifact, environment, keep_fp32, variants
+from exporter import keep_fp32, variants
 from exporter.cli import main
 from exporter.precision import check_variant
-from exporter.tolerances import TOLERANCES
 from tests.helpers import SLOW_FILESYSTEM, TINY, call, kill_at, one_line_error
+from vitparity import artifact, environment
+from vitparity.tolerances import TOLERANCES
 
 OVERFLOW_BLOCK = 2
 
@@ -148,7 +149,7 @@ def test_a_verify_set_streamed_from_disk_gives_the_figures_of_the_whole_arrays(v
         inputs, reference = sample["pixel_values"], {n: sample[n] for n in ("pooled", "tokens")}
     rng = np.random.default_rng(0)
     more = (inputs[:1] + rng.normal(0, 0.1, (20 - len(inputs), *inputs.shape[1:]))).astype(np.float32)  # 20 rows: 3 chunks of 8
-    from exporter.export import eager_outputs, rebuild_model
+    from vitparity.eager import eager_outputs, rebuild_model
 
     extra = eager_outputs(rebuild_model(art), more)
     whole = np.concatenate([inputs, more]), {n: np.concatenate([reference[n], extra[n]]) for n in reference}
@@ -169,9 +170,9 @@ def test_calibration_images_stream_memory_does_not_grow_with_their_count(variant
     (numpy's allocations, as tracemalloc sees them), where stacking them grew with the count (3.4 GB for 2,500)."""
     import tracemalloc
 
-    from exporter.export import eager_outputs, rebuild_model
     from exporter.precision import verify_inputs
     from tests.helpers import make_images
+    from vitparity.eager import eager_outputs, rebuild_model
 
     art = artifact.load(variants_root, TINY)
     model = rebuild_model(art)
@@ -267,3 +268,14 @@ def test_int8_fused_without_the_fused_graph_is_one_line(artifacts_root, tmp_path
     shutil.copytree(artifacts_root / TINY, tmp_path / TINY)
     code, _, err = call(main, capsys, TINY, "--artifacts", str(tmp_path), "--if-missing", "--variant", "int8-fused")
     assert code == 2 and "add --variant fused too" in one_line_error(err.split("\n", 1)[1] if err.startswith(TINY) else err)
+
+
+def test_fp16_is_made_from_the_layernorm_decomposed_graph_when_the_artifact_has_one(tmp_path, capsys):
+    code, _, err = call(main, capsys, TINY, "--artifacts", str(tmp_path), "--weights", "random", "--decompose-layernorm",
+                        "--variant", "fp16")
+    assert code == 0, err
+    art = artifact.load(tmp_path, TINY)
+    record = variants.precision_variants(art.manifest)["fp16"]
+    assert record["from"] == variants.LN_DECOMPOSED
+    ops = Counter(n.op_type for n in onnx.load(str(art.path("model.fp16.onnx"))).graph.node)
+    assert ops["LayerNormalization"] == 0 and ops["ReduceMean"] > 0  # the norms as primitives, kept fp32 by the rules

@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from exporter import registry, weights
-from exporter.errors import UserError
+from exporter import weights
 from exporter.export import ExportOptions, build_model, export
 from tests.helpers import TINY
+from vitparity import registry
+from vitparity.errors import UserError
 
 REPO = "timm/test_vit.r160_in1k"
 

@@ -12,9 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, command_line, descendants, foreign_sockets, gone, wait_for
+from tests.helpers import (
+    ROOT,
+    command_line,
+    descendants,
+    foreign_sockets,
+    gone,
+    wait_for,
+)
 from zoo.ray_runner import infeasible, memory_need
-from zoo.sweep import read_rows
+from zoo.store import read_rows
 
 
 def test_a_model_no_node_can_take_is_named_not_queued_for_ever():

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from exporter.errors import UserError
-from zoo.sweep import _last_error, _report_of, main, parse, parse_shard, parse_size, read_rows, shard, slurm_shard
 from tests.helpers import ROOT, call, children, gone, one_line_error, wait_for
+from vitparity.errors import UserError
+from zoo.step import _last_error, _report_of
+from zoo.store import read_rows
+from zoo.sweep import main, parse, parse_shard, parse_size, shard, slurm_shard
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 7])
@@ -84,7 +86,8 @@ def _findings(row) -> dict:
 
 
 def test_the_readme_block_is_filled_by_the_sweep_not_by_hand(tmp_path):
-    from zoo.sweep import Row, summary_markdown, update_readme
+    from zoo.render import summary_markdown, update_readme
+    from zoo.step import Row
 
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- coverage:start -->\nold\n<!-- coverage:end -->\noutro\n")

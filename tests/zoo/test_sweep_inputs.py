@@ -11,9 +11,11 @@ from dataclasses import asdict
 
 import pytest
 
-from exporter.errors import UserError
-from zoo.sweep import Row, append_row, main, parse, read_rows, run_local, select, Settings, UNKNOWN
 from tests.helpers import ROOT, call, one_line_error
+from vitparity.errors import UserError
+from zoo.step import UNKNOWN, Row, Settings, run_local
+from zoo.store import append_row, read_rows
+from zoo.sweep import main, parse, select
 
 
 def test_a_row_after_a_line_cut_short_starts_on_a_fresh_line(tmp_path):

@@ -5,12 +5,29 @@ model.fp16.onnx) by its class, and compare judges every row by the class of what
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
+class Judgement:
+    """What a tolerance class found in a set of figures: whether they pass, and each limit that failed, by how much."""
+
+    passed: bool
+    failures: tuple[str, ...] = ()
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.failures)
+
+
+@dataclass(frozen=True)
 class Tolerance:
-    """An output passes when cosine >= min_cosine and relative error <= max_rel (and shapes match, no NaN/Inf)."""
+    """An output passes when cosine >= min_cosine and relative error <= max_rel (and shapes match, no NaN/Inf).
+
+    `judge` is the one place where figures meet thresholds: every comparison (one batch, images, layers,
+    variants, the exporter's verify, the bench floor) asks it.
+    """
 
     name: str
     min_cosine: float
@@ -19,6 +36,37 @@ class Tolerance:
     # --images: neighbour agreement of the pooled embeddings (mean overlap@k, share of unchanged nearest neighbours)
     min_overlap: float = 1.0
     min_nearest: float = 1.0
+    max_abs: float | None = None  # the exporter's verify: largest |a - b| per unit of the output's peak |value| (above 1)
+
+    def judge(self, cosine: float, rel_error: float = 0.0, nonfinite: int = 0, shape_match: bool = True,
+              max_abs: float | None = None, peak: float = 1.0) -> Judgement:
+        """Judge one output's figures: the cosine (pass the lowest of the whole and the worst sample), the relative
+        error, the NaN/Inf count and, for a class with `max_abs`, the largest |a - b| against max_abs x peak.
+        NaN figures fail. The judgement names every limit that failed and by how much."""
+        failures = []
+        if not shape_match:
+            failures.append("the shapes differ")
+        if nonfinite:
+            failures.append(f"{nonfinite} NaN/Inf values")
+        if not cosine >= self.min_cosine:
+            failures.append(f"cosine {cosine:.7f} < {self.min_cosine:g}" + (f" (short by {self.min_cosine - cosine:.2g})"
+                                                                          if math.isfinite(cosine) else ""))
+        if not rel_error <= self.max_rel:
+            failures.append(f"rel err {rel_error:.3g} > {self.max_rel:g}" + (f" ({rel_error / self.max_rel:.2g}x the limit)"
+                                                                            if math.isfinite(rel_error) else ""))
+        if self.max_abs is not None and max_abs is not None and not max_abs <= self.max_abs * max(peak, 1.0):
+            bound = f"{self.max_abs:g}" if peak <= 1.0 else f"{self.max_abs * peak:.3g} = {self.max_abs:g} x peak {peak:.3g}"
+            failures.append(f"max abs diff {max_abs:.3g} > {bound}")
+        return Judgement(not failures, tuple(failures))
+
+    def judge_neighbours(self, overlap: float, nearest_unchanged: float) -> Judgement:
+        """Judge neighbour agreement (--images): the mean overlap@k and the share of unchanged nearest neighbours."""
+        failures = []
+        if not overlap >= self.min_overlap:
+            failures.append(f"overlap@k {overlap:.4f} < {self.min_overlap:g}")
+        if not nearest_unchanged >= self.min_nearest:
+            failures.append(f"nearest unchanged {nearest_unchanged:.4f} < {self.min_nearest:g}")
+        return Judgement(not failures, tuple(failures))
 
 
 # Neighbour agreement (--images; mean overlap@10 and the share of unchanged nearest neighbours of `pooled`),
@@ -58,6 +106,11 @@ TOLERANCES = {
         min_overlap=0.95, min_nearest=0.9,
     ),
 }
+
+
+def verify_tolerance(min_cosine: float, max_abs: float) -> Tolerance:
+    """The exporter's verify class, ONNX against eager fp32 at export (its --min-cosine and --max-abs)."""
+    return Tolerance("export verify", min_cosine, math.inf, "ONNX against the eager model it was traced from", max_abs=max_abs)
 
 
 def tolerance_for(backend_class: str, precision: str,

@@ -6,7 +6,14 @@ import math
 import numpy as np
 import pytest
 
-from exporter.metrics import cosine, max_abs_diff, mean_abs_diff, nonfinite_count, relative_error, worst_sample_cosine
+from vitparity.metrics import (
+    cosine,
+    max_abs_diff,
+    mean_abs_diff,
+    nonfinite_count,
+    relative_error,
+    worst_sample_cosine,
+)
 
 
 def test_orthogonal_vectors_have_cosine_zero():
@@ -52,7 +59,7 @@ def test_worst_sample_cosine_finds_the_bad_sample_that_the_flat_cosine_hides():
 
 
 def test_error_quantiles_are_over_every_element_with_the_max_last():
-    from exporter.metrics import error_quantiles
+    from vitparity.metrics import error_quantiles
 
     a, b = np.zeros(101), np.arange(101.0)
     assert error_quantiles(a, b) == [50.0, 99.0, 100.0]
@@ -61,7 +68,7 @@ def test_error_quantiles_are_over_every_element_with_the_max_last():
 
 
 def test_loosest_passing_thresholds_round_towards_passing():
-    from exporter.metrics import loosest_passing
+    from vitparity.metrics import loosest_passing
 
     cos, rel = loosest_passing(0.99713, 3.07e-3)
     assert cos == pytest.approx(0.9971) and rel == pytest.approx(3.1e-3)
@@ -71,7 +78,7 @@ def test_loosest_passing_thresholds_round_towards_passing():
 
 
 def test_per_sample_agrees_with_the_scalar_metrics_sample_by_sample_edge_cases_included():
-    from exporter.metrics import per_sample
+    from vitparity.metrics import per_sample
 
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((6, 4, 5)), rng.standard_normal((6, 4, 5))
@@ -89,7 +96,7 @@ def test_per_sample_agrees_with_the_scalar_metrics_sample_by_sample_edge_cases_i
 
 
 def test_neighbour_agreement_counts_exact_ties_as_kept_and_sees_a_swap():
-    from exporter.metrics import neighbours
+    from vitparity.metrics import neighbours
 
     rng = np.random.default_rng(1)
     base = rng.standard_normal((30, 8))

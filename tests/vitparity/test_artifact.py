@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from exporter import artifact
-from exporter.errors import UserError
 from tests.helpers import ROOT, SLOW_FILESYSTEM, TINY, kill_at
+from vitparity import artifact
+from vitparity.errors import UserError
 
 
 def _start_export(root, *args):

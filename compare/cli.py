@@ -73,6 +73,10 @@ def parse(argv=None) -> argparse.Namespace:
     group.add_argument("--no-latency", action="store_true", help="skip timing")
     group = parser.add_argument_group("diagnosis and results")
     group.add_argument("--layers", action="store_true", help="compare every block's output tokens and the final norm")
+    group.add_argument("--replay", action="store_true",
+                       help="with --layers (implied): run each block of every eager backend on the reference's input to it, "
+                            "so its own error shows apart from the error it was given; open the block with the largest "
+                            "such error part by part (norm1, attn.qkv, attn.softmax, mlp.fc1...) and say what to try")
     group.add_argument("--truth", choices=("fp64",), default=None,
                        help="also run eager float64 on the CPU and give every backend's error against it, as a multiple of torch-cpu's")
     group.add_argument("--json", default=None, metavar="PATH", help="write the full results as JSON")
@@ -169,7 +173,7 @@ def options_from(args: argparse.Namespace):
         dtype="fast-math" if args.fast_math else args.dtype, timeout_s=args.timeout,
         batch_sizes=args.batch_sizes, warmup=args.warmup, iters=args.iters, budget_s=args.budget,
         latency=not args.no_latency, min_cosine=args.min_cosine, max_rel=args.max_rel,
-        layers=args.layers, against=args.against, save_reference=bool(args.save_reference), truth=args.truth,
+        layers=args.layers or args.replay, replay=args.replay, against=args.against, save_reference=bool(args.save_reference), truth=args.truth,
         images=args.images, limit=args.limit, variants=_variants(args.variants),
     )
 

@@ -5,7 +5,7 @@ import numpy as np
 
 from vitparity import metrics, registry
 
-from .results import LayerComparison
+from .results import LayerComparison, PartComparison
 
 
 def _figures(a: np.ndarray, b: np.ndarray) -> dict:
@@ -95,3 +95,83 @@ def compare_layers(taps: dict[str, dict], reference: str, tolerances: dict, layo
         rows += backend_rows
         drift[name] = drift_line(name, backend_rows, tolerances[name])
     return rows, drift
+
+
+def _local(figures: dict) -> tuple[float, float]:
+    """(rel error, cosine) of a replayed block, NaN/Inf counted as the largest error."""
+    rel = figures["rel_error"]
+    bad = figures["nonfinite"] or not np.isfinite(rel)
+    return (float("inf") if bad else rel), -figures.get("cosine", 1.0)
+
+
+def localise(rows: list[LayerComparison], replays: dict[str, dict], tolerances: dict, runs: dict[str, dict]
+             ) -> tuple[list[LayerComparison], list[PartComparison], dict[str, str], dict[str, str]]:
+    """--replay: each block's local error (run on the reference's input to it) next to its accumulated one, the
+    block whose own error is largest opened part by part, and what to try. `replays`: each backend's figures from
+    its worker ({"block_5": {"": whole, "mlp.fc1": ...}}); `runs`: how each ran ({"precision", "variant"}).
+    Returns (rows with local figures, the opened blocks' part rows, one sentence per backend, advice per backend)."""
+    from dataclasses import replace
+
+    # The figures crossed the worker boundary as strict JSON: NaN came back as None.
+    replays = {backend: {layer: {part: {k: (float("nan") if v is None else v) for k, v in figures.items()}
+                                 for part, figures in parts.items()} for layer, parts in blocks.items()}
+               for backend, blocks in replays.items()}
+    rows = [replace(row, local_cosine=replays[row.backend][row.layer][""]["cosine"],
+                    local_rel_error=replays[row.backend][row.layer][""]["rel_error"])
+            if row.layer in replays.get(row.backend, {}) else row for row in rows]
+    parts, found, advice = [], {}, {}
+    for backend, blocks in replays.items():
+        if not blocks:
+            continue
+        tolerance = tolerances[backend]
+        layer = max(blocks, key=lambda name: _local(blocks[name][""]))
+        opened = [PartComparison(backend, layer, part, f["cosine"], f["rel_error"], f["max_abs"], f["nonfinite"],
+                                 tolerance.judge(f["cosine"], f["rel_error"], f["nonfinite"]).passed)
+                  for part, f in blocks[layer].items() if part]
+        parts += opened
+        whole = blocks[layer][""]
+        block = layer.replace("_", "s.", 1)  # block_5 -> blocks.5, timm's own module name
+        first = next((p for p in opened if not p.passed), None)
+        worst = first or max(opened, key=lambda p: _local({"rel_error": p.rel_error, "nonfinite": p.nonfinite, "cosine": p.cosine}),
+                              default=None)
+        nan = f", {whole['nonfinite']} NaN/Inf" if whole["nonfinite"] else ""
+        sentence = (f"{backend}: {block} makes the largest error of its own (local rel err {whole['rel_error']:.2e}, "
+                    f"cos {whole['cosine']:.6f}{nan}, on the reference's input to it)")
+        if worst is not None:
+            sentence += (f"; inside it, {worst.part} " + ("drifts first" if first else "differs most")
+                         + f" (rel err {worst.rel_error:.2e}" + (f", {worst.nonfinite} NaN/Inf" if worst.nonfinite else "") + ")")
+        found[backend] = sentence
+        passed = tolerance.judge(whole["cosine"], whole["rel_error"], whole["nonfinite"]).passed
+        if not passed or any(not row.passed for row in rows if row.backend == backend):
+            advice[backend] = advise(backend, block, worst.part if worst else "", worst, runs.get(backend, {}))
+    return rows, parts, found, advice
+
+
+NORMS = ("norm1", "norm2", "norm", "q_norm", "k_norm")
+
+
+def advise(backend: str, block: str, part: str, figures: PartComparison | None, ran: dict) -> str:
+    """One line of what to try, from where the error was found and how the row ran (its precision or variant)."""
+    where = f"{block}.{part}" if part else block
+    leaf = part.rsplit(".", 1)[-1]
+    overflow = bool(figures and figures.nonfinite)
+    variant, precision = ran.get("variant", ""), ran.get("precision", "fp32")
+    if variant.startswith("int8"):
+        return (f"{where} loses the most in int8: export the variant again so that the int8 search leaves {block}'s "
+                f"modules in float (python -m exporter MODEL --variant {variant} on an artifact without it; the search "
+                f"runs when the plain recipe fails its class on the verify inputs, which --calibration-images widens)")
+    if variant == "fp16":
+        keep = "Softmax" if part == "attn.softmax" else "LayerNormalization" if leaf in NORMS else "MatMul"
+        return (f"{where} {'overflows' if overflow else 'drifts'} in the fp16 graph: keep {keep} fp32 "
+                f"(--fp16-keep LayerNormalization,Pow,ReduceMean,Sqrt,{keep}), or let --search-precision find the list")
+    if precision == "fp16":
+        if overflow:
+            return (f"{where} overflows fp16 (values past 65504): run --dtype bf16, which keeps fp32's range, "
+                    f"or --dtype fp32")
+        return f"{where} drifts in fp16: run it in fp32 (--dtype fp32), or keep {leaf} in fp32 on the device"
+    if precision == "bf16":
+        return f"{where} drifts in bf16 (8 mantissa bits): run --dtype fp16 where the values fit, or --dtype fp32"
+    if precision == "fast-math":
+        return f"{where} drifts with the fp32 shortcuts on (TF32/HF32): run without --fast-math"
+    return (f"{where} differs in true fp32 on {backend}: a kernel of that op on this device; keep the evidence with "
+            f"--save-reference and report it to the device's vendor")

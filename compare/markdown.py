@@ -137,6 +137,15 @@ def model_section(report: Report, charts: dict | None, with_verdict: bool = True
         lines += [f"- {_inline(sentence)}" for sentence in report.drift.values()] + [""]
         lines += [*layers_table(report), ""]
         lines += _chart(charts, "blocks", f"{report.model} cosine by block")
+    if report.parts:
+        lines += ["### Inside the block", "",
+                  f"The block each backend's own error is largest in, run on `{report.reference}`'s input to it, part by "
+                  f"part (timm's module names, in the order they ran). Bold: the part fails the backend's class.", ""]
+        lines += [*table(("backend", "block", "part", "cosine", "rel err", "NaN/Inf"),
+                         [(r.backend, r.layer.replace("_", "s.", 1), r.part if r.passed else f"**{r.part}**",
+                           _num(r.cosine, COSINE), _num(r.rel_error, ERROR), str(r.nonfinite)) for r in report.parts]), ""]
+    if report.advice:
+        lines += ["### What to try", ""] + [f"- {backend}: {_inline(line)}" for backend, line in report.advice.items()] + [""]
     lines += ["### Conclusions", ""] + [f"- {_inline(conclusion(report, s))}" for s in report.backends] + [""]
     return lines
 
@@ -271,21 +280,27 @@ def layers_table(report: Report) -> list[str]:
     """Block by backend: cosine and relative error of every tap; failing cells in bold."""
     backends = list(dict.fromkeys(r.backend for r in report.layers))
     cells = {(r.backend, r.layer): r for r in report.layers}
-    header = ["layer"] + [f"{b} {metric}" for b in backends for metric in ("cosine", "rel err")]
+    local = any(r.local_rel_error is not None for r in report.layers)
+    metrics_shown = ("cosine", "rel err", "local cosine", "local rel err") if local else ("cosine", "rel err")
+    header = ["layer"] + [f"{b} {metric}" for b in backends for metric in metrics_shown]
     rows = []
     for layer in dict.fromkeys(r.layer for r in report.layers):
         row = [layer]
         for backend in backends:
-            row += _layer_cells(cells.get((backend, layer)))
+            row += _layer_cells(cells.get((backend, layer)), local)
         rows.append(row)
-    return ["Bold: the block fails its thresholds.", "", *table(header, rows)]
+    note = " Local: the block run on the reference's input to it (--replay), its own error apart from what it was given." if local else ""
+    return ["Bold: the block fails its thresholds." + note, "", *table(header, rows)]
 
 
-def _layer_cells(cell: LayerComparison | None) -> list[str]:
+def _layer_cells(cell: LayerComparison | None, local: bool = False) -> list[str]:
     if cell is None:
-        return ["-", "-"]
+        return ["-"] * (4 if local else 2)
     values = [_num(cell.cosine, COSINE), _num(cell.rel_error, ERROR)]
-    return values if cell.passed else [f"**{v}**" for v in values]
+    values = values if cell.passed else [f"**{v}**" for v in values]
+    if local:
+        values += ["-", "-"] if cell.local_rel_error is None else [_num(cell.local_cosine, COSINE), _num(cell.local_rel_error, ERROR)]
+    return values
 
 
 def conclusion(report: Report, status: BackendStatus) -> str:

@@ -102,7 +102,10 @@ def latency_table(report: Report) -> Table:
 def layers_table(report: Report) -> Table:
     """Block by backend: cosine, max abs and relative error of every tap; the first failing cell in red."""
     backends = list(dict.fromkeys(row.backend for row in report.layers))
-    table = Table(title=f"Per-block agreement against {report.reference} (cos / max abs / rel err)", title_justify="left")
+    local = " | with --replay, local: cos / rel err of the block on the reference's input" if any(
+        r.local_rel_error is not None for r in report.layers) else ""
+    table = Table(title=f"Per-block agreement against {report.reference} (accumulated: cos / max abs / rel err{local})",
+                  title_justify="left")
     table.add_column("layer")
     for backend in backends:
         table.add_column(backend, justify="right")
@@ -116,9 +119,27 @@ def layers_table(report: Report) -> Table:
                 row.append("-")
                 continue
             text = f"{_num(cell.cosine, '.6f')} / {_num(cell.max_abs, '.1e')} / {_num(cell.rel_error, '.1e')}"
+            if cell.local_rel_error is not None:  # --replay: the block's own error, on the reference's input
+                text += f" | local {_num(cell.local_cosine, '.6f')} / {_num(cell.local_rel_error, '.1e')}"
             style = "bold red reverse" if first_bad[backend] == layer else ("red" if not cell.passed else "")
             row.append(Text(text, style=style))
         table.add_row(*row)
+    return table
+
+
+def parts_table(report: Report) -> Table:
+    """--replay: the parts of the block each backend's own error is largest in, in the order they ran."""
+    table = Table(title=f"Inside the block, on {report.reference}'s input to it (timm's module names)", title_justify="left")
+    for column in ("backend", "block", "part", "cosine", "rel err", "max abs", "NaN/Inf", "verdict"):
+        table.add_column(column, justify="right" if column in ("cosine", "rel err", "max abs", "NaN/Inf") else "left")
+    first = {}
+    for row in report.parts:
+        if not row.passed:
+            first.setdefault(row.backend, row.part)
+    for row in report.parts:
+        verdict = PASS if row.passed else FAIL
+        table.add_row(row.backend, row.layer.replace("_", "s.", 1), Text(row.part, style="bold" if first.get(row.backend) == row.part else ""),
+                      _num(row.cosine, ".6f"), _num(row.rel_error, ".2e"), _num(row.max_abs, ".1e"), str(row.nonfinite), verdict)
     return table
 
 
@@ -199,6 +220,9 @@ def render(report: Report) -> list:
     if report.layers:
         parts.append(layers_table(report))
         parts += [Text(line, style="bold yellow") for line in report.drift.values()]
+    if report.parts:
+        parts.append(parts_table(report))
+    parts += [Text(f"{backend}: try: {line}", style="bold cyan") for backend, line in report.advice.items()]
     if report.latency:
         parts.append(latency_table(report))
     parts.append(verdict_text(report))

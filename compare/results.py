@@ -58,11 +58,13 @@ class OutputComparison:
     # --images: cosine is then the median image's, worst_sample_cosine and rel_error the worst image's;
     # this holds the distribution (cos_worst, cos_p1, cos_median, rel_median, rel_worst) and the worst images.
     images: dict = field(default_factory=dict)
+    batch: int | None = None  # --batch-sizes: a row at another batch size whose judgement differs from the accuracy batch's
 
     @property
     def label(self) -> str:
-        """The output as tables name it: pooled, tokens, tokens[registers]."""
-        return f"{self.output}[{self.group}]" if self.group else self.output
+        """The output as tables name it: pooled, tokens, tokens[registers], and "pooled @ batch 3" at another size."""
+        name = f"{self.output}[{self.group}]" if self.group else self.output
+        return name if self.batch is None else f"{name} @ batch {self.batch}"
 
     def how_far(self) -> str:
         """E.g. "would pass at cos >= 0.9971, rel <= 3.1e-03; |a-b| p50 1.2e-05, p99 3.4e-04, max 1.0e-03"."""
@@ -137,6 +139,24 @@ class LayerComparison:
     nonfinite: int
     passed: bool
     groups: dict = field(default_factory=dict)
+    # --replay: the block run on the reference's input to it, so its own error apart from the error it was given
+    local_cosine: float | None = None
+    local_rel_error: float | None = None
+
+
+@dataclass(frozen=True)
+class PartComparison:
+    """--replay: one part of the opened block (timm's module name: norm1, attn.qkv, attn.softmax, mlp.fc1...), run
+    on the reference's input to the block, against the reference's same part; judged by the backend's class."""
+
+    backend: str
+    layer: str  # "block_5"
+    part: str
+    cosine: float
+    rel_error: float
+    max_abs: float
+    nonfinite: int
+    passed: bool
 
 
 @dataclass(frozen=True)
@@ -197,6 +217,8 @@ class Report:
     truth: list[TruthComparison] = field(default_factory=list)  # --truth fp64: every backend against float64
     neighbours: list[NeighbourComparison] = field(default_factory=list)  # --images
     per_image: dict = field(default_factory=dict)  # --images: {backend: {"pooled": {"cosine": [...], ...}}}, in input order
+    parts: list[PartComparison] = field(default_factory=list)  # --replay: inside the block each backend's error is largest in
+    advice: dict = field(default_factory=dict)  # --replay: {backend: what to try}, from where its error was found and how it ran
 
     @property
     def verdict(self) -> Verdict:

@@ -63,6 +63,7 @@ class CompareOptions:
     min_cosine: float | None = None
     max_rel: float | None = None
     layers: bool = False
+    replay: bool = False  # with layers: each eager backend's blocks run on the reference's inputs (local error, parts, advice)
     against: str | None = None
     save_reference: bool = False  # the run saves the reference's outputs: a real use even if nothing else runs
     truth: str | None = None  # "fp64": also run eager float64 on the CPU and measure every backend against it
@@ -81,6 +82,7 @@ class Run:
     taps: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     truth: dict[str, np.ndarray] = field(default_factory=dict)  # --truth: the float64 outputs
     images: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # --images: per-image figures by backend
+    sizes: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # --batch-sizes: {backend: {"3/pooled": array}}
 
 
 def check_names(options: CompareOptions) -> None:
@@ -166,6 +168,28 @@ def _compared(backend: str, output: str, group: str, a: np.ndarray, b: np.ndarra
     )
 
 
+def size_rows(run: Run, reference: str, accuracy: list[OutputComparison], judged: dict, layout: dict | None
+              ) -> list[OutputComparison]:
+    """--batch-sizes: each backend's outputs at every other size, against the reference's for the same rows (the
+    accuracy batch cycled to that size, as the latency run feeds it); one row per output whose judgement differs
+    from the accuracy batch's (onnxruntime#10636, TensorRT#1697: some failures appear only at some sizes)."""
+    want = run.outputs[reference]
+    at_batch = {(row.backend, row.output, row.group): row.passed for row in accuracy}
+    rows = []
+    for name, found in run.sizes.items():
+        if name == reference or name not in judged:
+            continue
+        for size in sorted({int(key.split("/")[0]) for key in found}):
+            got = {output: found[f"{size}/{output}"] for output in OUTPUTS if f"{size}/{output}" in found}
+            if set(got) != set(OUTPUTS):
+                continue
+            cycled = np.resize(np.arange(len(want["pooled"])), size)
+            for row in compare_outputs(name, got, {o: np.asarray(want[o])[cycled] for o in OUTPUTS}, judged[name], layout):
+                if row.passed != at_batch.get((name, row.output, row.group), True):
+                    rows.append(replace(row, batch=size))
+    return rows
+
+
 def layout(manifest: dict) -> dict | None:
     """The artifact's token layout: recorded by the exporter, or derived from timm for older artifacts."""
     if "token_layout" in manifest:
@@ -199,6 +223,25 @@ def compile_cache(art: artifact.Artifact, precision: str) -> Path:
 
 def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndarray, step, plan: dict | None = None,
                  image: dict | None = None) -> tuple[list, Run, list, list]:
+    if not options.replay:
+        return _run_backends(options, art, batch, step, plan, image, None)
+    with temp_folder(REPLAY_PREFIX) as folder:  # the reference's block inputs and outputs, for the others to replay
+        return _run_backends(options, art, batch, step, plan, image, folder)
+
+
+REPLAY_PREFIX = processes.REPLAY_PREFIX
+
+
+@contextlib.contextmanager
+def temp_folder(prefix: str):
+    """A temp folder named after this process, so that the next command removes it if this one is killed."""
+    processes.remove_stale(prefix)
+    with tempfile.TemporaryDirectory(prefix=processes.owned_prefix(prefix)) as folder:
+        yield Path(folder)
+
+
+def _run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndarray, step, plan: dict | None,
+                  image: dict | None, replay: Path | None) -> tuple[list, Run, list, list]:
     """Probe every chosen backend, then run those that may work, each in its own worker, one at a time.
 
     Returns (statuses, raw arrays, latency rows, warnings). The truth (--truth) runs first, then the
@@ -278,7 +321,14 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
             streamed = {**plans[role], **({"reference": written["reference"]} if "reference" in written else {}),
                         **({"truth": written["truth"]} if "truth" in written else {})} if plan else {}
             first = {"image": image} if image and name == options.reference else {}
-            outcome = worker.run_backend(cls, replace(job, precision=precision, dataset=streamed, variant=variant, **first), batch,
+            replayed = {}
+            if replay is not None and hasattr(cls, "replay") and hasattr(BACKENDS[options.reference], "replay"):
+                replayed = {"replay": {"folder": str(replay), "write": name == options.reference}}
+            elif replay is not None:  # said once per row, never silently absent
+                warnings.append(f"{name}: no local error per block: --replay runs the blocks of eager backends "
+                                f"(torch-*) on the reference's inputs, and needs an eager reference")
+            outcome = worker.run_backend(cls, replace(job, precision=precision, dataset=streamed, variant=variant, **first,
+                                                      **replayed), batch,
                                          options.timeout_s, compile_cache(art, precision), progress_of(name))
             if first:
                 batch = run.batch = made_input(outcome)
@@ -290,6 +340,7 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
             run.outputs[name] = outcome.outputs[name]
             run.taps.update(outcome.taps)
             run.images.update(outcome.images)
+            run.sizes.update(outcome.sizes)
             if plan and name == options.reference:
                 written["reference"] = {"prefix": plans["reference"]["write"]}
                 batch = run.batch = decoded_batch()
@@ -370,10 +421,17 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
             for name, outputs in run.outputs.items() if name != options.reference
             for row in compare_outputs(name, outputs, want, judged[name], groups)
         ]
+        accuracy += size_rows(run, options.reference, accuracy, judged, groups)
         truth = against_truth(run, options, stored)
-    layer_rows, drift = [], {}
+    layer_rows, drift, parts, advice = [], {}, [], {}
     if options.layers and options.reference in run.taps:
         layer_rows, drift = layers.compare_layers(run.taps, options.reference, judged, groups)
+    replays = {s.name: s.details["replay"] for s in statuses if isinstance(s.details.get("replay"), dict)}
+    if replays:
+        ran = {s.name: {"precision": s.details.get("precision", "fp32"), "variant": split(s.name)[1]} for s in statuses}
+        layer_rows, parts, local, advice = layers.localise(layer_rows, replays, judged, ran)
+        drift = {name: "; ".join(filter(None, [drift.get(name), local.get(name, "").removeprefix(f"{name}: ")]))
+                 for name in {*drift, *local}}
     report = Report(
         model=spec.key,
         timm_name=manifest["timm_name"],
@@ -396,6 +454,8 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
         truth=truth,
         neighbours=neighbour_rows,
         per_image=per_image,
+        parts=parts,
+        advice=advice,
     )
     return report, run
 
@@ -406,11 +466,8 @@ IMAGES_PREFIX = processes.IMAGES_PREFIX  # + the parent's pid: the --images run 
 @contextlib.contextmanager
 def images_folder():
     """The --images run folder in the temp folder: the preprocessed inputs and the truth's and reference's outputs."""
-    from vitparity import processes
-
-    processes.remove_stale(IMAGES_PREFIX)
-    with tempfile.TemporaryDirectory(prefix=processes.owned_prefix(IMAGES_PREFIX)) as folder:
-        yield Path(folder)
+    with temp_folder(IMAGES_PREFIX) as folder:
+        yield folder
 
 
 def _images_plan(options: CompareOptions, manifest: dict, folder: Path, groups: dict | None) -> tuple[np.ndarray, dict]:

@@ -56,6 +56,7 @@ class Job:
     dataset: dict = field(default_factory=dict)  # --images: the plan of compare/dataset.stream
     image: dict = field(default_factory=dict)  # {"path", "data_config", "batch_size"}: the first worker makes the input
     variant: str = ""  # a reduced-precision graph of the artifact instead of model.onnx (row "<backend>:<variant>")
+    replay: dict = field(default_factory=dict)  # --replay: {"folder", "write"}, see backends.torch_eager.replay
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Outcome:
     taps: dict = field(default_factory=dict)
     images: dict = field(default_factory=dict)  # --images: per-image figures and embeddings, by backend
     inputs: dict = field(default_factory=dict)  # {"batch": array}: the input this worker made from job.image
+    sizes: dict = field(default_factory=dict)  # --batch-sizes: {backend: {"3/pooled": array}}, outputs at each other size
     latency: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
 
@@ -302,6 +304,9 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
         try:
             stats = latency.measure(backend, np.ascontiguousarray(batch[rows]), job.warmup, job.iters, job.budget_s)
             outcome.latency.append(asdict(stats))
+            if size != batch.shape[0]:  # accuracy at this size too: some failures appear only at some batch sizes
+                found = backend.run(np.ascontiguousarray(batch[rows]))
+                arrays.update({f"sizes/{backend.name}/{size}/{k}": v for k, v in found.items()})
         except Exception as error:  # noqa: BLE001 - a batch too big for the device is a finding
             if is_bug(error):
                 bugs.append(_bug(f"latency at batch {size}", error))
@@ -321,6 +326,21 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
                 bugs.append(_bug("per-block outputs", error))
             else:
                 outcome.warnings.append(f"{backend.name}: per-block outputs failed: {_first_line(error)}")
+    if job.replay and not bugs:
+        try:
+            if not hasattr(backend, "replay"):
+                raise BackendUnavailable("replay runs the eager backends' blocks on the reference's inputs; "
+                                         f"{backend.name} has no blocks to run one by one")
+            found = backend.replay(art, batch, **job.replay)
+            if not job.replay["write"]:
+                outcome.details["replay"] = found
+        except BackendUnavailable as why:
+            outcome.warnings.append(f"{backend.name}: no local error per block: {why}")
+        except Exception as error:  # noqa: BLE001 - as for the per-block outputs
+            if is_bug(error):
+                bugs.append(_bug("replay", error))
+            else:
+                outcome.warnings.append(f"{backend.name}: replay failed: {_first_line(error)}")
     if bugs:
         # A bug in our code is never a warning: the row is an error, with the traceback kept.
         outcome.status = "error"
@@ -378,7 +398,7 @@ def main(folder: str) -> int:
     if arrays:
         np.savez(folder / ARRAYS, **arrays)
     payload = asdict(outcome)
-    for kind in ("outputs", "taps", "images", "inputs"):
+    for kind in ("outputs", "taps", "images", "inputs", "sizes"):
         payload.pop(kind)
     write_json_atomic(folder / RESULT, payload)  # last: its presence means the worker finished
     return 0

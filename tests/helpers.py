@@ -189,6 +189,36 @@ class LowPrecisionCpu(TorchEager):
 # Backends that misbehave, for the worker boundary. They live here so a worker process can import them.
 
 
+class FaultyCpu(TorchCpu):
+    """torch-cpu on a device with one faulty kernel: one part of one block computes a few percent off (its weights
+    scaled), as a wrong kernel for that op would. Which block and part, and by how much, come from the environment
+    (FAULT_BLOCK, FAULT_PART such as "mlp.fc1" or "attn.qkv", FAULT_SCALE), which the worker inherits."""
+
+    name = "faulty-cpu"
+    tolerance = "same-host"
+
+    def load(self, artifact, precision):
+        import torch
+
+        facts = super().load(artifact, precision)
+        block = self.module.model.blocks[int(os.environ["FAULT_BLOCK"])]
+        with torch.no_grad():
+            block.get_submodule(os.environ["FAULT_PART"]).weight.mul_(float(os.environ.get("FAULT_SCALE", "1.05")))
+        return facts
+
+
+class WrongAtThree(TorchCpu):
+    """torch-cpu whose kernel is wrong at batch size 3 only (outputs 2% off), as some kernels are at some sizes
+    (onnxruntime#10636, TensorRT#1697)."""
+
+    name = "wrong-at-three"
+    tolerance = "same-host"
+
+    def infer(self, prepared):
+        pooled, tokens = super().infer(prepared)
+        return (pooled * 1.02, tokens * 1.02) if prepared.shape[0] == 3 else (pooled, tokens)
+
+
 class Segfaults(TorchCpu):
     """Loads like torch-cpu, then dies of SIGSEGV in the middle of the run, as a vendor library might."""
 

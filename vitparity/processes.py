@@ -77,7 +77,8 @@ def alive(pid: int) -> bool:
 IMAGES_PREFIX = "vit-parity-images-"
 WORKER_PREFIX = "vit-parity-worker-"
 SWEEP_PREFIX = "vit-parity-sweep-"
-STALE_PREFIXES = (IMAGES_PREFIX, WORKER_PREFIX, SWEEP_PREFIX)
+REPLAY_PREFIX = "vit-parity-replay-"
+STALE_PREFIXES = (IMAGES_PREFIX, WORKER_PREFIX, SWEEP_PREFIX, REPLAY_PREFIX)
 
 
 def remove_stale(prefix: str, folder: Path | str | None = None) -> list[Path]:

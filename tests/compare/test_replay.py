@@ -1,0 +1,102 @@
+"""--replay: each block run on the reference's input to it, so that the error a block makes shows apart from the
+error it is given; the block whose own error is largest opened part by part; and one line of what to try that,
+applied, works. Faults are seeded in a device stand-in (tests/helpers.py FaultyCpu, LowPrecisionCpu)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from compare.backends import BACKENDS
+from compare.cli import main
+from tests.helpers import TINY, FaultyCpu, LowPrecisionCpu, rewrite_weights
+
+
+def _replay(capsys, tmp_path, model, root, *extra):
+    code = main([model, "--artifacts", str(root), "--replay", "--no-latency", "--json", str(tmp_path / "r.json"),
+                 "--report", str(tmp_path / "r.md"), *extra])
+    out = capsys.readouterr().out
+    return code, out, json.loads((tmp_path / "r.json").read_text())["reports"][0], (tmp_path / "r.md").read_text()
+
+
+@pytest.fixture
+def faulty(monkeypatch):
+    monkeypatch.setitem(BACKENDS, FaultyCpu.name, FaultyCpu)
+
+    def seed(block: int, part: str) -> None:
+        monkeypatch.setenv("FAULT_BLOCK", str(block))
+        monkeypatch.setenv("FAULT_PART", part)
+
+    return seed
+
+
+@pytest.mark.parametrize("model,block", [(TINY, 2), ("dinov3", 5)])
+def test_a_faulty_fc1_makes_the_largest_local_error_and_is_named_inside_its_block(artifacts_root, capsys, tmp_path, faulty,
+                                                                                  model, block):
+    faulty(block, "mlp.fc1")
+    backends = "torch-cpu,faulty-cpu" + (",ort-cpu" if model == TINY else "")
+    code, out, report, markdown = _replay(capsys, tmp_path, model, artifacts_root, "--backends", backends)
+    assert code == 1
+    rows = {r["layer"]: r for r in report["layers"] if r["backend"] == FaultyCpu.name}
+    local = {layer: row["local_rel_error"] for layer, row in rows.items() if row["local_rel_error"] is not None}
+    assert max(local, key=local.get) == f"block_{block}", local
+    after = [f"block_{i}" for i in range(block + 1, len(local))]
+    # Made at the seeded block, carried after it: the blocks after it make no error of their own, yet their
+    # accumulated error is the one they were given.
+    assert all(rows[layer]["rel_error"] > 1e-3 and local[layer] < 1e-6 for layer in after), {k: rows[k] for k in after}
+    parts = [p for p in report["parts"] if p["backend"] == FaultyCpu.name]
+    assert {p["layer"] for p in parts} == {f"block_{block}"}
+    first = next(p for p in parts if not p["passed"])
+    assert first["part"] == "mlp.fc1" and all(p["passed"] for p in parts[:parts.index(first)])
+    line = report["drift"][FaultyCpu.name]
+    assert f"blocks.{block} makes the largest error of its own" in line and "mlp.fc1 drifts first" in line
+    assert report["advice"][FaultyCpu.name].startswith(f"blocks.{block}.mlp.fc1 differs in true fp32")
+    for text in (out, markdown):  # the terminal and the report say the same
+        assert f"blocks.{block}" in text and "mlp.fc1" in text and "differs in true fp32" in text
+    assert "### Inside the block" in markdown and "### What to try" in markdown
+    if model == TINY:  # an onnxruntime row is not replayed, and says so rather than showing nothing
+        assert any(w.startswith("ort-cpu: no local error per block") for w in report["warnings"])
+
+
+def test_a_faulty_qkv_is_named_as_the_attention(artifacts_root, capsys, tmp_path, faulty):
+    faulty(3, "attn.qkv")
+    code, _, report, _ = _replay(capsys, tmp_path, TINY, artifacts_root, "--backends", "torch-cpu,faulty-cpu")
+    assert code == 1
+    first = next(p for p in report["parts"] if not p["passed"])
+    assert (first["layer"], first["part"]) == ("block_3", "attn.qkv")
+    assert "inside it, attn.qkv drifts first" in report["drift"][FaultyCpu.name]
+
+
+def test_fp16_overflow_in_one_mlp_names_it_and_the_advised_flag_passes(tiny_copy, capsys, tmp_path, monkeypatch):
+    def inflate(state):  # finite in fp32, past fp16's 65504 inside block 2's MLP
+        state["blocks.2.mlp.fc1.weight"] *= 3e4
+
+    rewrite_weights(tiny_copy / TINY, inflate)
+    monkeypatch.setitem(BACKENDS, LowPrecisionCpu.name, LowPrecisionCpu)
+    backends = ("--backends", f"torch-cpu,{LowPrecisionCpu.name}")
+    code, _, report, _ = _replay(capsys, tmp_path, TINY, tiny_copy, *backends, "--dtype", "fp16")
+    assert code == 1
+    advice = report["advice"][LowPrecisionCpu.name]
+    assert advice.startswith("blocks.2.mlp.fc1 overflows fp16") and "--dtype bf16" in advice
+    first = next(p for p in report["parts"] if not p["passed"])
+    assert (first["layer"], first["part"]) == ("block_2", "mlp.fc1") and first["nonfinite"] > 0
+    code, _, report, _ = _replay(capsys, tmp_path, TINY, tiny_copy, *backends, "--dtype", "bf16")  # the advice, applied
+    assert code == 0 and report["verdict"] == "PASS" and not report["advice"]
+
+
+def test_a_row_that_fails_only_at_batch_3_is_found_by_the_batch_sizes(artifacts_root, capsys, tmp_path, monkeypatch):
+    from tests.helpers import WrongAtThree
+
+    monkeypatch.setitem(BACKENDS, WrongAtThree.name, WrongAtThree)
+    common = [TINY, "--artifacts", str(artifacts_root), "--backends", f"torch-cpu,{WrongAtThree.name}", "--iters", "1",
+              "--warmup", "0", "--json", str(tmp_path / "r.json")]
+    assert main([*common, "--batch-sizes", "1,2"]) == 0  # right at 1 and 2
+    capsys.readouterr()
+    code = main([*common, "--batch-sizes", "1,3"])
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())["reports"][0]
+    assert code == 1 and report["verdict"] == "FAIL"
+    at_three = [r for r in report["accuracy"] if r["batch"] == 3]
+    assert at_three and all(not r["passed"] and r["backend"] == WrongAtThree.name for r in at_three)
+    assert all(r["passed"] for r in report["accuracy"] if r["batch"] is None)  # the accuracy batch (1) passes
+    assert "pooled @ batch 3" in out

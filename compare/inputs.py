@@ -2,19 +2,12 @@
 from __future__ import annotations
 
 import hashlib
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from vitparity.errors import UserError
-from vitparity.images import eval_transform, preprocess
-
-SAMPLE_IMAGE = "grace_hopper.jpg"  # public domain, from matplotlib's sample data
-
-
-def default_image() -> Path:
-    return Path(str(resources.files("compare") / "data" / SAMPLE_IMAGE))
+from vitparity.images import default_image, eval_transform, preprocess  # noqa: F401 - default_image: compare's default input
 
 
 def image_batch(path: Path, data_config: dict, batch_size: int) -> np.ndarray:

@@ -2,8 +2,9 @@
 against eager fp32 by their tolerance class, searched for what must stay fp32 (exporter/keep_fp32.py),
 and added to an existing artifact in one atomic publish.
 
-Nothing here imports torch: a variant is checked against the eager outputs the artifact keeps in
-sample.npz, unless --calibration-images asks for the eager outputs of those images too.
+A variant is checked against eager fp32 on the artifact's sample (its eager outputs are in sample.npz),
+variations of the bundled photo and any --calibration-images; the eager outputs of those are computed with
+the artifact's own model (vitparity/eager.py), so adding a variant imports torch.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ class VerifySet:
 
     def __init__(self, inputs: np.ndarray, reference: dict[str, np.ndarray], folder: Path | None = None):
         self.folder, self.count = folder, 0
+        self.skip = range(0)  # rows this view leaves out (see without)
         self.shapes = {INPUT_NAME: list(inputs.shape[1:]), **{n: list(reference[n].shape[1:]) for n in OUTPUT_NAMES}}
         self.memory = None if folder else {INPUT_NAME: inputs, **{n: reference[n] for n in OUTPUT_NAMES}}
         if folder:
@@ -59,7 +61,7 @@ class VerifySet:
             self.count = len(inputs)
 
     def __len__(self) -> int:
-        return self.count
+        return self.count - len(self.skip)
 
     def append(self, inputs: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
         """Add rows (on disk only): the inputs and their eager outputs."""
@@ -76,9 +78,19 @@ class VerifySet:
         return found.reshape(-1, *self.shapes[name])
 
     def chunks(self, size: int = VARIANT_CHUNK):
-        """(inputs, {output: eager fp32 rows}) `size` rows at a time."""
-        for start in range(0, self.count, size):
-            yield self.rows(INPUT_NAME, start, size), {n: self.rows(n, start, size) for n in OUTPUT_NAMES}
+        """(inputs, {output: eager fp32 rows}) at most `size` rows at a time, the rows of `skip` left out."""
+        for first, stop in ((0, self.skip.start), (self.skip.stop, self.count)) if self.skip else ((0, self.count),):
+            for start in range(first, stop, size):
+                count = min(size, stop - start)
+                yield self.rows(INPUT_NAME, start, count), {n: self.rows(n, start, count) for n in OUTPUT_NAMES}
+
+    def without(self, rows: range) -> "VerifySet":
+        """The same set, `rows` left out (sharing the storage)."""
+        import copy
+
+        view = copy.copy(self)
+        view.skip = rows
+        return view
 
 
 def check_variant(path: Path, inputs, reference: dict[str, np.ndarray] | None, tolerance) -> tuple[bool, dict]:
@@ -116,17 +128,36 @@ def _fails(variant: str, tolerance, figures: dict, hint: str) -> CheckFailed:
                        f"{figures['worst_output']} {worst['failed']}; {hint}")
 
 
-def verify_inputs(sample: np.ndarray, outputs: dict, eager, config: dict, images: str | None, step,
-                  folder: Path | None = None) -> tuple[VerifySet, dict]:
-    """What variants are verified on: the sample and, with `images`, those images through the model's eval
-    transform, with their eager fp32 outputs (`eager(batch)` gives those of the images), streamed into
-    `folder` VARIANT_CHUNK images at a time; and a description for the manifest."""
-    described = {"sample": int(len(sample))}
-    if not images:
-        return VerifySet(sample, outputs), described
-    from vitparity.images import eval_transform, list_images, preprocess, printable
+# Real-photo statistics for every variant's verify: the bundled photo and variations of it. The seeded sample
+# alone is noise, on which an int8 graph can pass while it fails on photos (dinov2: 0.9996 on the sample,
+# 0.9983 on photos). The seed differs from the photos `make bench` measures on, so those stay unseen.
+VERIFY_PHOTOS, VERIFY_PHOTOS_SEED = 8, 1
 
+
+def verify_inputs(sample: np.ndarray, outputs: dict, eager, config: dict, images: str | None, step,
+                  folder: Path | None = None, photos: int = VERIFY_PHOTOS) -> tuple[VerifySet, dict]:
+    """What variants are verified on: the sample, `photos` variations of the bundled photo and, with `images`,
+    those images, each through the model's eval transform, with their eager fp32 outputs (`eager(batch)`),
+    streamed into `folder` VARIANT_CHUNK images at a time; and a description for the manifest."""
+    from vitparity.images import (
+        eval_transform,
+        list_images,
+        photo_variations,
+        preprocess,
+        printable,
+    )
+
+    described = {"sample": int(len(sample))}
+    if not images and not photos:
+        return VerifySet(sample, outputs), described
     found, transform, pending, skipped = VerifySet(sample, outputs, folder), eval_transform(config), [], 0
+    if photos:
+        batch = np.stack([transform(image).numpy().astype(np.float32) for image in photo_variations(photos, VERIFY_PHOTOS_SEED)])
+        found.append(batch, eager(batch))
+        described["photos"] = photos
+        found.photos = range(len(sample), len(sample) + photos)
+    if not images:
+        return found, described
 
     def flush() -> None:
         if pending:
@@ -143,9 +174,9 @@ def verify_inputs(sample: np.ndarray, outputs: dict, eager, config: dict, images
         if len(pending) == VARIANT_CHUNK:
             flush()
     flush()
-    if len(found) == len(sample):
+    if len(found) == len(sample) + photos:
         raise UserError(f"--calibration-images {images}: none of the files is a readable image; pass a folder of JPEG or PNG files")
-    described["calibration_images"] = len(found) - len(sample)
+    described["calibration_images"] = len(found) - len(sample) - photos
     described["skipped"] = skipped
     return found, described
 
@@ -168,8 +199,14 @@ def write_variants(stage: Path, inputs: VerifySet, described: dict, options: Var
     records = {}
     # A variant made from another's graph (int8-fused from fused) comes after it.
     ordered = sorted(options.variants, key=lambda v: v in variants.MADE_FROM)
+    everything = inputs
     for variant in ordered:
         tolerance = TOLERANCES[variants.PRECISION_VARIANTS[variant]]
+        # int8 is verified on the photos too (its numerics depend on real activations and on the CPU); fp16 and
+        # the fused graph on the sample and any --calibration-images, as before.
+        int8 = variants.PRECISION_VARIANTS[variant] == "int8"
+        inputs = everything if int8 else everything.without(getattr(everything, "photos", range(0)))
+        used = described if int8 else {k: v for k, v in described.items() if k != "photos"}
         target = stage / variants.variant_file(variant)
         origin = variants.LN_DECOMPOSED if variant == variants.FP16 and (stage / variants.LN_DECOMPOSED).is_file() else source
         if variant in variants.MADE_FROM:
@@ -193,8 +230,7 @@ def write_variants(stage: Path, inputs: VerifySet, described: dict, options: Var
             host = environment.cpu()
             reduce_range = environment.int8_reduce_range(host)
             step(f"writing the {variant} variant with onnxruntime.quantization" + (" (7-bit weights: no VNNI here)" if reduce_range else ""))
-            calibration = (lambda: (inputs.rows(INPUT_NAME, row, 1) for row in range(len(inputs)))) \
-                if variant == variants.INT8_QDQ else None
+            calibration = (lambda: (batch for batch, _ in inputs.chunks(1))) if variant == variants.INT8_QDQ else None
 
             def write(exclude=()):
                 return variants.write_int8(stage / origin, target, calibration, len(inputs), exclude, reduce_range)
@@ -217,7 +253,7 @@ def write_variants(stage: Path, inputs: VerifySet, described: dict, options: Var
             raise _fails(variant, tolerance, figures, hint)
         records[target.name] = {
             "variant": variant, "class": variants.PRECISION_VARIANTS[variant], "from": origin, "recipe": recipe,
-            "verify": {**{k: figures[k] for k in ("cosine", "rel_error", "worst_output", "outputs")}, "inputs": described,
+            "verify": {**{k: figures[k] for k in ("cosine", "rel_error", "worst_output", "outputs")}, "inputs": used,
                        "thresholds": {"min_cosine": tolerance.min_cosine, "max_rel": tolerance.max_rel},
                        "host": environment.cpu()},
             **({"search": {"keep_fp32": search["keep_fp32"], "trials": search["trials"]}} if search else {}),
@@ -262,12 +298,13 @@ def add_variants(root: Path | str, key: str, options: VariantOptions, step=lambd
     art = artifact.load(root, key)
     with np.load(art.path("sample.npz")) as found:
         sample, outputs = found[INPUT_NAME], {name: found[name] for name in OUTPUT_NAMES}
-    eager = None
-    if options.calibration_images:  # the eager outputs of the images: the only part that needs torch
-        from vitparity.eager import eager_outputs, rebuild_model
+    from vitparity.eager import (  # the eager outputs of the photos and images
+        eager_outputs,
+        rebuild_model,
+    )
 
-        model = rebuild_model(art)
-        eager = lambda batch: eager_outputs(model, batch)  # noqa: E731
+    model = rebuild_model(art)
+    eager = lambda batch: eager_outputs(model, batch)  # noqa: E731
     with artifact.staging(art.folder) as stage, verify_folder() as scratch:
         for name in art.manifest["files"]:
             _link(art.path(name), stage / name)

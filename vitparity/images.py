@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import UserError
 
+SAMPLE_IMAGE = "grace_hopper.jpg"  # public domain, from matplotlib's sample data: compare's default input
 MAX_PIXELS = 64_000_000  # refused above this, before decoding: a 15000x15000 image would need 675 MB as RGB
 MAX_ENTRIES = 1_000_000  # entries a listing may visit: a tree larger than this is refused, never walked for ever
 
@@ -113,6 +114,34 @@ def printable(path) -> str:
     surrogates) become \\xNN escapes. For messages, tables and reports; the file is opened by its real name."""
     text = os.fsdecode(path) if isinstance(path, bytes) else str(path)
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def default_image() -> Path:
+    """The bundled photo (vitparity/data/grace_hopper.jpg)."""
+    from importlib import resources
+
+    return Path(str(resources.files("vitparity") / "data" / SAMPLE_IMAGE))
+
+
+def photo_variations(count: int, seed: int) -> list:
+    """The bundled photo and `count - 1` deterministic variations of it (crops, mirror images, colour shifts), as
+    RGB PIL images: real-photo statistics without shipping a data set. Different seeds give different sets."""
+    from PIL import Image, ImageOps
+
+    base = Image.open(default_image()).convert("RGB")
+    rng = np.random.default_rng(seed)
+    width, height = base.size
+    found = [base]
+    for i in range(1, count):
+        side = rng.uniform(0.55, 0.9)
+        w, h = int(width * side), int(height * side)
+        left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+        image = base.crop((left, top, left + w, top + h))
+        if i % 2:
+            image = ImageOps.mirror(image)
+        shift = rng.integers(-30, 30, 3)
+        found.append(Image.fromarray(np.clip(np.asarray(image, dtype=np.int16) + shift, 0, 255).astype(np.uint8)))
+    return found
 
 
 def eval_transform(data_config: dict):

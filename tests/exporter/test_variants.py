@@ -19,6 +19,25 @@ from vitparity.tolerances import TOLERANCES
 OVERFLOW_BLOCK = 2
 
 
+def verify_set(art, folder, variant="int8"):
+    """What the exporter verifies the artifact's `variant` on, rebuilt here: for int8 the sample and the photo
+    variations, for fp16 the sample."""
+    from exporter.precision import verify_inputs
+    from vitparity.eager import eager_outputs, rebuild_model
+
+    model = rebuild_model(art)
+    with np.load(art.path("sample.npz")) as sample:
+        inputs, reference = sample["pixel_values"], {n: sample[n] for n in ("pooled", "tokens")}
+    scratch = folder / "verify-set"
+    scratch.mkdir(exist_ok=True)
+    found, described = verify_inputs(inputs, reference, lambda batch: eager_outputs(model, batch), art.manifest["data_config"],
+                                     None, lambda message: None, scratch)
+    if variant != "int8":
+        found, described = found.without(found.photos), {"sample": described["sample"]}
+    assert described == variants.precision_variants(art.manifest)[variant]["verify"]["inputs"]
+    return found
+
+
 @pytest.fixture(scope="module")
 def overflowing_weights(tmp_path_factory):
     """test_vit whose block 2 MLP computes values over fp16's largest (65504): fc1 scaled up 1e5, fc2 down to
@@ -41,7 +60,7 @@ def overflowing_weights(tmp_path_factory):
     return path
 
 
-def test_tiny_variants_are_made_by_the_libraries_hashed_and_verified_by_their_class(variants_root):
+def test_tiny_variants_are_made_by_the_libraries_hashed_and_verified_by_their_class(variants_root, tmp_path):
     art = artifact.load(variants_root, TINY)  # every file's sha256 checked against the manifest
     found = variants.precision_variants(art.manifest)
     assert set(found) == {"int8", "fp16"}
@@ -59,9 +78,8 @@ def test_tiny_variants_are_made_by_the_libraries_hashed_and_verified_by_their_cl
     assert [i.type.tensor_type.elem_type for i in fp16.graph.input] == [onnx.TensorProto.FLOAT]  # keep_io_types
     assert found["fp16"]["recipe"]["keep_fp32"]["op_types"] == list(variants.FP16_KEEP)
     # The figures are real: an independent check of the published graph agrees with the manifest's.
-    with np.load(art.path("sample.npz")) as sample:
-        passed, figures = check_variant(art.path("model.int8.onnx"), sample["pixel_values"],
-                                        {n: sample[n] for n in ("pooled", "tokens")}, TOLERANCES["int8"])
+    assert found["int8"]["verify"]["inputs"] == {"sample": 2, "photos": 8}  # the seeded sample and real-photo statistics
+    passed, figures = check_variant(art.path("model.int8.onnx"), verify_set(art, tmp_path), None, TOLERANCES["int8"])
     assert passed and figures["cosine"] == pytest.approx(found["int8"]["verify"]["cosine"])
 
 
@@ -90,13 +108,12 @@ def test_the_search_finds_the_overflowing_block_and_every_entry_is_needed(overfl
     # Rebuilt here from the entries, not read from the trials: the list passes, and each one-less list fails.
     graph = onnx.load(str(art.path("model.onnx"))).graph
     nodes = [(n.name, variants.scope_of(n), n.op_type) for n in graph.node]
-    with np.load(art.path("sample.npz")) as sample:
-        inputs, reference = sample["pixel_values"], {n: sample[n] for n in ("pooled", "tokens")}
+    inputs = verify_set(art, tmp_path, "fp16")
 
     def passes(kept):
         names = [name for name, scope, op in nodes if f"{scope}/{op}" in kept]
         variants.write_fp16(art.path("model.onnx"), tmp_path / "trial.onnx", keep_ops=(), keep_nodes=names)
-        return check_variant(tmp_path / "trial.onnx", inputs, reference, TOLERANCES["fp16"])[0]
+        return check_variant(tmp_path / "trial.onnx", inputs, None, TOLERANCES["fp16"])[0]
 
     assert passes(set(entries))
     for entry in entries:
@@ -188,7 +205,7 @@ def test_calibration_images_stream_memory_does_not_grow_with_their_count(variant
                                          art.manifest["data_config"], str(images), lambda message: None, scratch)
         peaks[count] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        assert len(found) == len(inputs) + count and described["calibration_images"] == count
+        assert len(found) == len(inputs) + described["photos"] + count and described["calibration_images"] == count
     assert peaks[48] < 1.5 * peaks[16], peaks
 
 
@@ -233,14 +250,13 @@ def test_the_int8_search_leaves_the_outlier_module_in_float_and_every_entry_is_n
     assert record["recipe"]["keep_float"]["entries"] == entries and "must stay in float in the int8 graph" in out
     graph = onnx.load(str(art.path("model.onnx"))).graph
     module = {n.name: variants.module_of(n) for n in graph.node if n.op_type in variants.INT8_OPS}
-    with np.load(art.path("sample.npz")) as sample:
-        inputs, reference = sample["pixel_values"], {n: sample[n] for n in ("pooled", "tokens")}
+    inputs = verify_set(art, tmp_path)
 
     def passes(kept):
         names = sorted(name for name, found in module.items() if found in kept)
         write_int8(art.path("model.onnx"), tmp_path / "trial.onnx", exclude=names,
                    reduce_range=record["recipe"]["options"]["reduce_range"])
-        return check_variant(tmp_path / "trial.onnx", inputs, reference, TOLERANCES["int8"])[0]
+        return check_variant(tmp_path / "trial.onnx", inputs, None, TOLERANCES["int8"])[0]
 
     assert passes(set(entries))
     for entry in entries:

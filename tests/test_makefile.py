@@ -90,3 +90,18 @@ def test_an_installed_onnxruntime_cann_is_pinned_and_chooses_the_cann_extra(tmp_
 
     assert ask("extra") == ["cann"]
     assert {"onnxruntime-cann==1.24.4", "numpy<2"} <= set(ask("constraints"))
+
+
+def test_a_reproduce_line_for_paths_with_quotes_and_spaces_runs_the_same_command(tmp_path):
+    """The report's `make compare` line for a folder with a space and a quote runs exactly the command it stands for."""
+    import shlex
+
+    from compare.cli import make_compare, parse
+
+    argv = ["test_vit", "--artifacts", "/data/my artifacts", "--images", "/x/John's photos", "--report", "r $1.md",
+            "--no-latency", "--backends", "torch-cpu,ort-cpu"]
+    line = make_compare(argv)
+    assert line is not None and line.startswith("make compare")
+    words = shlex.split(line)
+    runs = make_argv(tmp_path, "compare", *words[2:])
+    assert vars(parse(runs[1][2:])) == vars(parse(argv))

@@ -322,11 +322,11 @@ def _run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.nda
                         **({"truth": written["truth"]} if "truth" in written else {})} if plan else {}
             first = {"image": image} if image and name == options.reference else {}
             replayed = {}
-            if replay is not None and hasattr(cls, "replay") and hasattr(BACKENDS[options.reference], "replay"):
+            if replay is not None and hasattr(cls, "replay") and getattr(BACKENDS[options.reference], "records_replay", False):
                 replayed = {"replay": {"folder": str(replay), "write": name == options.reference}}
             elif replay is not None:  # said once per row, never silently absent
-                warnings.append(f"{name}: no local error per block: --replay runs the blocks of eager backends "
-                                f"(torch-*) on the reference's inputs, and needs an eager reference")
+                warnings.append(f"{name}: no local error per block: --replay needs an eager reference (torch-*) to record "
+                                f"the blocks' inputs")
             outcome = worker.run_backend(cls, replace(job, precision=precision, dataset=streamed, variant=variant, **first,
                                                       **replayed), batch,
                                          options.timeout_s, compile_cache(art, precision), progress_of(name))

@@ -73,6 +73,20 @@ def block_outputs(graph) -> list[str]:
     return outputs
 
 
+def block_boundaries(graph) -> list[tuple[str, str]]:
+    """(input, output) value names of each block's token stream, in block order: block i's input is block i-1's
+    output; block 0's is the one token-shaped float value its nodes take from outside any block."""
+    outputs = block_outputs(graph)
+    owner = [_block_of(node) for node in graph.node]
+    produced = {name: block for node, block in zip(graph.node, owner) for name in node.output}
+    shapes = {v.name: _shape(v) for v in [*graph.value_info, *graph.output]}
+    entering = {name for node, block in zip(graph.node, owner) if block == min(b for b in owner if b is not None)
+                for name in node.input if name in produced and produced[name] is None and shapes.get(name) == shapes.get("tokens")}
+    if len(entering) != 1:
+        raise UserError(f"cannot tell block 0's input in the graph ({len(entering)} candidates)")
+    return list(zip([entering.pop(), *outputs[:-1]], outputs))
+
+
 def load_graph(path: Path):
     """model.onnx without its external data: weights over 2 GB stay in model.onnx.data and are referenced,
     never copied (a protobuf cannot hold more than 2 GB, so loading them in makes the graph unsavable)."""

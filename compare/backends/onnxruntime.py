@@ -271,6 +271,44 @@ class OnnxRuntime(Backend):
         return {name: np.asarray(got["tokens" if name == "norm" else name], dtype=np.float32) for name in taps}
 
 
+    def replay(self, artifact, batch: np.ndarray, folder: str, write: bool) -> dict:
+        """Each block of the very graph this row ran (a variant's too), cut out at its token stream (onnx's
+        Extractor, block boundaries from the graph's module scopes or its source graph's) and run on the
+        reference's input to that block: {"block_0": {"": figures}, ...}. The rest a block needs (a rotary
+        model's rope) is computed from the input image, as in the whole graph."""
+        import onnx
+        from onnx.utils import Extractor
+
+        from vitparity import blocks, metrics
+
+        if write:
+            raise BackendUnavailable("an onnxruntime reference cannot record the blocks' inputs; use an eager reference")
+        graph = self.model_file(artifact)
+        source = artifact.manifest.get("variants", {}).get(graph.name, {}).get("from")
+        boundaries = blocks.block_boundaries(blocks.load_graph(artifact.path(source) if source else graph).graph)
+        if graph.stat().st_size > 2_000_000_000 or Path(str(graph) + ".data").exists():
+            raise BackendUnavailable("replaying the blocks of a graph with external data (over 2 GB) is not supported yet")
+        extractor = Extractor(onnx.load(str(graph)))
+        options = self.session.get_provider_options().get(self.provider, {})
+        figures, work = {}, Path(tempfile.mkdtemp(prefix="ort-replay-"))
+        try:
+            for index, (entry, leaving) in enumerate(boundaries):
+                path = work / f"block_{index}.onnx"
+                onnx.save(extractor.extract_model([entry, self.input_name], [leaving]), str(path))
+                session = self.open_session(path, options)
+                given = np.load(Path(folder) / f"block_{index}.in.npy")
+                feeds = {entry: given, self.input_name: batch.astype(np.float32)}
+                wanted = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32 for i in session.get_inputs()}
+                got = session.run(None, {name: feeds[name].astype(dtype) for name, dtype in wanted.items()})[0]
+                want = np.load(Path(folder) / f"block_{index}.out.npy")
+                got = np.asarray(got, dtype=np.float32)
+                figures[f"block_{index}"] = {"": {"cosine": metrics.cosine(got, want), "rel_error": metrics.relative_error(got, want),
+                                                  "max_abs": metrics.max_abs_diff(got, want), "nonfinite": metrics.nonfinite_count(got)}}
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return figures
+
+
 def _onnxruntime():
     from vitparity import runtime
 

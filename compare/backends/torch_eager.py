@@ -21,6 +21,7 @@ class TorchEager(Backend):
     """
 
     device = "cpu"
+    records_replay = True  # as the reference, it records each block's inputs for the others (replay)
 
     def open_device(self) -> dict[str, Any]:
         return {}
@@ -133,6 +134,9 @@ class TorchEager(Backend):
                     hook.remove()
             for index, (block, (args, kwargs)) in enumerate(zip(blocks, inputs)):
                 output, parts = _run_block(block, args, kwargs)
+                # The token stream in and out as plain arrays too: what the onnxruntime rows replay from.
+                np.save(folder / f"block_{index}.in.npy", _to_cpu(args[0]).numpy() if args else np.zeros(0, np.float32))
+                np.save(folder / f"block_{index}.out.npy", _to_cpu(output).numpy())
                 torch.save({"args": _to_cpu(args), "kwargs": _to_cpu(kwargs), "output": _to_cpu(output), "parts": _to_cpu(parts)},
                            folder / f"block_{index}.pt")
             return {}

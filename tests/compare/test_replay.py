@@ -54,8 +54,9 @@ def test_a_faulty_fc1_makes_the_largest_local_error_and_is_named_inside_its_bloc
     for text in (out, markdown):  # the terminal and the report say the same
         assert f"blocks.{block}" in text and "mlp.fc1" in text and "differs in true fp32" in text
     assert "### Inside the block" in markdown and "### What to try" in markdown
-    if model == TINY:  # an onnxruntime row is not replayed, and says so rather than showing nothing
-        assert any(w.startswith("ort-cpu: no local error per block") for w in report["warnings"])
+    if model == TINY:  # an onnxruntime row that agrees makes no error of its own at any block
+        ort = [r for r in report["layers"] if r["backend"] == "ort-cpu" and r["layer"].startswith("block_")]
+        assert ort and all(r["local_rel_error"] < 1e-4 for r in ort)
 
 
 def test_a_faulty_qkv_is_named_as_the_attention(artifacts_root, capsys, tmp_path, faulty):
@@ -100,3 +101,21 @@ def test_a_row_that_fails_only_at_batch_3_is_found_by_the_batch_sizes(artifacts_
     assert at_three and all(not r["passed"] and r["backend"] == WrongAtThree.name for r in at_three)
     assert all(r["passed"] for r in report["accuracy"] if r["batch"] is None)  # the accuracy batch (1) passes
     assert "pooled @ batch 3" in out
+
+
+def test_onnxruntime_blocks_are_replayed_from_their_own_graph_and_a_variants(tiny_copy, variants_root, capsys, tmp_path):
+    """The graph an onnxruntime row ran, cut at each block's token stream and run on the reference's input to
+    it: with the eager weights of block 2 perturbed, the ort-cpu row makes its own error at block 2 only; an
+    int8 graph's blocks are cut at the boundaries of the graph it was made from."""
+    def perturb(state):
+        state["blocks.2.mlp.fc1.weight"] *= 1.05
+
+    rewrite_weights(tiny_copy / TINY, perturb)
+    code, _, report, _ = _replay(capsys, tmp_path, TINY, tiny_copy, "--backends", "torch-cpu,ort-cpu")
+    assert code == 1
+    local = {r["layer"]: r["local_rel_error"] for r in report["layers"] if r["backend"] == "ort-cpu" and r["layer"] != "norm"}
+    assert max(local, key=local.get) == "block_2" and all(v < 1e-4 for k, v in local.items() if k != "block_2"), local
+    assert "blocks.2 makes the largest error of its own" in report["drift"]["ort-cpu"]
+    code, _, report, _ = _replay(capsys, tmp_path, TINY, variants_root, "--backends", "torch-cpu,ort-cpu", "--variants", "int8")
+    int8 = [r for r in report["layers"] if r["backend"] == "ort-cpu:int8" and r["layer"].startswith("block_")]
+    assert int8 and all(r["local_rel_error"] is not None and r["local_rel_error"] < 0.05 for r in int8), int8

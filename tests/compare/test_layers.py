@@ -6,9 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from compare.backends import BACKENDS
 from compare.cli import main
-from tests.helpers import TINY, LowPrecisionCpu, has_row, rewrite_weights
+from tests.helpers import TINY, has_row, rewrite_weights
 from vitparity import artifact
 
 
@@ -32,19 +31,6 @@ def test_clean_artifact_passes_at_every_block(artifacts_root, capsys, tmp_path, 
     assert "blocks.onnx" in art.manifest["files"] and art.manifest["blocks"]["count"] == blocks
 
 
-def test_perturbed_block_is_named_as_where_drift_starts(tiny_copy, capsys, tmp_path):
-    def perturb(state):
-        state["blocks.3.mlp.fc1.weight"] *= 1.05
-
-    rewrite_weights(tiny_copy / TINY, perturb)
-    code, out, report = _layers(capsys, tmp_path, TINY, tiny_copy, "--backends", "torch-cpu,ort-cpu")
-    assert code == 1
-    assert report["drift"]["ort-cpu"].startswith("ort-cpu: drift starts at block 3 (cos")
-    assert "drift starts at block 3" in out
-    passed = {r["layer"]: r["passed"] for r in report["layers"]}
-    assert passed["block_2"] and not passed["block_3"]
-
-
 def test_blocks_onnx_is_rebuilt_when_model_onnx_changes(tiny_copy, capsys, tmp_path):
     _layers(capsys, tmp_path, TINY, tiny_copy, "--backends", "torch-cpu,ort-cpu")
     built_from = artifact.load(tiny_copy, TINY).manifest["blocks"]["model_sha256"]
@@ -56,23 +42,6 @@ def test_blocks_onnx_is_rebuilt_when_model_onnx_changes(tiny_copy, capsys, tmp_p
     _layers(capsys, tmp_path, TINY, tiny_copy, "--backends", "torch-cpu,ort-cpu")
     assert artifact.load(tiny_copy, TINY).manifest["blocks"]["model_sha256"] == built_from
     assert (tiny_copy / TINY / "blocks.onnx").stat().st_mtime_ns != before
-
-
-def test_fp16_overflow_shows_the_block_where_nan_appears(tiny_copy, capsys, tmp_path, monkeypatch):
-    # Large activations in block 2 are finite in fp32 and overflow fp16's 65504, as DINOv3
-    # attention does on some accelerator stacks.
-    def inflate(state):
-        state["blocks.2.mlp.fc1.weight"] *= 3e4
-
-    rewrite_weights(tiny_copy / TINY, inflate)
-    monkeypatch.setitem(BACKENDS, LowPrecisionCpu.name, LowPrecisionCpu)
-    code, out, report = _layers(capsys, tmp_path, TINY, tiny_copy, "--backends", f"torch-cpu,{LowPrecisionCpu.name}", "--dtype", "fp16")
-    assert code == 1
-    rows = {r["layer"]: r for r in report["layers"]}
-    assert rows["block_1"]["passed"] and rows["block_1"]["nonfinite"] == 0
-    assert rows["block_2"]["nonfinite"] > 0
-    assert report["drift"][LowPrecisionCpu.name].startswith(f"{LowPrecisionCpu.name}: drift starts at block 2")
-    assert "NaN/Inf" in report["drift"][LowPrecisionCpu.name]
 
 
 @pytest.mark.parametrize("model,attention", [

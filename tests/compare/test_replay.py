@@ -77,6 +77,9 @@ def test_fp16_overflow_in_one_mlp_names_it_and_the_advised_flag_passes(tiny_copy
     backends = ("--backends", f"torch-cpu,{LowPrecisionCpu.name}")
     code, _, report, _ = _replay(capsys, tmp_path, TINY, tiny_copy, *backends, "--dtype", "fp16")
     assert code == 1
+    rows = {r["layer"]: r for r in report["layers"]}
+    assert rows["block_1"]["passed"] and rows["block_1"]["nonfinite"] == 0 and rows["block_2"]["nonfinite"] > 0
+    assert report["drift"][LowPrecisionCpu.name].startswith(f"{LowPrecisionCpu.name}: drift starts at block 2")
     advice = report["advice"][LowPrecisionCpu.name]
     assert advice.startswith("blocks.2.mlp.fc1 overflows fp16") and "--dtype bf16" in advice
     first = next(p for p in report["parts"] if not p["passed"])
@@ -111,8 +114,11 @@ def test_onnxruntime_blocks_are_replayed_from_their_own_graph_and_a_variants(tin
         state["blocks.2.mlp.fc1.weight"] *= 1.05
 
     rewrite_weights(tiny_copy / TINY, perturb)
-    code, _, report, _ = _replay(capsys, tmp_path, TINY, tiny_copy, "--backends", "torch-cpu,ort-cpu")
+    code, out, report, _ = _replay(capsys, tmp_path, TINY, tiny_copy, "--backends", "torch-cpu,ort-cpu")
     assert code == 1
+    assert report["drift"]["ort-cpu"].startswith("ort-cpu: drift starts at block 2 (cos") and "drift starts at block 2" in out
+    passed = {r["layer"]: r["passed"] for r in report["layers"]}
+    assert passed["block_1"] and not passed["block_2"]
     local = {r["layer"]: r["local_rel_error"] for r in report["layers"] if r["backend"] == "ort-cpu" and r["layer"] != "norm"}
     assert max(local, key=local.get) == "block_2" and all(v < 1e-4 for k, v in local.items() if k != "block_2"), local
     assert "blocks.2 makes the largest error of its own" in report["drift"]["ort-cpu"]

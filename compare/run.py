@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -225,19 +224,11 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
                  image: dict | None = None) -> tuple[list, Run, list, list]:
     if not options.replay:
         return _run_backends(options, art, batch, step, plan, image, None)
-    with temp_folder(REPLAY_PREFIX) as folder:  # the reference's block inputs and outputs, for the others to replay
+    with processes.temp_folder(REPLAY_PREFIX) as folder:  # the reference's block inputs and outputs, for the others to replay
         return _run_backends(options, art, batch, step, plan, image, folder)
 
 
 REPLAY_PREFIX = processes.REPLAY_PREFIX
-
-
-@contextlib.contextmanager
-def temp_folder(prefix: str):
-    """A temp folder named after this process, so that the next command removes it if this one is killed."""
-    processes.remove_stale(prefix)
-    with tempfile.TemporaryDirectory(prefix=processes.owned_prefix(prefix)) as folder:
-        yield Path(folder)
 
 
 def _run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndarray, step, plan: dict | None,
@@ -466,7 +457,7 @@ IMAGES_PREFIX = processes.IMAGES_PREFIX  # + the parent's pid: the --images run 
 @contextlib.contextmanager
 def images_folder():
     """The --images run folder in the temp folder: the preprocessed inputs and the truth's and reference's outputs."""
-    with temp_folder(IMAGES_PREFIX) as folder:
+    with processes.temp_folder(IMAGES_PREFIX) as folder:
         yield folder
 
 

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from vitparity import artifact, environment, registry, runtime
+from vitparity import artifact, environment, processes, registry, runtime
 from vitparity.artifact import INPUT_NAME, OUTPUT_NAMES
 from vitparity.eager import TwoOutputs, eager_outputs
 from vitparity.errors import CheckFailed, UserError
@@ -291,7 +291,7 @@ def _stage_and_publish(spec, model, source, config, sample, folder, options, ste
             from . import precision
 
             said = lambda message: step(f"{spec.key}: {message}")  # noqa: E731
-            with precision.verify_folder() as scratch:
+            with processes.temp_folder(processes.IMAGES_PREFIX) as scratch:
                 inputs, described = precision.verify_inputs(sample, outputs, lambda batch: eager_outputs(model, batch),
                                                             config, options.calibration_images, said, scratch)
                 variants.update(precision.write_variants(stage, inputs, described, options, said))

@@ -8,16 +8,14 @@ the artifact's own model (vitparity/eager.py), so adding a variant imports torch
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from vitparity import artifact, runtime
+from vitparity import artifact, processes, runtime
 from vitparity.artifact import INPUT_NAME, OUTPUT_NAMES
 from vitparity.errors import CheckFailed, UserError
 
@@ -305,7 +303,7 @@ def add_variants(root: Path | str, key: str, options: VariantOptions, step=lambd
 
     model = rebuild_model(art)
     eager = lambda batch: eager_outputs(model, batch)  # noqa: E731
-    with artifact.staging(art.folder) as stage, verify_folder() as scratch:
+    with artifact.staging(art.folder) as stage, processes.temp_folder(processes.IMAGES_PREFIX) as scratch:
         for name in art.manifest["files"]:
             _link(art.path(name), stage / name)
         inputs, described = verify_inputs(sample, outputs, eager, art.manifest["data_config"],
@@ -316,15 +314,6 @@ def add_variants(root: Path | str, key: str, options: VariantOptions, step=lambd
         step("publishing")
         artifact.publish(art.folder, {p.name: p for p in sorted(stage.iterdir()) if p.is_file()}, manifest)
     return added
-
-
-@contextlib.contextmanager
-def verify_folder():
-    """A temp folder for the streamed verify set, named so that a killed export's is removed by the next command."""
-    from vitparity.processes import IMAGES_PREFIX, owned_prefix
-
-    with tempfile.TemporaryDirectory(prefix=owned_prefix(IMAGES_PREFIX)) as folder:
-        yield Path(folder)
 
 
 def _link(source: Path, target: Path) -> None:

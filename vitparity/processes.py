@@ -8,6 +8,7 @@ by the next run.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -98,6 +99,15 @@ def remove_stale(prefix: str, folder: Path | str | None = None) -> list[Path]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
+
+
+@contextlib.contextmanager
+def temp_folder(prefix: str):
+    """A temp folder named after this process (`<prefix><pid>-...`), so that the next command removes it if this
+    one is killed; removed when the block ends."""
+    remove_stale(prefix)
+    with tempfile.TemporaryDirectory(prefix=owned_prefix(prefix)) as folder:
+        yield Path(folder)
 
 
 def remove_all_stale() -> None:

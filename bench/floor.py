@@ -22,7 +22,7 @@ def floor(model: str, artifacts: str, budget_s: float = 3.0) -> dict:
     from compare import inputs, latency
     from compare.backends.onnxruntime import OrtCpu
     from compare.backends.torch_cpu import TorchCpu
-    from compare.run import compare_outputs
+    from compare.judge import compare_outputs
     from vitparity import artifact, registry
     from vitparity.graphs import precision_variants
     from vitparity.tolerances import tolerance_for

@@ -96,13 +96,13 @@ def stream(backend, plan: dict, groups: dict, step=lambda done, total: None, fir
     written before by those runs). Arrays: "embeddings" (pooled, one row per image) and, against each
     of reference/truth, "<against>|<output>|<group>|<figure>" with one value per image.
     """
-    from vitparity import metrics
+    from . import judge
 
     size, shape = plan["batch"], plan["shape"]
     count = Path(plan["inputs"]).stat().st_size // (4 * int(np.prod(shape)))  # float32 rows the decoder wrote
     writers = {name: open(f"{plan['write']}.{name}", "wb") for name in OUTPUTS} if plan.get("write") else {}
     dtype = np.dtype(plan.get("dtype", "float32"))
-    figures: dict[str, list] = {}
+    figures: dict[str, list] = {"reference": [], "truth": []}
     embeddings, seconds, shapes = [], 0.0, {}
     try:
         for start in range(0, count, size):
@@ -121,29 +121,28 @@ def stream(backend, plan: dict, groups: dict, step=lambda done, total: None, fir
                 np.ascontiguousarray(outputs[name], dtype=dtype).tofile(handle)
             for against in ("reference", "truth"):
                 if plan.get(against):
-                    _figures(figures, against, outputs, plan[against], start, rows, groups, metrics)
+                    figures[against].append(judge.item_figures(outputs, _written(plan[against], against, outputs, start, rows),
+                                                               groups))
             step(start + rows, count)
     finally:
         for handle in writers.values():
             handle.close()
     if writers:
         Path(f"{plan['write']}.json").write_text(json.dumps({"dtype": dtype.name, "shapes": shapes}))
-    arrays = {key: np.concatenate(values) for key, values in figures.items()}
+    arrays = {key: value for against, chunks in figures.items() if chunks
+              for key, value in judge.wire(against, judge.concatenate(chunks)).items()}
     arrays["embeddings"] = np.concatenate(embeddings)
     return arrays, seconds
 
 
-def _figures(figures: dict, against: str, outputs: dict, written: dict, start: int, rows: int, groups: dict, metrics) -> None:
+def _written(written: dict, against: str, outputs: dict, start: int, rows: int) -> dict[str, np.ndarray]:
+    """Rows [start, start + rows) of the outputs the reference or the truth wrote, of the shapes this backend gave."""
     meta = json.loads(Path(f"{written['prefix']}.json").read_text())
+    want = {}
     for name in OUTPUTS:
         want_shape = meta["shapes"][name]
         got = np.asarray(outputs[name])
         if list(got.shape[1:]) != want_shape:
             raise ValueError(f"{name} has shape {list(got.shape[1:])} per image, the {against} {want_shape}")
-        want = read_rows(Path(f"{written['prefix']}.{name}"), start, rows, want_shape, meta["dtype"])
-        parts = {"": slice(None)}
-        if name == "tokens":
-            parts.update(groups)
-        for group, part in parts.items():
-            for figure, values in metrics.per_sample(got[:, part], want[:, part]).items():
-                figures.setdefault(f"{against}|{name}|{group}|{figure}", []).append(values)
+        want[name] = read_rows(Path(f"{written['prefix']}.{name}"), start, rows, want_shape, meta["dtype"])
+    return want

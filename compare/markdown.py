@@ -94,7 +94,7 @@ def model_section(report: Report, charts: dict | None, with_verdict: bool = True
     not_compared = [s for s in report.backends if s.status in ("skipped", "error")]
     if not_compared:
         lines += ["Not compared:", ""] + [f"- {s.name}: {s.status} ({_inline(s.reason)})" for s in not_compared] + [""]
-    if any(r.images for r in report.accuracy):
+    if report.from_folder:
         lines += ["### Per image", "", f"{report.input.get('count')} images from `{_inline(str(report.input.get('source')))}`; "
                   f"the verdict is judged on the worst image of each output.", ""]
         lines += [*table(("backend", "output", "worst cosine", "p1 cosine", "median cosine", "median rel err", "worst rel err",
@@ -110,13 +110,13 @@ def model_section(report: Report, charts: dict | None, with_verdict: bool = True
         lines += [f"Skipped {len(skipped)} files that are not readable images:", ""] if skipped else []
         lines += [f"- `{entry['path']}`: {_inline(entry['reason'])}" for entry in skipped] + ([""] if skipped else [])
         lines += _chart(charts, "images", f"{report.model} per-image cosine, CDF by backend")
-    if report.neighbours:
+    if report.shown_neighbours:
         lines += ["### Neighbour agreement", "",
                   f"The k nearest neighbours of each image by cosine of `pooled`, on `{report.reference}` and on each backend.", ""]
         lines += [*table(("backend", "k", "mean overlap@k", "nearest neighbour unchanged", "tolerance", "min overlap", "min unchanged", "verdict"),
                          [(r.backend, str(r.k), _num(r.overlap, ".4f"), _num(r.nearest_unchanged, ".4f"), r.tolerance,
                            repr(r.min_overlap), repr(r.min_nearest), r.note if r.passed is None else _passfail(r.passed))
-                          for r in report.neighbours]), ""]
+                          for r in report.shown_neighbours]), ""]
     if report.truth:
         lines += [f"### Against the {report.truth[0].truth} truth", "",
                   f"Relative error of each backend against eager float64 on the CPU, and that error as a multiple of "
@@ -448,7 +448,7 @@ def draw_charts(reports: list[Report]) -> dict[str, dict[str, bytes]] | None:
             pngs["latency"] = latency_chart(report)
         if report.layers:
             pngs["blocks"] = blocks_chart(report)
-        if report.per_image:
+        if report.from_folder and report.per_image:
             pngs["images"] = images_chart(report)
         charts[report.model] = pngs
     return charts

@@ -73,7 +73,8 @@ def save(path, report: Report, run) -> None:
         for kind, found in (("outputs", run.outputs), ("taps", run.taps)):
             for name, array in found.get(status.name, {}).items():
                 arrays[f"{kind}/{status.name}/{name}"] = np.asarray(array)
-        if status.name in run.images:  # --images: every image's pooled embedding, in input order
+        if report.input.get("kind") == "images" and "embeddings" in run.images.get(status.name, {}):
+            # --images: every image's pooled embedding, in input order
             arrays[f"embeddings/{status.name}/pooled"] = np.asarray(run.images[status.name]["embeddings"])
     metadata = {
         "format": FORMAT,

@@ -63,7 +63,6 @@ def accuracy_table(report: Report) -> Table:
         table.add_column(column, justify="left" if column in ("backend", "output", "shape", "thresholds / reason", "verdict") else "right")
     for row in report.accuracy:
         shape = "x".join(map(str, row.shape)) + ("" if row.shape_match else f" != {'x'.join(map(str, row.reference_shape))}")
-        shape = f"{row.images['count']} images" if row.images else shape
         table.add_row(
             row.backend, row.label, shape,
             _num(row.cosine, ".7f"), _num(row.worst_sample_cosine, ".7f"),
@@ -174,7 +173,7 @@ def neighbours_table(report: Report) -> Table:
     table = Table(title=f"Neighbour agreement of pooled embeddings with {report.reference} (by cosine)", title_justify="left")
     for column in ("backend", "k", "mean overlap@k", "nearest unchanged", "thresholds", "verdict"):
         table.add_column(column, justify="right" if column in ("k", "mean overlap@k", "nearest unchanged") else "left")
-    for row in report.neighbours:
+    for row in report.shown_neighbours:
         table.add_row(row.backend, str(row.k), _num(row.overlap, ".4f"), _num(row.nearest_unchanged, ".4f"),
                       f"{row.tolerance}: overlap>={row.min_overlap:g}, nearest>={row.min_nearest:g}",
                       row.note if row.passed is None else PASS if row.passed else FAIL)
@@ -211,9 +210,9 @@ def render(report: Report) -> list:
     parts = [header_table(report), backends_table(report), accuracy_table(report)]
     # How far every failing output is from passing (Polygraphy's "minimum required tolerance").
     parts += [Text(f"{r.backend} {r.label}: FAIL, {r.how_far()}", style="red") for r in report.accuracy if not r.passed]
-    if any(row.images for row in report.accuracy):
+    if report.from_folder:
         parts.append(images_table(report))
-    if report.neighbours:
+    if report.shown_neighbours:
         parts.append(neighbours_table(report))
     if report.truth:
         parts.append(truth_table(report))

@@ -50,13 +50,14 @@ class OutputComparison:
     min_cosine: float
     max_rel: float
     passed: bool
-    error_p50: float | None = None  # quantiles of |a - b| over every element
+    error_p50: float | None = None  # |a - b|: the median item's median, and the worst item's p99
     error_p99: float | None = None
     would_pass_min_cosine: float | None = None  # the strictest thresholds this row still passes (None: any)
     would_pass_max_rel: float | None = None
     group: str = ""  # a token group of `tokens` (cls, registers, patches); "" for the whole output
-    # --images: cosine is then the median image's, worst_sample_cosine and rel_error the worst image's;
-    # this holds the distribution (cos_worst, cos_p1, cos_median, rel_median, rel_worst) and the worst images.
+    # cosine and rel_error are those of the whole output (every item flattened), in every mode; worst_sample_cosine
+    # is the worst item's. This holds the per-item distribution (count, cos_worst, cos_p1, cos_median, rel_median,
+    # rel_worst) and the worst items by name (an image's path, or "sample 3" of a seeded batch).
     images: dict = field(default_factory=dict)
     batch: int | None = None  # --batch-sizes: a row at another batch size whose judgement differs from the accuracy batch's
 
@@ -223,6 +224,16 @@ class Report:
     @property
     def verdict(self) -> Verdict:
         return verdict(self)
+
+    @property
+    def from_folder(self) -> bool:
+        """--images: the input was a folder of images (per-image tables, charts and neighbours are shown)."""
+        return self.input.get("kind") == "images"
+
+    @property
+    def shown_neighbours(self) -> list[NeighbourComparison]:
+        """The neighbour rows the tables show: a folder's always, one image's ("not judged") only in the JSON."""
+        return self.neighbours if self.from_folder or any(r.passed is not None for r in self.neighbours) else []
 
     @property
     def passed(self) -> bool:

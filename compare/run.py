@@ -14,25 +14,21 @@ from typing import Callable
 
 import numpy as np
 
-from vitparity import artifact, environment, metrics, processes, registry
+from vitparity import artifact, environment, processes, registry
 from vitparity.errors import UserError
 from vitparity.graphs import PRECISION_VARIANTS, precision_variants
 from vitparity.images import list_images, open_rgb, printable
-from vitparity.tolerances import Tolerance, tolerance_for
 
-from . import dataset, inputs, layers, worker
+from . import dataset, inputs, judge, layers, worker
 from .backends import BACKENDS, TRUTHS, BackendUnavailable, split
 from .results import (
     BackendStatus,
     LatencyStats,
-    NeighbourComparison,
-    OutputComparison,
     Report,
     TruthComparison,
 )
 
-OUTPUTS = ("pooled", "tokens")
-NEIGHBOURS_K = 10  # k of overlap@k, or fewer when there are fewer images
+OUTPUTS = judge.OUTPUTS
 VERSION_KEYS = ("torch", "timm", "onnxruntime")
 COMPILE_CACHE = ".compile-cache"  # inside the artifact: compiled graphs (CANN .om files), by model.onnx's sha256
 
@@ -131,62 +127,6 @@ def version_warnings(manifest: dict) -> list[str]:
         # The local part (+cu130, +cpu) names the build, not the library: it differs between hosts by design.
         if there.get(key) and str(here.get(key)).split("+")[0] != str(there[key]).split("+")[0]
     ]
-
-
-def compare_outputs(backend: str, got: dict, want: dict, tolerance: Tolerance, layout: dict | None = None) -> list[OutputComparison]:
-    """Each output of `got` against the reference `want`, judged by `tolerance`; `tokens` also per token group
-    (cls, registers, patches: the groups `layout` has), since a drifting register hides in the whole."""
-    rows = []
-    for name in OUTPUTS:
-        a, b = np.asarray(got[name]), np.asarray(want[name])
-        rows.append(_compared(backend, name, "", a, b, tolerance))
-        if name == "tokens" and a.shape == b.shape:
-            rows += [_compared(backend, name, group, a[:, part], b[:, part], tolerance)
-                     for group, part in registry.token_groups(layout).items()]
-    return rows
-
-
-def _compared(backend: str, output: str, group: str, a: np.ndarray, b: np.ndarray, tolerance: Tolerance) -> OutputComparison:
-    shape_match = a.shape == b.shape
-    bad = metrics.nonfinite_count(a)
-    nan = float("nan")
-    cos = metrics.cosine(a, b) if shape_match else nan
-    worst = metrics.worst_sample_cosine(a, b) if shape_match else nan
-    rel = metrics.relative_error(a, b) if shape_match else nan
-    passed = tolerance.judge(min(cos, worst), rel, bad, shape_match).passed
-    p50, p99, _ = metrics.error_quantiles(a, b) if shape_match else (nan, nan, nan)
-    would_cos, would_rel = metrics.loosest_passing(min(cos, worst), rel) if shape_match else (None, None)
-    return OutputComparison(
-        backend=backend, output=output, shape=list(a.shape), reference_shape=list(b.shape),
-        shape_match=shape_match, cosine=cos, worst_sample_cosine=worst,
-        max_abs=metrics.max_abs_diff(a, b) if shape_match else nan,
-        mean_abs=metrics.mean_abs_diff(a, b) if shape_match else nan,
-        rel_error=rel, nonfinite=bad, tolerance=tolerance.name,
-        min_cosine=tolerance.min_cosine, max_rel=tolerance.max_rel, passed=passed,
-        error_p50=p50, error_p99=p99, would_pass_min_cosine=would_cos, would_pass_max_rel=would_rel, group=group,
-    )
-
-
-def size_rows(run: Run, reference: str, accuracy: list[OutputComparison], judged: dict, layout: dict | None
-              ) -> list[OutputComparison]:
-    """--batch-sizes: each backend's outputs at every other size, against the reference's for the same rows (the
-    accuracy batch cycled to that size, as the latency run feeds it); one row per output whose judgement differs
-    from the accuracy batch's (onnxruntime#10636, TensorRT#1697: some failures appear only at some sizes)."""
-    want = run.outputs[reference]
-    at_batch = {(row.backend, row.output, row.group): row.passed for row in accuracy}
-    rows = []
-    for name, found in run.sizes.items():
-        if name == reference or name not in judged:
-            continue
-        for size in sorted({int(key.split("/")[0]) for key in found}):
-            got = {output: found[f"{size}/{output}"] for output in OUTPUTS if f"{size}/{output}" in found}
-            if set(got) != set(OUTPUTS):
-                continue
-            cycled = np.resize(np.arange(len(want["pooled"])), size)
-            for row in compare_outputs(name, got, {o: np.asarray(want[o])[cycled] for o in OUTPUTS}, judged[name], layout):
-                if row.passed != at_batch.get((name, row.output, row.group), True):
-                    rows.append(replace(row, batch=size))
-    return rows
 
 
 def layout(manifest: dict) -> dict | None:
@@ -381,7 +321,6 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
             described = {"kind": "image", "source": described["source"], "shape": list(run.batch.shape), "dtype": "float32",
                          "sha256": inputs.digest(run.batch)}
             _same_as_stored(described, stored, options)
-    want = run.outputs[options.reference]
     if stored is not None and options.images:
         if stored.input["sha256"] != described["sha256"]:
             raise UserError(
@@ -389,31 +328,27 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
                 f"{described['count']} here, compared by content hash in order); pass --images with the same images")
         reference_embeddings = run.images[options.reference]["embeddings"]
         for name, embeddings in stored.embeddings.items():  # pooled, per image, against this host's reference
-            run.images[name] = {"embeddings": embeddings, **{f"reference|pooled||{figure}": values for figure, values
-                                                              in metrics.per_sample(embeddings, reference_embeddings).items()}}
+            run.images[name] = {"embeddings": embeddings, **judge.wire("reference", judge.item_figures(
+                {"pooled": embeddings}, {"pooled": reference_embeddings}, None, outputs=("pooled",)))}
     if stored is not None:
         statuses += stored.statuses()
         run.outputs.update(stored.outputs)
         run.taps.update(stored.taps)
-    judged = {name: judged_by(name, statuses, stored, options) for name in run.outputs}
-    neighbour_rows, per_image = [], {}
-    if options.images:
-        paths = [image["path"] for image in described["images"]]
-        accuracy = [row for name, found in run.images.items() if name != options.reference
-                    for row in image_rows(name, found, judged[name], paths)]
-        neighbour_rows = [neighbour_row(name, run.images[options.reference]["embeddings"], found["embeddings"], judged[name])
-                          for name, found in run.images.items() if name != options.reference]
-        per_image = {name: per_image_figures(found) for name, found in run.images.items() if name != options.reference}
-        truth = (images_truth(run, options) if options.truth else []) + (
-            [TruthComparison(**row) for row in stored.truth] if stored is not None else [])
-    else:
-        accuracy = [
-            row
-            for name, outputs in run.outputs.items() if name != options.reference
-            for row in compare_outputs(name, outputs, want, judged[name], groups)
-        ]
-        accuracy += size_rows(run, options.reference, accuracy, judged, groups)
-        truth = against_truth(run, options, stored)
+    if not options.images:  # one batch: a stream of one, its per-item figures made here as the workers make a folder's
+        _batch_figures(run, options, stored, groups, described["kind"])
+    judged = {name: judge.judged_by(name, statuses, stored, options.min_cosine, options.max_rel) for name in run.outputs}
+    items = _item_names(described, len(run.batch))
+    others = [name for name in run.images if name != options.reference]
+    accuracy = [row for name in others
+                for row in judge.accuracy_rows(name, judge.from_wire(run.images[name], "reference"), judged[name], items)]
+    if not options.images:
+        accuracy += judge.size_rows(run.sizes, run.outputs[options.reference], options.reference, accuracy, judged, groups)
+    embeddings = run.images[options.reference].get("embeddings")
+    neighbour_rows = [judge.neighbour_row(name, embeddings, run.images[name]["embeddings"], judged[name])
+                      for name in others if embeddings is not None and "embeddings" in run.images[name]]
+    per_image = {name: judge.per_image_figures(judge.from_wire(run.images[name], "reference")) for name in others}
+    truth = (judge.truth_rows(run.images, options.reference, options.truth) if options.truth else []) + (
+        [TruthComparison(**row) for row in stored.truth] if stored is not None else [])
     layer_rows, drift, parts, advice = [], {}, [], {}
     if options.layers and options.reference in run.taps:
         layer_rows, drift = layers.compare_layers(run.taps, options.reference, judged, groups)
@@ -499,85 +434,28 @@ def _images_described(options: CompareOptions, manifest: dict, images: list[dict
             "batch_size": options.batch_size or 1}
 
 
-def image_rows(backend: str, found: dict[str, np.ndarray], tolerance: Tolerance, paths: list[str]) -> list[OutputComparison]:
-    """One row per output and token group from per-image figures, judged on the worst image: the lowest
-    cosine and the largest relative error over the images must pass."""
-    rows = []
-    keys = sorted({tuple(key.split("|")[1:3]) for key in found if key.startswith("reference|")},
-                  key=lambda k: (OUTPUTS.index(k[0]), registry.GROUPS.index(k[1]) if k[1] else -1))
-    for output, group in keys:
-        def figure(name):
-            return np.asarray(found[f"reference|{output}|{group}|{name}"])
-
-        cos, rel, bad = figure("cosine"), figure("rel_error"), figure("nonfinite")
-        worst_cos = float(np.min(cos)) if np.isfinite(cos).all() else float("nan")
-        worst_rel = float(np.max(rel)) if np.isfinite(rel).all() else float("nan")
-        passed = tolerance.judge(worst_cos, worst_rel, int(bad.sum())).passed
-        would_cos, would_rel = metrics.loosest_passing(worst_cos, worst_rel)
-        p99 = figure("p99")
-        rows.append(OutputComparison(
-            backend=backend, output=output, shape=[len(cos)], reference_shape=[len(cos)], shape_match=True,
-            cosine=float(np.median(cos)), worst_sample_cosine=worst_cos, max_abs=float(np.max(figure("max_abs"))),
-            mean_abs=float(np.mean(figure("mean_abs"))), rel_error=worst_rel, nonfinite=int(bad.sum()),
-            tolerance=tolerance.name, min_cosine=tolerance.min_cosine, max_rel=tolerance.max_rel, passed=passed,
-            error_p50=float(np.median(figure("p50"))), error_p99=float(np.max(p99)) if np.isfinite(p99).all() else float("nan"),
-            would_pass_min_cosine=would_cos, would_pass_max_rel=would_rel, group=group,
-            images={"count": len(cos), "cos_worst": worst_cos, "cos_p1": float(np.quantile(cos, 0.01)),
-                    "cos_median": float(np.median(cos)), "rel_median": float(np.median(rel)), "rel_worst": worst_rel,
-                    "worst_image": paths[int(np.argmin(cos))], "worst_rel_image": paths[int(np.argmax(rel))]},
-        ))
-    return rows
+def _batch_figures(run: Run, options: CompareOptions, stored, groups: dict | None, kind: str) -> None:
+    """One batch as a stream of one: each backend's per-item figures against the reference (and the truth, for
+    backends that ran here; stored ones keep their host's), into run.images as the workers put a folder's. An
+    image's pooled embedding is kept for neighbour agreement, which one image cannot have: "not judged", as a
+    one-image folder says; a seeded noise batch has no neighbours to keep."""
+    want = run.outputs[options.reference]
+    for name, outputs in run.outputs.items():
+        found = judge.wire("reference", judge.item_figures(outputs, want, groups)) if name != options.reference else {}
+        if run.truth and (stored is None or name not in stored.outputs):
+            found.update(judge.wire("truth", judge.item_figures(outputs, run.truth, None)))
+        if kind == "image":  # copies of one image: one item to find neighbours among
+            found["embeddings"] = np.asarray(outputs["pooled"])[:1]
+        run.images[name] = found
 
 
-def per_image_figures(found: dict[str, np.ndarray]) -> dict[str, dict[str, list]]:
-    """{"pooled": {"cosine": [...], "rel_error": [...]}, "tokens[registers]": {...}}: one value per image, in input order."""
-    table: dict[str, dict[str, list]] = {}
-    for key, values in found.items():
-        against, output, group, figure = (key.split("|") + ["", "", ""])[:4]
-        if against == "reference" and figure in ("cosine", "rel_error"):
-            table.setdefault(f"{output}[{group}]" if group else output, {})[figure] = np.asarray(values).tolist()
-    return table
-
-
-def neighbour_row(backend: str, reference: np.ndarray, embeddings: np.ndarray, tolerance: Tolerance) -> NeighbourComparison:
-    """Neighbour agreement of one backend's pooled embeddings with the reference's, judged by its class."""
-    found = metrics.neighbours(reference, embeddings, NEIGHBOURS_K)
-    if found["k"] < 1:  # nothing to judge: never a PASS on nothing
-        passed, note = None, f"not judged: {len(reference)} image{'s' if len(reference) != 1 else ''}, neighbours need at least 2"
-    else:
-        passed, note = tolerance.judge_neighbours(found["overlap"], found["nearest_unchanged"]).passed, ""
-    return NeighbourComparison(backend=backend, k=found["k"], overlap=found["overlap"], nearest_unchanged=found["nearest_unchanged"],
-                               tolerance=tolerance.name, min_overlap=tolerance.min_overlap, min_nearest=tolerance.min_nearest,
-                               passed=passed, note=note)
-
-
-def images_truth(run: Run, options: CompareOptions) -> list[TruthComparison]:
-    """Every backend's error against the truth over all images: sqrt(sum |a-t|^2 / sum |t|^2), and its ratio to the reference's."""
-    errors = {}
-    for name, found in run.images.items():
-        for output in OUTPUTS:
-            diff, ref = found.get(f"truth|{output}||sq_diff"), found.get(f"truth|{output}||sq_ref")
-            if diff is not None and ref is not None and np.sum(ref) > 0:
-                errors[(name, output)] = float(np.sqrt(np.sum(diff) / np.sum(ref)))
-    return [TruthComparison(name, output, rel, rel / errors[(options.reference, output)]
-                            if errors.get((options.reference, output)) else None, options.truth)
-            for (name, output), rel in errors.items()]
-
-
-def against_truth(run: Run, options: CompareOptions, stored) -> list[TruthComparison]:
-    """Every backend's relative error against the truth, and its ratio to the reference's own error.
-    Stored backends keep the figures their host measured against its own truth."""
-    rows = []
-    if run.truth:
-        errors = {(name, output): metrics.relative_error(outputs[output], run.truth[output])
-                  for name, outputs in run.outputs.items() if stored is None or name not in stored.outputs
-                  for output in OUTPUTS}
-        for (name, output), rel in errors.items():
-            own = errors.get((options.reference, output))
-            rows.append(TruthComparison(name, output, rel, rel / own if own else None, options.truth))
-    if stored is not None:
-        rows += [TruthComparison(**row) for row in stored.truth]
-    return rows
+def _item_names(described: dict, count: int) -> list[str]:
+    """What the rows call each item: the images' paths, the one image's path, or "sample 0"... of a seeded batch."""
+    if described.get("kind") == "images":
+        return [image["path"] for image in described["images"]]
+    if described.get("kind") == "image":
+        return [str(described["source"])] * count
+    return judge.sample_names(count)
 
 
 def _with_speedups(timings: list[LatencyStats], reference: str) -> list[LatencyStats]:
@@ -636,18 +514,6 @@ def _same_as_stored(described: dict, stored, options: CompareOptions) -> None:
             f"the input differs from the one stored in {options.against} ({stored.input['source']}, shape "
             f"{stored.input['shape']}); drop the input options to reuse the stored input"
         )
-
-
-def judged_by(name: str, statuses: list[BackendStatus], stored, options: CompareOptions) -> Tolerance:
-    """The tolerance of a backend: its class, and the precision it really ran in (as it reported)."""
-    if stored is None or name not in stored.outputs:
-        status = next(s for s in statuses if s.name == name)
-        backend_class, precision = split(name)[0].tolerance, status.details.get("precision", "fp32")
-        if status.details.get("variant_class"):  # a reduced-precision graph: judged by its own class
-            backend_class, precision = status.details["variant_class"], "fp32"
-    else:
-        backend_class, precision = stored.tolerance_class(name), stored.precision(name)
-    return tolerance_for(backend_class, precision, options.min_cosine, options.max_rel)
 
 
 def int8_rows(statuses: list[BackendStatus]) -> list[str]:

@@ -351,8 +351,6 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
 
 def _stream(backend, plan: dict, first: tuple):
     """Every image of the --images plan through `backend`, the progress written where the parent reads it."""
-    from vitparity import registry
-
     from . import dataset
 
     progress = Path(plan["progress"])
@@ -362,7 +360,7 @@ def _stream(backend, plan: dict, first: tuple):
         tmp.write_text(f"{done} {total}")
         os.replace(tmp, progress)
 
-    return dataset.stream(backend, plan, registry.token_groups(plan.get("layout")), step, first)
+    return dataset.stream(backend, plan, plan.get("layout"), step, first)
 
 
 def _failure(what: str, error: BaseException) -> Outcome:

@@ -151,8 +151,8 @@ def loosest_passing(cosine_value: float, rel_error: float) -> tuple[float | None
 
 def per_sample(a, b) -> dict[str, np.ndarray]:
     """Agreement of each sample (axis 0) of `a` with the same sample of the reference `b`, as float64 arrays:
-    cosine, rel_error, max_abs, mean_abs, p50 and p99 of |a-b|, nonfinite, and the sums of squares
-    (sq_diff, sq_ref) from which a relative error over many samples is exact: sqrt(sum sq_diff / sum sq_ref).
+    cosine, rel_error, max_abs, mean_abs, p50 and p99 of |a-b|, nonfinite, and the sums (dot, sq_got, sq_ref,
+    sq_diff) from which the figures over many samples are exact (`over_samples`).
 
     The same edge cases as the functions above, sample by sample, vectorised: it runs on every batch of
     an --images run.
@@ -163,9 +163,10 @@ def per_sample(a, b) -> dict[str, np.ndarray]:
     finite = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)
     diff = a - b
     sq_diff, sq_ref = np.einsum("ij,ij->i", diff, diff), np.einsum("ij,ij->i", b, b)
-    norm_a, norm_b = np.sqrt(np.einsum("ij,ij->i", a, a)), np.sqrt(sq_ref)
+    sq_got, dot = np.einsum("ij,ij->i", a, a), np.einsum("ij,ij->i", a, b)
+    norm_a, norm_b = np.sqrt(sq_got), np.sqrt(sq_ref)
     with np.errstate(divide="ignore", invalid="ignore"):
-        cos = np.clip(np.einsum("ij,ij->i", a, b) / (norm_a * norm_b), -1.0, 1.0)
+        cos = np.clip(dot / (norm_a * norm_b), -1.0, 1.0)
         rel = np.sqrt(sq_diff) / norm_b
     cos = np.where((norm_a == 0) & (norm_b == 0), 1.0, np.where((norm_a == 0) | (norm_b == 0), 0.0, cos))
     rel = np.where(norm_b == 0, np.where(sq_diff == 0, 0.0, np.inf), rel)
@@ -182,8 +183,33 @@ def per_sample(a, b) -> dict[str, np.ndarray]:
         "max_abs": absolute.max(axis=1) if size else np.zeros(count),
         "mean_abs": absolute.mean(axis=1) if size else np.zeros(count),
         "nonfinite": (~np.isfinite(a)).sum(axis=1).astype(np.float64),
-        "sq_diff": sq_diff, "sq_ref": sq_ref, "p50": quantiles[:, 0], "p99": quantiles[:, 1],
+        "sq_diff": sq_diff, "sq_ref": sq_ref, "sq_got": sq_got, "dot": dot, "p50": quantiles[:, 0], "p99": quantiles[:, 1],
     }
+
+
+def over_samples(figures: dict[str, np.ndarray]) -> dict[str, float]:
+    """The figures of many samples taken as one array, from `per_sample`'s: the flattened cosine and relative
+    error (exactly those of the whole arrays, by their sums), max and mean |a-b|, and NaN/Inf count; plus the
+    worst sample's cosine and relative error. NaN where a sample is not finite, as `cosine` gives."""
+    cos, rel = np.asarray(figures["cosine"]), np.asarray(figures["rel_error"])
+    nonfinite = int(np.sum(figures["nonfinite"]))
+    found = {"nonfinite": nonfinite, "max_abs": float(np.max(figures["max_abs"])) if len(cos) else 0.0,
+             "mean_abs": float(np.mean(figures["mean_abs"])) if len(cos) else 0.0}
+    if len(cos) == 0:
+        return {**found, "cosine": 1.0, "rel_error": 0.0, "worst_cosine": 1.0, "worst_rel_error": 0.0}
+    if not np.isfinite(cos).all():
+        nan = float("nan")
+        return {**found, "cosine": nan, "rel_error": nan, "worst_cosine": nan, "worst_rel_error": nan}
+    dot, got, ref, diff = (float(np.sum(figures[key])) for key in ("dot", "sq_got", "sq_ref", "sq_diff"))
+    if got == 0 and ref == 0:
+        cosine_value = 1.0
+    elif got == 0 or ref == 0:
+        cosine_value = 0.0
+    else:
+        cosine_value = float(np.clip(dot / np.sqrt(got * ref), -1.0, 1.0))
+    rel_value = (0.0 if diff == 0 else float("inf")) if ref == 0 else float(np.sqrt(diff / ref))
+    return {**found, "cosine": cosine_value, "rel_error": rel_value, "worst_cosine": float(np.min(cos)),
+            "worst_rel_error": float(np.max(rel))}
 
 
 def neighbours(reference, other, k: int, chunk: int = 64) -> dict[str, float]:

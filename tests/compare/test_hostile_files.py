@@ -20,7 +20,7 @@ from PIL import Image
 from compare import reference
 from compare.cli import main
 from compare.inputs import default_image
-from compare.run import neighbour_row
+from compare.judge import neighbour_row
 from tests.helpers import TINY, call, make_images, one_line_error
 from vitparity import artifact, processes
 from vitparity.errors import UserError

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compare.run import compare_outputs
+from compare.judge import compare_outputs
 from vitparity.tolerances import TOLERANCES, tolerance_for
 
 

@@ -1,0 +1,215 @@
+"""Judging: every row of a report, built from per-item figures, every verdict from `Tolerance.judge`.
+
+One data path. Whatever the input (a seeded batch, one image, a folder of images), each backend's outputs
+become the same per-item figures (`item_figures`: one value per image or sample, against the reference and
+against the truth), and the same functions turn them into rows: accuracy, per-image, neighbours, truth.
+For a folder the workers compute the figures batch by batch (compare/dataset.py); for one batch the
+parent computes them from the arrays it holds. The figures cross the process boundary as flat arrays
+under "<against>|<output>|<group>|<figure>" keys: `wire` writes them and `from_wire` reads them, the
+only two places that know the spelling.
+
+Field meanings are the same in every mode: `cosine` and `rel_error` are those of the whole output
+(all items flattened, exact from the per-item sums); the worst item's are `worst_sample_cosine` and
+`images["rel_worst"]`. A row passes when both the whole and the worst item pass its class.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+
+from vitparity import metrics, registry
+from vitparity.tolerances import Tolerance, tolerance_for
+
+from .backends import split
+from .results import (
+    BackendStatus,
+    NeighbourComparison,
+    OutputComparison,
+    TruthComparison,
+)
+
+OUTPUTS = ("pooled", "tokens")
+NEIGHBOURS_K = 10  # k of overlap@k, or fewer when there are fewer images
+SHAPE, REFERENCE_SHAPE = "shape", "reference_shape"  # per (output, group): one item's shape, the backend's and the reference's
+
+
+def parts(output: str, groups: dict | None) -> dict[str, slice]:
+    """The slices of one output the rows judge: the whole (""), and for tokens each token group of the layout."""
+    found = {"": slice(None)}
+    if output == "tokens":
+        found.update(registry.token_groups(groups))
+    return found
+
+
+def item_figures(got: dict, want: dict, groups: dict | None, outputs: tuple[str, ...] = OUTPUTS) -> dict[tuple[str, str], dict]:
+    """{(output, group): per-item figures of `got` against `want` (metrics.per_sample), with each item's shape}.
+    Shapes that differ give the shapes alone: the row says so."""
+    found = {}
+    for output in outputs:
+        a, b = np.asarray(got[output]), np.asarray(want[output])
+        for group, part in parts(output, groups).items():
+            if a.shape != b.shape:
+                if group == "":
+                    found[(output, group)] = {SHAPE: list(a.shape[1:]), REFERENCE_SHAPE: list(b.shape[1:]), "count": len(a)}
+                continue
+            x, y = a[:, part], b[:, part]
+            found[(output, group)] = {**metrics.per_sample(x, y), SHAPE: list(x.shape[1:]), REFERENCE_SHAPE: list(y.shape[1:])}
+    return found
+
+
+def wire(against: str, figures: dict[tuple[str, str], dict]) -> dict[str, np.ndarray]:
+    """Per-item figures as the flat arrays a worker returns (and the parent keeps in Run.images)."""
+    return {f"{against}|{output}|{group}|{name}": np.asarray(value)
+            for (output, group), found in figures.items() for name, value in found.items()}
+
+
+def from_wire(arrays: dict[str, np.ndarray], against: str) -> dict[tuple[str, str], dict]:
+    """The inverse of `wire` for one `against` (reference or truth), in output and token-group order."""
+    found: dict[tuple[str, str], dict] = {}
+    for key, value in arrays.items():
+        fields = key.split("|")
+        if len(fields) == 4 and fields[0] == against:
+            found.setdefault((fields[1], fields[2]), {})[fields[3]] = np.asarray(value)
+    order = {group: index for index, group in enumerate(("", *registry.GROUPS))}
+    return dict(sorted(found.items(), key=lambda item: (OUTPUTS.index(item[0][0]), order.get(item[0][1], len(order)))))
+
+
+def concatenate(chunks: list[dict[tuple[str, str], dict]]) -> dict[tuple[str, str], dict]:
+    """The figures of consecutive batches as one: per-item arrays joined, shapes kept from the first batch."""
+    lists: dict[tuple[str, str], dict] = {}
+    for chunk in chunks:
+        for key, found in chunk.items():
+            into = lists.setdefault(key, {SHAPE: found[SHAPE], REFERENCE_SHAPE: found[REFERENCE_SHAPE]})
+            for name, value in found.items():
+                if name not in (SHAPE, REFERENCE_SHAPE):
+                    into.setdefault(name, []).append(np.asarray(value))
+    return {key: {name: value if name in (SHAPE, REFERENCE_SHAPE) else np.concatenate(value) for name, value in found.items()}
+            for key, found in lists.items()}
+
+
+def _nan_min(*values: float) -> float:
+    return float("nan") if any(math.isnan(v) for v in values) else min(values)
+
+
+def _nan_max(*values: float) -> float:
+    return float("nan") if any(math.isnan(v) for v in values) else max(values)
+
+
+def accuracy_rows(backend: str, figures: dict[tuple[str, str], dict], tolerance: Tolerance, items: list[str]
+                  ) -> list[OutputComparison]:
+    """One row per output and token group, judged on the whole and on the worst item. `items` names the
+    items (image paths, or "sample 0"...) for the worst-item fields."""
+    return [_row(backend, output, group, found, tolerance, items) for (output, group), found in figures.items()]
+
+
+def _row(backend: str, output: str, group: str, found: dict, tolerance: Tolerance, items: list[str]) -> OutputComparison:
+    shape, reference_shape = [int(n) for n in found[SHAPE]], [int(n) for n in found[REFERENCE_SHAPE]]
+    nan = float("nan")
+    if "cosine" not in found:  # the shapes differ: nothing to measure
+        count = int(found.get("count", 0))
+        return OutputComparison(
+            backend=backend, output=output, shape=[count, *shape], reference_shape=[count, *reference_shape],
+            shape_match=False, cosine=nan, worst_sample_cosine=nan, max_abs=nan, mean_abs=nan, rel_error=nan, nonfinite=0,
+            tolerance=tolerance.name, min_cosine=tolerance.min_cosine, max_rel=tolerance.max_rel,
+            passed=tolerance.judge(nan, nan, 0, shape_match=False).passed, group=group)
+    cos, rel = np.asarray(found["cosine"]), np.asarray(found["rel_error"])
+    count = len(cos)
+    total = metrics.over_samples(found)
+    judged_cos, judged_rel = _nan_min(total["cosine"], total["worst_cosine"]), _nan_max(total["rel_error"], total["worst_rel_error"])
+    would_cos, would_rel = metrics.loosest_passing(judged_cos, judged_rel)
+    finite = bool(np.isfinite(cos).all() and np.isfinite(rel).all())
+    p50, p99 = np.asarray(found["p50"]), np.asarray(found["p99"])
+    return OutputComparison(
+        backend=backend, output=output, shape=[count, *shape], reference_shape=[count, *reference_shape], shape_match=True,
+        cosine=total["cosine"], worst_sample_cosine=total["worst_cosine"], max_abs=total["max_abs"], mean_abs=total["mean_abs"],
+        rel_error=total["rel_error"], nonfinite=total["nonfinite"], tolerance=tolerance.name,
+        min_cosine=tolerance.min_cosine, max_rel=tolerance.max_rel,
+        passed=tolerance.judge(judged_cos, judged_rel, total["nonfinite"]).passed,
+        error_p50=float(np.median(p50)) if count and np.isfinite(p50).all() else nan,
+        error_p99=float(np.max(p99)) if count and np.isfinite(p99).all() else nan,
+        would_pass_min_cosine=would_cos, would_pass_max_rel=would_rel, group=group,
+        images={"count": count, "cos_worst": total["worst_cosine"],
+                "cos_p1": float(np.quantile(cos, 0.01)) if finite and count else nan,
+                "cos_median": float(np.median(cos)) if finite and count else nan,
+                "rel_median": float(np.median(rel)) if finite and count else nan, "rel_worst": total["worst_rel_error"],
+                "worst_image": items[int(np.argmin(cos))] if finite and count else "",
+                "worst_rel_image": items[int(np.argmax(rel))] if finite and count else ""},
+    )
+
+
+def compare_outputs(backend: str, got: dict, want: dict, tolerance: Tolerance, layout: dict | None = None,
+                    items: list[str] | None = None) -> list[OutputComparison]:
+    """Each output of `got` against the reference `want`, judged by `tolerance`; `tokens` also per token group
+    (cls, registers, patches: the groups `layout` has), since a drifting register hides in the whole."""
+    count = len(np.asarray(got["pooled"]))
+    return accuracy_rows(backend, item_figures(got, want, layout), tolerance, items or sample_names(count))
+
+
+def sample_names(count: int) -> list[str]:
+    return [f"sample {index}" for index in range(count)]
+
+
+def per_image_figures(figures: dict[tuple[str, str], dict]) -> dict[str, dict[str, list]]:
+    """{"pooled": {"cosine": [...], "rel_error": [...]}, "tokens[registers]": {...}}: one value per item, in input order."""
+    return {f"{output}[{group}]" if group else output: {name: np.asarray(found[name]).tolist() for name in ("cosine", "rel_error")}
+            for (output, group), found in figures.items() if "cosine" in found}
+
+
+def neighbour_row(backend: str, reference: np.ndarray, embeddings: np.ndarray, tolerance: Tolerance) -> NeighbourComparison:
+    """Neighbour agreement of one backend's pooled embeddings with the reference's, judged by its class."""
+    found = metrics.neighbours(reference, embeddings, NEIGHBOURS_K)
+    if found["k"] < 1:  # nothing to judge: never a PASS on nothing
+        passed, note = None, f"not judged: {len(reference)} image{'s' if len(reference) != 1 else ''}, neighbours need at least 2"
+    else:
+        passed, note = tolerance.judge_neighbours(found["overlap"], found["nearest_unchanged"]).passed, ""
+    return NeighbourComparison(backend=backend, k=found["k"], overlap=found["overlap"], nearest_unchanged=found["nearest_unchanged"],
+                               tolerance=tolerance.name, min_overlap=tolerance.min_overlap, min_nearest=tolerance.min_nearest,
+                               passed=passed, note=note)
+
+
+def truth_rows(images: dict[str, dict[str, np.ndarray]], reference: str, truth: str) -> list[TruthComparison]:
+    """Every backend's error against the truth over all items: sqrt(sum |a-t|^2 / sum |t|^2), and its ratio to
+    the reference's (the truth's figures of each backend, as `wire` wrote them under "truth")."""
+    errors = {}
+    for name, arrays in images.items():
+        for (output, group), found in from_wire(arrays, "truth").items():
+            if group == "" and "sq_diff" in found:
+                total = metrics.over_samples(found)
+                errors[(name, output)] = total["rel_error"]
+    return [TruthComparison(name, output, rel, rel / errors[(reference, output)] if errors.get((reference, output)) else None, truth)
+            for (name, output), rel in errors.items()]
+
+
+def size_rows(sizes: dict[str, dict[str, np.ndarray]], want: dict, reference: str, accuracy: list[OutputComparison],
+              judged: dict[str, Tolerance], layout: dict | None) -> list[OutputComparison]:
+    """--batch-sizes: each backend's outputs at every other size, against the reference's for the same rows (the
+    accuracy batch cycled to that size, as the latency run feeds it); one row per output whose judgement differs
+    from the accuracy batch's (onnxruntime#10636, TensorRT#1697: some failures appear only at some sizes)."""
+    at_batch = {(row.backend, row.output, row.group): row.passed for row in accuracy}
+    rows = []
+    for name, found in sizes.items():
+        if name == reference or name not in judged:
+            continue
+        for size in sorted({int(key.split("/")[0]) for key in found}):
+            got = {output: found[f"{size}/{output}"] for output in OUTPUTS if f"{size}/{output}" in found}
+            if set(got) != set(OUTPUTS):
+                continue
+            cycled = np.resize(np.arange(len(want["pooled"])), size)
+            for row in compare_outputs(name, got, {o: np.asarray(want[o])[cycled] for o in OUTPUTS}, judged[name], layout):
+                if row.passed != at_batch.get((name, row.output, row.group), True):
+                    rows.append(replace(row, batch=size))
+    return rows
+
+
+def judged_by(name: str, statuses: list[BackendStatus], stored, min_cosine: float | None, max_rel: float | None) -> Tolerance:
+    """The tolerance of a backend: its class, and the precision it really ran in (as it reported)."""
+    if stored is None or name not in stored.outputs:
+        status = next(s for s in statuses if s.name == name)
+        backend_class, precision = split(name)[0].tolerance, status.details.get("precision", "fp32")
+        if status.details.get("variant_class"):  # a reduced-precision graph: judged by its own class
+            backend_class, precision = status.details["variant_class"], "fp32"
+    else:
+        backend_class, precision = stored.tolerance_class(name), stored.precision(name)
+    return tolerance_for(backend_class, precision, min_cosine, max_rel)

@@ -200,7 +200,7 @@ def run(args: argparse.Namespace, out: Console, err: Console, argv) -> int:
     options = options_from(args)
     check_names(options)
     for model in models:
-        registry.resolve(model)
+        registry.resolve(model, options.artifacts)
     reports = []
     for model in models:
         with err.status(f"{model}: starting") as status:

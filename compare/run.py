@@ -183,6 +183,11 @@ def _run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.nda
     batch for the others, so this process never imports torch.
     """
     names = rows(options, art.manifest)
+    for name in options.require:  # a required backend this host plainly lacks fails before any worker starts
+        try:
+            split(name)[0].probe()
+        except BackendUnavailable as why:
+            raise UserError(f"required backend {name} is unavailable: {why}") from None
     job = worker.Job(
         backend="", artifacts=str(art.folder.parent.resolve()), key=art.key, precision=options.dtype,
         # The accuracy batch size by default: --images' batch (the parent holds an empty placeholder then).
@@ -289,7 +294,7 @@ def _run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.nda
 def compare(model: str, options: CompareOptions = CompareOptions(), step: Callable[[str], None] = lambda m: None) -> tuple[Report, Run]:
     """Compare one model's artifact across backends. Returns the report and the raw arrays."""
     check_names(options)
-    spec = registry.resolve(model)
+    spec = registry.resolve(model, options.artifacts)
     step(f"{spec.key}: verifying the artifact")
     art = artifact.load(Path(options.artifacts), spec.key)
     manifest = art.manifest
@@ -524,6 +529,8 @@ def int8_rows(statuses: list[BackendStatus]) -> list[str]:
 def host_warnings(manifest: dict, rows: list[str], here: dict | None = None) -> list[str]:
     """A warning for each int8 row whose graph was verified on a CPU with other int8 features than this host's
     (VNNI or not changes int8 numerics), or on an unrecorded one."""
+    if not rows:  # reading the CPU's features takes a second
+        return []
     here = here or environment.cpu()
     found = precision_variants(manifest)
     warnings = []

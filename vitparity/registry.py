@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import UserError
 
@@ -29,13 +30,18 @@ class ModelSpec:
         return self.timm_name.partition(".")[2]
 
 
-def resolve(name: str) -> ModelSpec:
-    """Turn an alias or a timm model name into a ModelSpec, or raise a UserError naming the closest matches."""
+def resolve(name: str, exported: Path | str | None = None) -> ModelSpec:
+    """Turn an alias or a timm model name into a ModelSpec, or raise a UserError naming the closest matches.
+
+    With `exported` (an artifacts root), a name that has an artifact there is taken as it is, without
+    importing timm: the artifact's loader checks it, and a reader of artifacts need not pay for timm."""
     if name in ALIASES:
         return ModelSpec(alias=name, timm_name=ALIASES[name])
     for alias, timm_name in ALIASES.items():
         if name == timm_name:
             return ModelSpec(alias=alias, timm_name=timm_name)
+    if exported is not None and _plain(name) and (Path(exported) / name / "manifest.json").is_file():
+        return ModelSpec(alias=None, timm_name=name)
     import timm  # only here: importing it (and torch) costs seconds that a registered name need not pay
 
     architecture = name.partition(".")[0]
@@ -47,6 +53,10 @@ def resolve(name: str) -> ModelSpec:
     raise UserError(
         f"model '{name}' is not known.{hint} See: python -m exporter --list"
     )
+
+
+def _plain(name: str) -> bool:
+    return bool(name) and "/" not in name and "\\" not in name and "\0" not in name and not name.startswith(".")
 
 
 def create(spec: ModelSpec, **kwargs):

@@ -99,13 +99,17 @@ def test_other_reference_backend(artifacts_root, capsys):
     assert code == 0 and "Accuracy against ort-cpu" in out and has_row(out, "torch-cpu", "pooled")
 
 
-def test_version_drift_since_export_is_warned(tiny_copy, capsys):
-    manifest_path = tiny_copy / TINY / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
+def test_version_drift_since_export_is_warned(artifacts_root):
+    from compare.run import version_warnings
+    from vitparity import environment
+
+    manifest = json.loads((artifacts_root / TINY / "manifest.json").read_text())
+    assert version_warnings(manifest) == []  # exported here, read here
+    here = environment.versions()["torch"]
     manifest["versions"]["torch"] = "1.0.0"
-    manifest_path.write_text(json.dumps(manifest))
-    code, out, _ = _main(capsys, TINY, "--artifacts", str(tiny_copy), "--backends", "torch-cpu,ort-cpu", *FAST)
-    assert code == 0 and "exported with 1.0.0" in out
+    assert version_warnings(manifest) == [f"torch is {here} here but the artifact was exported with 1.0.0"]
+    manifest["versions"]["torch"] = here.split("+")[0] + "+cu130"  # another build of the same version: not drift
+    assert version_warnings(manifest) == []
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])

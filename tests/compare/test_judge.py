@@ -150,10 +150,10 @@ def test_batch_size_rows_appear_only_where_the_judgement_differs_from_the_accura
 
 def test_one_image_as_a_folder_and_as_image_give_the_same_rows(artifacts_root, capsys, tmp_path):
     """The end-to-end check of the one data path: the same photo through --images (a folder of one) and through
-    --image builds the same accuracy, per-image, neighbour and truth rows."""
+    --image builds the same accuracy, per-image and neighbour rows (the truth's rows: test_the_truth_error_is_...)."""
     folder = make_images(tmp_path / "one", 1, extras=False)
     [photo] = [path for path in Path(folder).rglob("*") if path.is_file()]
-    base = [TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,ort-cpu", "--no-latency", "--truth", "fp64"]
+    base = [TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,ort-cpu", "--no-latency"]
     found = {}
     for mode, args in (("folder", ["--images", str(folder)]), ("image", ["--image", str(photo)])):
         code, out, err = call(main, capsys, *base, *args, "--json", str(tmp_path / f"{mode}.json"))
@@ -161,7 +161,7 @@ def test_one_image_as_a_folder_and_as_image_give_the_same_rows(artifacts_root, c
         [found[mode]] = json.loads((tmp_path / f"{mode}.json").read_text())["reports"]
     folder_report, image_report = found["folder"], found["image"]
     assert folder_report["input"]["kind"] == "images" and image_report["input"]["kind"] == "image"
-    for key in ("accuracy", "neighbours", "truth", "per_image"):
+    for key in ("accuracy", "neighbours", "per_image"):
         assert folder_report[key], key
         assert_same_row({key: folder_report[key]}, {key: image_report[key]})
     [neighbours] = image_report["neighbours"]

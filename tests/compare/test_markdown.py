@@ -283,24 +283,26 @@ def test_a_failing_output_shows_fail_in_verdict_table_and_conclusion(artifacts_r
     assert "Not measured (`--no-latency`)." in section(text, "### Latency and throughput")
 
 
-def test_one_document_holds_a_section_per_model(artifacts_root, tmp_path):
-    _, text, results = run_cli(
-        artifacts_root, tmp_path, "--backends", "torch-cpu,ort-cpu", "--batch-sizes", "1", "--iters", "1",
-        models=("dinov3", TINY),
-    )
-    reports = results["reports"]
+def test_one_document_holds_a_section_per_model(tiny_report, tmp_path):
+    """Two models' reports (the tiny run's, and the same under another model name that fails) in one document:
+    one section each, with its own accuracy numbers and chart, and an overall verdict that counts them."""
+    failing = dataclasses.replace(tiny_report, model="other", timm_name="other_vit",
+                                  accuracy=[dataclasses.replace(row, rel_error=row.rel_error * 3, passed=False)
+                                            for row in tiny_report.accuracy])
+    [path, *charts] = markdown.write(tmp_path / "report.md", [failing, tiny_report], "python -m compare other test_vit")
+    text = path.read_text()
     lines = text.splitlines()
-    assert lines[0] == f"# Validation report: dinov3, {TINY}"
-    passed = sum(r["passed"] for r in reports)
-    assert lines[2].startswith(f"**{'PASS' if passed == 2 else 'FAIL'}**: {passed} of 2 models pass")
-    for report in reports:
-        model_text = section(text, f"## {report['model']} (timm `{report['timm_name']}`)")
+    assert lines[0] == f"# Validation report: other, {TINY}"
+    assert lines[2].startswith("**FAIL**: 1 of 2 models pass")
+    for report in (failing, tiny_report):
+        model_text = section(text, f"## {report.model} (timm `{report.timm_name}`)")
+        assert model_text.splitlines()[1].startswith("**PASS**" if report.passed else "**FAIL**")
         rows = {(r["backend"], r["output"]): r for r in table(section(model_text, "### Accuracy"))}
-        for want in report["accuracy"]:
-            assert_printed(rows[(want["backend"], _label(want))]["rel err"], want["rel_error"])
+        for want in report.accuracy:
+            assert_printed(rows[(want.backend, want.label)]["rel err"], want.rel_error)
     if importlib.util.find_spec("matplotlib"):
-        charts = {path.name for path in links(text, tmp_path)}
-        assert charts == {"report-dinov3-latency.png", f"report-{TINY}-latency.png"}
+        assert {chart.name for chart in charts} == {"report-other-latency.png", f"report-{TINY}-latency.png"}
+        assert {path.name for path in links(text, tmp_path)} == {chart.name for chart in charts}
 
 
 # ---------------------------------------------------------------------------------------------

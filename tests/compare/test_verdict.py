@@ -112,14 +112,18 @@ def test_exporter_thresholds_are_range_checked_too(capsys):
     assert code == 2 and "--max-abs must be an absolute difference above 0" in one_line_error(err)
 
 
-def test_an_override_is_named_in_the_verdict_line_and_the_json(artifacts_root, capsys, tmp_path):
-    code, out, _ = call(main, capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,ort-cpu",
+def test_an_override_is_named_in_the_verdict_line_and_the_json_and_repeated_backends_run_once(artifacts_root, capsys, tmp_path):
+    code, out, _ = call(main, capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "ort-cpu,torch-cpu,ort-cpu",
                         "--no-latency", "--min-cosine", "0.9", "--json", str(tmp_path / "r.json"))
     [report] = json.loads((tmp_path / "r.json").read_text())["reports"]
     assert code == 0 and report["overrides"] == {"min_cosine": 0.9}
     verdict_line = [line for line in out.splitlines() if line.startswith(f"{TINY}: PASS")]
     assert verdict_line and "thresholds overridden for every class, same-host fp32 included: --min-cosine 0.9" in verdict_line[0]
     assert all(r["tolerance"].endswith("(overridden)") for r in report["accuracy"])
+    # ort-cpu named twice runs once, after the reference, and each of its rows appears once.
+    assert [b["name"] for b in report["backends"]] == ["torch-cpu", "ort-cpu"]
+    assert {r["backend"] for r in report["accuracy"]} == {"ort-cpu"}
+    assert len(report["accuracy"]) == len({(r["output"], r["group"]) for r in report["accuracy"]})
 
 
 def test_the_reference_always_runs_in_fp32_whatever_dtype_the_others_get(artifacts_root, capsys, monkeypatch, tmp_path):
@@ -133,15 +137,6 @@ def test_the_reference_always_runs_in_fp32_whatever_dtype_the_others_get(artifac
     # torch-cpu against an fp32 reference on the same host: judged, and passed, by the strict class.
     assert code == 0, err
     assert {r["tolerance"] for r in report["accuracy"]} == {"same-host fp32"}
-
-
-def test_repeated_backend_names_run_once(artifacts_root, capsys, tmp_path):
-    code, _, _ = call(main, capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "ort-cpu,torch-cpu,ort-cpu",
-                      "--no-latency", "--json", str(tmp_path / "r.json"))
-    [report] = json.loads((tmp_path / "r.json").read_text())["reports"]
-    assert code == 0 and [b["name"] for b in report["backends"]] == ["torch-cpu", "ort-cpu"]
-    assert {r["backend"] for r in report["accuracy"]} == {"ort-cpu"}
-    assert len(report["accuracy"]) == len({(r["output"], r["group"]) for r in report["accuracy"]})  # each row once
 
 
 def test_a_path_that_is_not_a_regular_file_gets_its_own_message(artifacts_root, capsys):
@@ -188,23 +183,38 @@ def _one_step_stricter(error: float) -> float:
     return 9.9 * 10 ** (exponent - 1) if mantissa == 1.0 else (mantissa - 0.1) * 10 ** exponent
 
 
-def test_would_pass_at_fed_back_passes_and_one_step_stricter_fails(tiny_copy, capsys, tmp_path):
+def test_would_pass_at_is_printed_for_every_failing_row(tiny_copy, capsys, tmp_path):
     from tests.helpers import rewrite_weights
 
     def perturb(state):
         state["blocks.2.mlp.fc1.weight"] *= 1.02
 
     rewrite_weights(tiny_copy / TINY, perturb)
-    base = [TINY, "--artifacts", str(tiny_copy), "--backends", "torch-cpu,ort-cpu", "--no-latency"]
-    code, out, _ = call(main, capsys, *base, "--json", str(tmp_path / "r.json"))
+    code, out, _ = call(main, capsys, TINY, "--artifacts", str(tiny_copy), "--backends", "torch-cpu,ort-cpu", "--no-latency",
+                        "--json", str(tmp_path / "r.json"))
     [report] = json.loads((tmp_path / "r.json").read_text())["reports"]
-    assert code == 1
-    rows = report["accuracy"]
-    assert all(f"{r['backend']} {r['output']}: FAIL, would pass at" in out for r in rows if not r["passed"])
-    assert all(r["error_p50"] <= r["error_p99"] <= r["max_abs"] for r in rows)
-    cos = min(r["would_pass_min_cosine"] for r in rows)
-    rel = max(r["would_pass_max_rel"] for r in rows)
-    assert call(main, capsys, *base, "--min-cosine", repr(cos), "--max-rel", repr(rel))[0] == 0
-    stricter_cos = 1 - _one_step_stricter(1 - cos)
-    assert call(main, capsys, *base, "--min-cosine", repr(stricter_cos), "--max-rel", repr(rel))[0] == 1
-    assert call(main, capsys, *base, "--min-cosine", repr(cos), "--max-rel", repr(_one_step_stricter(rel)))[0] == 1
+    assert code == 1 and not all(r["passed"] for r in report["accuracy"])
+    assert all(f"{r['backend']} {r['output']}: FAIL, would pass at" in out for r in report["accuracy"] if not r["passed"])
+    assert all(r["error_p50"] <= r["error_p99"] <= r["max_abs"] for r in report["accuracy"])
+
+
+def test_would_pass_at_fed_back_passes_and_one_step_stricter_fails():
+    """In-process on arrays 2% apart: the thresholds a failing row says it would pass at, given back as the
+    overrides (as --min-cosine/--max-rel give them), pass; one step stricter on either fails."""
+    from compare.judge import compare_outputs
+    from vitparity.tolerances import TOLERANCES, tolerance_for
+
+    rng = np.random.default_rng(0)
+    want = {"pooled": rng.standard_normal((2, 32)), "tokens": rng.standard_normal((2, 9, 32))}
+    got = {name: array + 0.02 * rng.standard_normal(array.shape) for name, array in want.items()}
+    rows = compare_outputs("ort-cpu", got, want, TOLERANCES["same-host"], {"cls": 1, "registers": 0, "patches": 8})
+    assert not any(r.passed for r in rows)
+    cos = min(r.would_pass_min_cosine for r in rows)
+    rel = max(r.would_pass_max_rel for r in rows)
+
+    def passes(min_cosine: float, max_rel: float) -> bool:
+        return all(r.passed for r in compare_outputs("ort-cpu", got, want, tolerance_for("same-host", "fp32", min_cosine, max_rel)))
+
+    assert passes(cos, rel)
+    assert not passes(1 - _one_step_stricter(1 - cos), rel)
+    assert not passes(cos, _one_step_stricter(rel))

@@ -68,7 +68,8 @@ def measure(model: str, artifacts: str, batch_sizes=(1, 8), budget_s: float = 3.
     """Per graph row (torch-cpu, ort-cpu, ort-cpu:<variant>): mean ms at each batch size, its speed-ups against
     ort-cpu and torch-cpu, the worst pooled cosine against eager fp32 over the photos, and whether it passed its
     class there. Also the variants that could not be made here, with why."""
-    from compare.run import CompareOptions, compare
+    from compare.plan import CompareOptions
+    from compare.run import compare
 
     graphs, failed = ensure_variants(model, artifacts)
     if not graphs:

@@ -165,7 +165,7 @@ def _flag(dest: str) -> str:
 
 
 def options_from(args: argparse.Namespace):
-    from .run import CompareOptions
+    from .plan import CompareOptions
 
     return CompareOptions(
         artifacts=args.artifacts, input=args.input, image=args.image, seed=args.seed, batch_size=args.batch_size,
@@ -191,8 +191,9 @@ def _variants(text: str) -> tuple[str, ...] | None:
 
 
 def run(args: argparse.Namespace, out: Console, err: Console, argv) -> int:
+    from .plan import check_names
     from .render import render
-    from .run import check_names, compare
+    from .run import compare
 
     models = args.models or list(registry.ALIASES)
     if len(models) > 1 and (args.save_reference or args.against):

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from compare.cli import main
-from compare.run import layout
+from compare.plan import layout
 from tests.helpers import TINY, call, rewrite_weights
 
 

@@ -8,7 +8,8 @@ import tracemalloc
 import pytest
 
 from compare.cli import main
-from compare.run import CompareOptions, compare
+from compare.plan import CompareOptions
+from compare.run import compare
 from tests.helpers import TINY, call, make_images, one_line_error, rewrite_weights
 
 BASE = ["--backends", "torch-cpu,ort-cpu", "--no-latency"]

@@ -15,8 +15,9 @@ import pytest
 
 from compare import markdown
 from compare.cli import main, parse
+from compare.plan import CompareOptions
 from compare.results import LayerComparison
-from compare.run import CompareOptions, compare
+from compare.run import compare
 from tests.helpers import TINY, make_argv
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from compare.run import CompareOptions, check_names, compare, host_warnings, rows
+from compare.plan import CompareOptions, check_names, rows
+from compare.run import compare, host_warnings
 from tests.helpers import TINY, runnable
 from vitparity import artifact, environment
 from vitparity.errors import UserError

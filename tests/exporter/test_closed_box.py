@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from compare.run import COMPILE_CACHE, compile_cache
+from compare.orchestrate import COMPILE_CACHE, compile_cache
 from exporter.cli import main
 from tests.helpers import TINY, call, one_line_error
 from vitparity import artifact

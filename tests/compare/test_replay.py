@@ -94,14 +94,14 @@ def test_a_row_that_fails_only_at_batch_3_is_found_by_the_batch_sizes(artifacts_
     monkeypatch.setitem(BACKENDS, WrongAtThree.name, WrongAtThree)
     common = [TINY, "--artifacts", str(artifacts_root), "--backends", f"torch-cpu,{WrongAtThree.name}", "--iters", "1",
               "--warmup", "0", "--json", str(tmp_path / "r.json")]
-    assert main([*common, "--batch-sizes", "1,2"]) == 0  # right at 1 and 2
-    capsys.readouterr()
-    code = main([*common, "--batch-sizes", "1,3"])
+    # Right at 1 and 2, wrong at 3; that sizes whose judgement does not differ make no row: test_judge's size rows.
+    code = main([*common, "--batch-sizes", "1,2,3"])
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "r.json").read_text())["reports"][0]
     assert code == 1 and report["verdict"] == "FAIL"
     at_three = [r for r in report["accuracy"] if r["batch"] == 3]
     assert at_three and all(not r["passed"] and r["backend"] == WrongAtThree.name for r in at_three)
+    assert {r["batch"] for r in report["accuracy"]} == {None, 3}  # batch 2 is right: no row
     assert all(r["passed"] for r in report["accuracy"] if r["batch"] is None)  # the accuracy batch (1) passes
     assert "pooled @ batch 3" in out
 

@@ -13,14 +13,11 @@ import numpy as np
 
 from vitparity.artifact import write_atomic
 
+from . import tables
 from .results import BackendStatus, LayerComparison, Report
 
-# How numbers are printed. Every printed number equals the JSON's number rounded to this precision.
-COSINE = ".7f"  # 7 decimals: the thresholds go down to 0.99999, so two spare digits
-ERROR = ".2e"  # max abs, mean abs, relative error: 3 significant digits
-MS = ".2f"  # milliseconds per call: 10 µs steps
-RATE = ".1f"  # images per second
-SPEEDUP = ".2f"  # reference mean / this mean, shown as "1.08x"
+# How numbers are printed (compare/tables.py): every printed number equals the JSON's rounded to this precision.
+COSINE, ERROR, MS, RATE, SPEEDUP = tables.COSINE, tables.ERROR, tables.MS, tables.RATE, tables.SPEEDUP
 PRECISION_NOTE = (
     "Cosines have 7 decimals; max abs, mean abs and relative errors have 3 significant digits; "
     "latencies are milliseconds per call (the whole batch) with 2 decimals; images/s has 1 decimal; "
@@ -96,16 +93,8 @@ def model_section(report: Report, charts: dict | None, with_verdict: bool = True
         lines += ["Not compared:", ""] + [f"- {s.name}: {s.status} ({_inline(s.reason)})" for s in not_compared] + [""]
     if report.from_folder:
         lines += ["### Per image", "", f"{report.input.get('count')} images from `{_inline(str(report.input.get('source')))}`; "
-                  f"the verdict is judged on the worst image of each output.", ""]
-        lines += [*table(("backend", "output", "worst cosine", "p1 cosine", "median cosine", "median rel err", "worst rel err",
-                          "worst image (lowest cosine)", "worst image (largest rel err)"),
-                         [(r.backend, r.label, _num(r.images["cos_worst"], COSINE), _num(r.images["cos_p1"], COSINE),
-                           _num(r.images["cos_median"], COSINE), _num(r.images["rel_median"], ERROR),
-                           _num(r.images["rel_worst"], ERROR), f"`{r.images['worst_image']}`", f"`{r.images['worst_rel_image']}`")
-                          for r in report.accuracy if r.images]), ""]
-        count = report.input.get("count", 0)
-        lines += [f"- {b.name}: {b.throughput(count)} (timed in its worker)" for b in report.backends if b.throughput(count)]
-        lines += [""]
+                  f"each output is judged on the whole and on its worst image.", ""]
+        lines += [*from_data(tables.per_image(report)), ""]
         skipped = report.input.get("skipped", [])
         lines += [f"Skipped {len(skipped)} files that are not readable images:", ""] if skipped else []
         lines += [f"- `{entry['path']}`: {_inline(entry['reason'])}" for entry in skipped] + ([""] if skipped else [])
@@ -113,22 +102,15 @@ def model_section(report: Report, charts: dict | None, with_verdict: bool = True
     if report.shown_neighbours:
         lines += ["### Neighbour agreement", "",
                   f"The k nearest neighbours of each image by cosine of `pooled`, on `{report.reference}` and on each backend.", ""]
-        lines += [*table(("backend", "k", "mean overlap@k", "nearest neighbour unchanged", "tolerance", "min overlap", "min unchanged", "verdict"),
-                         [(r.backend, str(r.k), _num(r.overlap, ".4f"), _num(r.nearest_unchanged, ".4f"), r.tolerance,
-                           repr(r.min_overlap), repr(r.min_nearest), r.note if r.passed is None else _passfail(r.passed))
-                          for r in report.shown_neighbours]), ""]
+        lines += [*from_data(tables.neighbours(report)), ""]
     if report.truth:
         lines += [f"### Against the {report.truth[0].truth} truth", "",
                   f"Relative error of each backend against eager float64 on the CPU, and that error as a multiple of "
                   f"`{report.reference}`'s own (over 1x: less accurate than the fp32 CPU reference).", ""]
-        lines += [*table(("backend", "output", "rel err vs truth", f"x {report.reference}"),
-                         [(r.backend, r.output, _num(r.rel_error, ERROR), "-" if r.ratio is None else f"{r.ratio:.2f}x")
-                          for r in report.truth]), ""]
+        lines += [*from_data(tables.truth(report)), ""]
     lines += ["### Latency and throughput", ""]
     if report.latency:
         lines += [*latency_table(report), ""]
-        lines += [f"- inside the clock for {s.name}: {_inline(s.details['timed'])}" for s in report.backends if s.details.get("timed")]
-        lines += [""]
         lines += _chart(charts, "latency", f"{report.model} latency and throughput by batch size")
     else:
         lines += ["Not measured (`--no-latency`).", ""]
@@ -143,7 +125,7 @@ def model_section(report: Report, charts: dict | None, with_verdict: bool = True
                   f"part (timm's module names, in the order they ran). Bold: the part fails the backend's class.", ""]
         lines += [*table(("backend", "block", "part", "cosine", "rel err", "NaN/Inf"),
                          [(r.backend, r.layer.replace("_", "s.", 1), r.part if r.passed else f"**{r.part}**",
-                           _num(r.cosine, COSINE), _num(r.rel_error, ERROR), str(r.nonfinite)) for r in report.parts]), ""]
+                           tables.num(r.cosine, COSINE), tables.num(r.rel_error, ERROR), str(r.nonfinite)) for r in report.parts]), ""]
     if report.advice:
         lines += ["### What to try", ""] + [f"- {backend}: {_inline(line)}" for backend, line in report.advice.items()] + [""]
     lines += ["### Conclusions", ""] + [f"- {_inline(conclusion(report, s))}" for s in report.backends] + [""]
@@ -248,33 +230,13 @@ def input_rows(report: Report) -> list[tuple[str, str]]:
 
 def accuracy_table(report: Report) -> list[str]:
     """Every (backend, output) row with its metrics, its thresholds and PASS/FAIL."""
-    header = ("backend", "output", "shape", "cosine", "worst-sample cosine", "max abs", "mean abs", "rel err",
-              "NaN/Inf", "tolerance", "min cosine", "max rel", "verdict")
-    rows = []
-    for r in report.accuracy:
-        shape = "x".join(map(str, r.shape)) + ("" if r.shape_match else f" (reference {'x'.join(map(str, r.reference_shape))})")
-        rows.append((
-            r.backend, r.label, shape, _num(r.cosine, COSINE), _num(r.worst_sample_cosine, COSINE),
-            _num(r.max_abs, ERROR), _num(r.mean_abs, ERROR), _num(r.rel_error, ERROR), str(r.nonfinite),
-            r.tolerance, repr(r.min_cosine), repr(r.max_rel), _passfail(r.passed),
-        ))
-    if not rows:
+    if not report.accuracy:
         return ["No backend besides the reference produced outputs."]
-    return table(header, rows)
-
+    return from_data(tables.accuracy(report))
 
 def latency_table(report: Report) -> list[str]:
-    """One row per (backend, batch size): percentiles, mean and std in ms, throughput, speed-up."""
-    header = ("backend", "batch", "warm-up", "iters", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "images/s", "speed-up")
-    rows = [
-        (
-            r.backend, str(r.batch), str(r.warmup), str(r.iters), _num(r.p50_ms, MS), _num(r.p90_ms, MS),
-            _num(r.p99_ms, MS), _num(r.mean_ms, MS), _num(r.std_ms, MS), _num(r.images_per_s, RATE), _speedup(r.speedup),
-        )
-        for r in sorted(report.latency, key=lambda r: r.batch)  # stable: backends keep their order within a batch
-    ]
-    return table(header, rows)
-
+    """One row per (backend, batch size): percentiles, mean and std in ms, throughput, speed-ups."""
+    return from_data(tables.latency(report))
 
 def layers_table(report: Report) -> list[str]:
     """Block by backend: cosine and relative error of every tap; failing cells in bold."""
@@ -296,10 +258,10 @@ def layers_table(report: Report) -> list[str]:
 def _layer_cells(cell: LayerComparison | None, local: bool = False) -> list[str]:
     if cell is None:
         return ["-"] * (4 if local else 2)
-    values = [_num(cell.cosine, COSINE), _num(cell.rel_error, ERROR)]
+    values = [tables.num(cell.cosine, COSINE), tables.num(cell.rel_error, ERROR)]
     values = values if cell.passed else [f"**{v}**" for v in values]
     if local:
-        values += ["-", "-"] if cell.local_rel_error is None else [_num(cell.local_cosine, COSINE), _num(cell.local_rel_error, ERROR)]
+        values += ["-", "-"] if cell.local_rel_error is None else [tables.num(cell.local_cosine, COSINE), tables.num(cell.local_rel_error, ERROR)]
     return values
 
 
@@ -318,8 +280,8 @@ def conclusion(report: Report, status: BackendStatus) -> str:
     # The verdict is the one judge: a backend it failed on neighbour agreement alone is FAIL here too.
     failing += ["neighbour agreement" for r in report.neighbours if r.backend == name and r.passed is False]
     parts = [f"{name}: " + (f"FAIL ({', '.join(failing)})" if failing else "PASS")]
-    parts.append(f"max rel err {_num(_worst(r.rel_error for r in rows), ERROR)}")
-    parts.append(f"min cosine {_num(_worst((r.worst_sample_cosine for r in rows), lowest=True), COSINE)}")
+    parts.append(f"max rel err {tables.num(_worst(r.rel_error for r in rows), ERROR)}")
+    parts.append(f"min cosine {tables.num(_worst((r.worst_sample_cosine for r in rows), lowest=True), COSINE)}")
     parts += [speed] if speed else []
     first_bad = next((r.layer for r in report.layers if r.backend == name and not r.passed), None)
     parts += [f"first failing layer {first_bad}"] if first_bad else []
@@ -334,10 +296,10 @@ def _speed_summary(report: Report, backend: str) -> str:
         return ""
     ends = rows if len(rows) <= 2 else [rows[0], rows[-1]]
     if backend == report.reference:
-        return ", ".join(f"p50 {_num(r.p50_ms, MS)} ms ({_num(r.images_per_s, RATE)} images/s) at batch {r.batch}" for r in ends)
+        return ", ".join(f"p50 {tables.num(r.p50_ms, MS)} ms ({tables.num(r.images_per_s, RATE)} images/s) at batch {r.batch}" for r in ends)
     first, *rest = ends
-    return ", ".join([f"{_speedup(first.speedup)} the reference at batch {first.batch}",
-                      *(f"{_speedup(r.speedup)} at batch {r.batch}" for r in rest)])
+    return ", ".join([f"{tables.ratio(first.speedup)} the reference at batch {first.batch}",
+                      *(f"{tables.ratio(r.speedup)} at batch {r.batch}" for r in rest)])
 
 
 def _worst(values, lowest: bool = False) -> float:
@@ -392,6 +354,14 @@ def make_variable(name: str, *words: str) -> str:
 # Markdown helpers.
 
 
+def from_data(data: tables.Table) -> list[str]:
+    """One of compare/tables.py's tables as Markdown: a failing verdict in bold, the caption under it."""
+    verdicts = [i for i, column in enumerate(data.columns) if column == tables.VERDICT]
+    rows = [[_passfail(cell == "PASS") if i in verdicts and cell in ("PASS", "FAIL") else cell for i, cell in enumerate(row)]
+            for row in data.rows]
+    return table(data.columns, rows) + (["", _inline(data.caption)] if data.caption else [])
+
+
 def table(header, rows) -> list[str]:
     """A GitHub-flavoured Markdown table; numeric-looking columns are right-aligned."""
     rows = [[_cell(c) for c in row] for row in rows]
@@ -413,14 +383,6 @@ def _inline(text: str) -> str:
 
 def _numeric(text: str) -> bool:
     return bool(re.fullmatch(r"\**[-+]?(\d[\d.]*(e[-+]?\d+)?|nan|inf)x?\**|-", text))
-
-
-def _num(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)  # format prints NaN and Inf as nan and inf
-
-
-def _speedup(value) -> str:
-    return "-" if value is None else f"{_num(value, SPEEDUP)}x"
 
 
 def _passfail(passed: bool) -> str:

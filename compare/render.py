@@ -1,22 +1,24 @@
 """Rich tables built from a Report. Building only: the CLI does the printing."""
 from __future__ import annotations
 
-import math
-
 from rich.table import Table
 from rich.text import Text
 
+from . import tables
 from .results import Report
 
 PASS, FAIL = Text("PASS", style="bold green"), Text("FAIL", style="bold red")
 
 
-def _num(value, fmt: str) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and math.isnan(value):
-        return "nan"
-    return format(value, fmt)
+def rich_table(data: tables.Table) -> Table:
+    """One of compare/tables.py's tables, drawn for the terminal: numbers right-aligned, verdicts in colour."""
+    table = Table(title=data.title, title_justify="left", caption=data.caption or None, caption_justify="left")
+    for index, column in enumerate(data.columns):
+        table.add_column(column, justify="right" if data.numeric(index) else "left")
+    verdicts = [i for i, column in enumerate(data.columns) if column == tables.VERDICT]
+    for row in data.rows:
+        table.add_row(*[{"PASS": PASS, "FAIL": FAIL}.get(cell, cell) if i in verdicts else cell for i, cell in enumerate(row)])
+    return table
 
 
 def header_table(report: Report) -> Table:
@@ -58,45 +60,16 @@ def backends_table(report: Report) -> Table:
 
 
 def accuracy_table(report: Report) -> Table:
-    table = Table(title=f"Accuracy against {report.reference}", title_justify="left")
-    for column in ("backend", "output", "shape", "cosine", "worst-sample cos", "max abs", "mean abs", "rel err", "NaN/Inf", "thresholds / reason", "verdict"):
-        table.add_column(column, justify="left" if column in ("backend", "output", "shape", "thresholds / reason", "verdict") else "right")
-    for row in report.accuracy:
-        shape = "x".join(map(str, row.shape)) + ("" if row.shape_match else f" != {'x'.join(map(str, row.reference_shape))}")
-        table.add_row(
-            row.backend, row.label, shape,
-            _num(row.cosine, ".7f"), _num(row.worst_sample_cosine, ".7f"),
-            _num(row.max_abs, ".2e"), _num(row.mean_abs, ".2e"), _num(row.rel_error, ".2e"),
-            str(row.nonfinite),
-            f"{row.tolerance}: cos>={row.min_cosine:g}, rel<={row.max_rel:g}",
-            PASS if row.passed else FAIL,
-        )
+    """The accuracy table, and in the terminal a row under it for each backend that was skipped or broke."""
+    table = rich_table(tables.accuracy(report))
     for status in report.backends:
         if status.status in ("skipped", "error"):
             verdict = Text("SKIPPED", style="yellow") if status.status == "skipped" else FAIL
-            table.add_row(status.name, "-", "-", *[""] * 6, Text(status.reason, style="yellow"), verdict)
+            table.add_row(status.name, "-", "-", *[""] * 6, Text(status.reason, style="yellow"), "", "", verdict)
     return table
-
 
 def latency_table(report: Report) -> Table:
-    timed = [f"{s.name}: {s.details['timed']}" for s in report.backends if s.details.get("timed")]
-    table = Table(title=f"Latency (ms per call; speed-up against {report.reference})", title_justify="left",
-                  caption="Inside the clock: " + "; ".join(timed) if timed else None, caption_justify="left")
-    variants = any(row.graph_speedup is not None for row in report.latency)
-    columns = ("backend", "batch", "iters", "p50", "p90", "p99", "mean", "std", "min", "images/s", "speed-up") + (
-        ("vs fp32 graph",) if variants else ())
-    for column in columns:
-        table.add_column(column, justify="left" if column == "backend" else "right")
-    for row in report.latency:
-        table.add_row(
-            row.backend, str(row.batch), str(row.iters),
-            _num(row.p50_ms, ".2f"), _num(row.p90_ms, ".2f"), _num(row.p99_ms, ".2f"),
-            _num(row.mean_ms, ".2f"), _num(row.std_ms, ".2f"), _num(row.min_ms, ".2f"),
-            _num(row.images_per_s, ".1f"), "-" if row.speedup is None else f"{row.speedup:.2f}x",
-            *(("-" if row.graph_speedup is None else f"{row.graph_speedup:.2f}x",) if variants else ()),
-        )
-    return table
-
+    return rich_table(tables.latency(report))
 
 def layers_table(report: Report) -> Table:
     """Block by backend: cosine, max abs and relative error of every tap; the first failing cell in red."""
@@ -117,9 +90,9 @@ def layers_table(report: Report) -> Table:
             if cell is None:
                 row.append("-")
                 continue
-            text = f"{_num(cell.cosine, '.6f')} / {_num(cell.max_abs, '.1e')} / {_num(cell.rel_error, '.1e')}"
+            text = f"{tables.num(cell.cosine, '.6f')} / {tables.num(cell.max_abs, '.1e')} / {tables.num(cell.rel_error, '.1e')}"
             if cell.local_rel_error is not None:  # --replay: the block's own error, on the reference's input
-                text += f" | local {_num(cell.local_cosine, '.6f')} / {_num(cell.local_rel_error, '.1e')}"
+                text += f" | local {tables.num(cell.local_cosine, '.6f')} / {tables.num(cell.local_rel_error, '.1e')}"
             style = "bold red reverse" if first_bad[backend] == layer else ("red" if not cell.passed else "")
             row.append(Text(text, style=style))
         table.add_row(*row)
@@ -138,7 +111,7 @@ def parts_table(report: Report) -> Table:
     for row in report.parts:
         verdict = PASS if row.passed else FAIL
         table.add_row(row.backend, row.layer.replace("_", "s.", 1), Text(row.part, style="bold" if first.get(row.backend) == row.part else ""),
-                      _num(row.cosine, ".6f"), _num(row.rel_error, ".2e"), _num(row.max_abs, ".1e"), str(row.nonfinite), verdict)
+                      tables.num(row.cosine, ".6f"), tables.num(row.rel_error, ".2e"), tables.num(row.max_abs, ".1e"), str(row.nonfinite), verdict)
     return table
 
 
@@ -151,45 +124,13 @@ def overrides_text(overrides: dict) -> str:
 
 
 def images_table(report: Report) -> Table:
-    """--images: the distribution of each output's per-image agreement, and the worst image by name."""
-    count = report.input.get("count", 0)
-    speeds = "; ".join(f"{b.name}: {b.throughput(count)}" for b in report.backends if b.throughput(count))
-    table = Table(title=f"Per image ({count} images; the verdict is judged on the worst)", title_justify="left",
-                  caption=f"Each backend's own compute over the images: {speeds}" if speeds else None, caption_justify="left")
-    for column in ("backend", "output", "worst cos", "p1 cos", "median cos", "median rel err", "worst rel err", "worst image (lowest cosine)"):
-        table.add_column(column, justify="left" if column in ("backend", "output") or column.startswith("worst image") else "right")
-    for row in report.accuracy:
-        found = row.images
-        if not found:
-            continue
-        table.add_row(row.backend, row.label, _num(found["cos_worst"], ".7f"), _num(found["cos_p1"], ".7f"),
-                      _num(found["cos_median"], ".7f"), _num(found["rel_median"], ".2e"), _num(found["rel_worst"], ".2e"),
-                      found["worst_image"])
-    return table
-
+    return rich_table(tables.per_image(report))
 
 def neighbours_table(report: Report) -> Table:
-    """--images: whether each backend's embeddings keep the reference's nearest neighbours."""
-    table = Table(title=f"Neighbour agreement of pooled embeddings with {report.reference} (by cosine)", title_justify="left")
-    for column in ("backend", "k", "mean overlap@k", "nearest unchanged", "thresholds", "verdict"):
-        table.add_column(column, justify="right" if column in ("k", "mean overlap@k", "nearest unchanged") else "left")
-    for row in report.shown_neighbours:
-        table.add_row(row.backend, str(row.k), _num(row.overlap, ".4f"), _num(row.nearest_unchanged, ".4f"),
-                      f"{row.tolerance}: overlap>={row.min_overlap:g}, nearest>={row.min_nearest:g}",
-                      row.note if row.passed is None else PASS if row.passed else FAIL)
-    return table
-
+    return rich_table(tables.neighbours(report))
 
 def truth_table(report: Report) -> Table:
-    """Each backend's error against the fp64 truth, and as a multiple of the reference's own error."""
-    table = Table(title=f"Against the {report.truth[0].truth} truth (eager float64 on the CPU): error as a multiple of {report.reference}'s own",
-                  title_justify="left")
-    for column in ("backend", "output", "rel err vs truth", f"x {report.reference}"):
-        table.add_column(column, justify="left" if column in ("backend", "output") else "right")
-    for row in report.truth:
-        table.add_row(row.backend, row.output, _num(row.rel_error, ".2e"), "-" if row.ratio is None else f"{row.ratio:.2f}x")
-    return table
-
+    return rich_table(tables.truth(report))
 
 def verdict_text(report: Report) -> Text:
     """The verdict line, read from report.verdict (never judged here)."""

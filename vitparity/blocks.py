@@ -73,6 +73,28 @@ def block_outputs(graph) -> list[str]:
     return outputs
 
 
+SOFTMAX = "attn.softmax"  # the attention's probabilities: eager's attn.attn_drop output, the graph's Softmax
+
+
+def block_parts(graph, index: int) -> dict[str, str]:
+    """{part: value name} inside block `index`, from the nodes' module scopes, in the order the graph computes
+    them: each sub-module of the block (timm's names: norm1, attn.qkv, attn.proj, attn, ls1, norm2, mlp.fc1,
+    mlp.act, mlp.fc2, mlp...) is the output of the last node made in its scope, and the attention's Softmax
+    node is "attn.softmax". Nothing for a graph without scopes (variants drop them: read the source graph)."""
+    prefix = re.compile(rf"(?:.*\.)?blocks\.{index}\.(.+)")
+    found: dict[str, tuple[int, str]] = {}
+    for order, node in enumerate(graph.node):
+        scopes = next((ast.literal_eval(p.value) for p in node.metadata_props if p.key == SCOPES_KEY), [])
+        names = [match.group(1) for match in map(prefix.fullmatch, scopes) if match]
+        if not names or not node.output:
+            continue
+        for name in names:  # every enclosing sub-module: its output is its last node's
+            found[name] = (order, node.output[0])
+        if node.op_type == "Softmax" and any(name.split(".")[0] == "attn" for name in names):
+            found[SOFTMAX] = (order, node.output[0])
+    return {name: value for name, (order, value) in sorted(found.items(), key=lambda item: item[1][0])}
+
+
 def block_boundaries(graph) -> list[tuple[str, str]]:
     """(input, output) value names of each block's token stream, in block order: block i's input is block i-1's
     output; block 0's is the one token-shaped float value its nodes take from outside any block."""

@@ -285,28 +285,45 @@ class OnnxRuntime(Backend):
             raise BackendUnavailable("an onnxruntime reference cannot record the blocks' inputs; use an eager reference")
         graph = self.model_file(artifact)
         source = artifact.manifest.get("variants", {}).get(graph.name, {}).get("from")
-        boundaries = blocks.block_boundaries(blocks.load_graph(artifact.path(source) if source else graph).graph)
+        scoped = blocks.load_graph(artifact.path(source) if source else graph).graph
+        boundaries = blocks.block_boundaries(scoped)
         if graph.stat().st_size > 2_000_000_000 or Path(str(graph) + ".data").exists():
             raise BackendUnavailable("replaying the blocks of a graph with external data (over 2 GB) is not supported yet")
-        extractor = Extractor(onnx.load(str(graph)))
+        model = onnx.load(str(graph))
+        made = {name for node in model.graph.node for name in node.output}  # a variant keeps some of its source's names
+        extractor = Extractor(model)
         options = self.session.get_provider_options().get(self.provider, {})
         figures, work = {}, Path(tempfile.mkdtemp(prefix="ort-replay-"))
         try:
             for index, (entry, leaving) in enumerate(boundaries):
                 path = work / f"block_{index}.onnx"
-                onnx.save(extractor.extract_model([entry, self.input_name], [leaving]), str(path))
+                # The block's parts too (its sub-modules' outputs, by the nodes' module scopes), where the reference
+                # recorded the same part and this graph still has the value.
+                recorded = Path(folder) / f"block_{index}.parts.npz"
+                wants = dict(np.load(recorded, allow_pickle=False)) if recorded.is_file() else {}
+                parts = {part: value for part, value in blocks.block_parts(scoped, index).items()
+                         if part in wants and value in made and value != leaving}
+                onnx.save(extractor.extract_model([entry, self.input_name], [leaving, *parts.values()]), str(path))
                 session = self.open_session(path, options)
                 given = np.load(Path(folder) / f"block_{index}.in.npy")
                 feeds = {entry: given, self.input_name: batch.astype(np.float32)}
                 wanted = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32 for i in session.get_inputs()}
-                got = session.run(None, {name: feeds[name].astype(dtype) for name, dtype in wanted.items()})[0]
-                want = np.load(Path(folder) / f"block_{index}.out.npy")
-                got = np.asarray(got, dtype=np.float32)
-                figures[f"block_{index}"] = {"": {"cosine": metrics.cosine(got, want), "rel_error": metrics.relative_error(got, want),
-                                                  "max_abs": metrics.max_abs_diff(got, want), "nonfinite": metrics.nonfinite_count(got)}}
+                got, *inside = session.run(None, {name: feeds[name].astype(dtype) for name, dtype in wanted.items()})
+                found = {"": _agreement(metrics, got, np.load(Path(folder) / f"block_{index}.out.npy"))}
+                found.update({part: _agreement(metrics, value, wants[part]) for part, value in zip(parts, inside)})
+                figures[f"block_{index}"] = found
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return figures
+
+
+def _agreement(metrics, got, want) -> dict:
+    """A replayed block's (or part's) figures against the reference's, as the eager backends report them."""
+    got = np.asarray(got, dtype=np.float32)
+    if got.shape != want.shape:
+        return {"cosine": float("nan"), "rel_error": float("nan"), "max_abs": float("nan"), "nonfinite": 0, "shape": list(got.shape)}
+    return {"cosine": metrics.cosine(got, want), "rel_error": metrics.relative_error(got, want),
+            "max_abs": metrics.max_abs_diff(got, want), "nonfinite": metrics.nonfinite_count(got)}
 
 
 def _onnxruntime():

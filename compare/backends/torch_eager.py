@@ -106,7 +106,7 @@ class TorchEager(Backend):
 
         The reference (`write`) records, in `folder`, each block's inputs as its own forward calls it (positional
         and keyword arguments: the token stream and, for rotary models, the rope) and what the block and each part
-        computes from them. Every other eager backend reads them one block at a time, runs that block on those
+        computes from them (the parts as plain arrays, block_i.parts.npz, which the onnxruntime rows read too). Every other eager backend reads them one block at a time, runs that block on those
         inputs on its own device and precision, and returns the figures: {"block_0": {"": whole block,
         "mlp.fc1": ...}, ...}. The attention runs unfused there, so that its softmax probabilities show (the
         output of attn.attn_drop, an identity in eval mode, named "attn.softmax")."""
@@ -137,8 +137,8 @@ class TorchEager(Backend):
                 # The token stream in and out as plain arrays too: what the onnxruntime rows replay from.
                 np.save(folder / f"block_{index}.in.npy", _to_cpu(args[0]).numpy() if args else np.zeros(0, np.float32))
                 np.save(folder / f"block_{index}.out.npy", _to_cpu(output).numpy())
-                torch.save({"args": _to_cpu(args), "kwargs": _to_cpu(kwargs), "output": _to_cpu(output), "parts": _to_cpu(parts)},
-                           folder / f"block_{index}.pt")
+                np.savez(folder / f"block_{index}.parts.npz", **{name: _to_cpu(value).numpy() for name, value in parts.items()})
+                torch.save({"args": _to_cpu(args), "kwargs": _to_cpu(kwargs), "output": _to_cpu(output)}, folder / f"block_{index}.pt")
             return {}
         figures = {}
         for index, block in enumerate(blocks):
@@ -146,9 +146,10 @@ class TorchEager(Backend):
             output, parts = _run_block(block, self._here(saved["args"]), self._here(saved["kwargs"]))
             self.synchronize()
             found = {"": _figures(metrics, output, saved["output"])}
-            for name, want in saved["parts"].items():
-                if name in parts:
-                    found[name] = _figures(metrics, parts[name], want)
+            with np.load(folder / f"block_{index}.parts.npz", allow_pickle=False) as recorded:
+                for name in recorded.files:
+                    if name in parts:
+                        found[name] = _figures(metrics, parts[name], torch.from_numpy(recorded[name]))
             figures[f"block_{index}"] = found
         return figures
 

@@ -108,8 +108,9 @@ def test_a_row_that_fails_only_at_batch_3_is_found_by_the_batch_sizes(artifacts_
 
 def test_onnxruntime_blocks_are_replayed_from_their_own_graph_and_a_variants(tiny_copy, variants_root, capsys, tmp_path):
     """The graph an onnxruntime row ran, cut at each block's token stream and run on the reference's input to
-    it: with the eager weights of block 2 perturbed, the ort-cpu row makes its own error at block 2 only; an
-    int8 graph's blocks are cut at the boundaries of the graph it was made from."""
+    it: with the eager weights of block 2 perturbed, the ort-cpu row makes its own error at block 2 only, and its
+    parts (from the nodes' module scopes) name fc1; an int8 graph's blocks are cut at the boundaries of the graph
+    it was made from."""
     def perturb(state):
         state["blocks.2.mlp.fc1.weight"] *= 1.05
 
@@ -122,6 +123,15 @@ def test_onnxruntime_blocks_are_replayed_from_their_own_graph_and_a_variants(tin
     local = {r["layer"]: r["local_rel_error"] for r in report["layers"] if r["backend"] == "ort-cpu" and r["layer"] != "norm"}
     assert max(local, key=local.get) == "block_2" and all(v < 1e-4 for k, v in local.items() if k != "block_2"), local
     assert "blocks.2 makes the largest error of its own" in report["drift"]["ort-cpu"]
+    # Inside block 2, from the graph's own node scopes: every part up to fc1 agrees; fc1 is the first to drift.
+    parts = [p for p in report["parts"] if p["backend"] == "ort-cpu"]
+    assert {p["layer"] for p in parts} == {"block_2"}
+    order = [p["part"] for p in parts]
+    assert {"norm1", "attn.qkv", "attn.softmax", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"} <= set(order), order
+    assert order.index("norm1") < order.index("attn.qkv") < order.index("attn.softmax") < order.index("mlp.fc1")
+    assert next(p["part"] for p in parts if not p["passed"]) == "mlp.fc1"
+    assert all(p["passed"] for p in parts[:order.index("mlp.fc1")])
+    assert "inside it, mlp.fc1 drifts first" in report["drift"]["ort-cpu"]
     code, _, report, _ = _replay(capsys, tmp_path, TINY, variants_root, "--backends", "torch-cpu,ort-cpu", "--variants", "int8")
     int8 = [r for r in report["layers"] if r["backend"] == "ort-cpu:int8" and r["layer"].startswith("block_")]
     assert int8 and all(r["local_rel_error"] is not None and r["local_rel_error"] < 0.05 for r in int8), int8

@@ -92,7 +92,8 @@ def block_parts(graph, index: int) -> dict[str, str]:
             found[name] = (order, node.output[0])
         if node.op_type == "Softmax" and any(name.split(".")[0] == "attn" for name in names):
             found[SOFTMAX] = (order, node.output[0])
-    return {name: value for name, (order, value) in sorted(found.items(), key=lambda item: item[1][0])}
+    # A sub-module and its last child end at the same node (attn and attn.proj): the child is listed first.
+    return {name: value for name, (order, value) in sorted(found.items(), key=lambda item: (item[1][0], -item[0].count(".")))}
 
 
 def block_boundaries(graph) -> list[tuple[str, str]]:

@@ -123,3 +123,19 @@ def _weights_referenced(path) -> bool:
 
     external = [t for t in load_graph(path).graph.initializer if uses_external_data(t)]
     return bool(external) and not any(t.raw_data for t in external)
+
+
+def test_the_parts_of_a_block_come_from_the_graphs_node_scopes_in_the_order_they_run(artifacts_root):
+    """What an onnxruntime row's replay opens: timm's module names, each the value of the last node of its scope,
+    a child before the parent that ends with it, and the attention's Softmax; nothing of another block."""
+    import onnx
+
+    from vitparity import blocks
+
+    graph = onnx.load(str(artifacts_root / TINY / "model.onnx"), load_external_data=False).graph
+    parts = blocks.block_parts(graph, 2)
+    assert list(parts) == ["norm1", "attn.qkv", "attn.softmax", "attn.proj", "attn", "norm2", "mlp.fc1", "mlp.act",
+                           "mlp.fc2", "mlp"]
+    made = {node.output[0]: node for node in graph.node}
+    assert made[parts["attn.softmax"]].op_type == "Softmax" and made[parts["norm1"]].op_type == "LayerNormalization"
+    assert parts["attn"] == parts["attn.proj"] and set(parts.values()).isdisjoint(blocks.block_parts(graph, 1).values())

@@ -15,7 +15,7 @@ import numpy as np
 from vitparity import artifact, processes
 from vitparity.errors import UserError
 
-from . import dataset, worker
+from . import dataset, launch, protocol
 from .backends import BACKENDS, TRUTHS, BackendUnavailable, split
 from .plan import CompareOptions, rows
 from .results import BackendStatus, LatencyStats
@@ -86,12 +86,12 @@ def _run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.nda
             split(name)[0].probe()
         except BackendUnavailable as why:
             raise UserError(f"required backend {name} is unavailable: {why}") from None
-    job = worker.Job(
+    job = protocol.Job(
         backend="", artifacts=str(art.folder.parent.resolve()), key=art.key, precision=options.dtype,
         # The accuracy batch size by default: --images' batch (the parent holds an empty placeholder then).
         batch_sizes=(options.batch_sizes or ((plan or {}).get("batch") or batch.shape[0],)) if options.latency else (),
         warmup=options.warmup, iters=options.iters, budget_s=options.budget_s, layers=options.layers,
-        artifact_id=worker.artifact_identity(art),
+        artifact_id=protocol.artifact_identity(art),
     )
     statuses, run, timings, warnings = [], Run(batch=batch), [], []
     written = {}  # --images: {"truth"|"reference": {"prefix"}} once that run has written its outputs
@@ -128,7 +128,7 @@ def _run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.nda
         step(f"{art.key}: {cls.name}, the {options.truth} truth (in its own process)")
         truth_job = replace(job, precision=options.truth, batch_sizes=(), layers=False, dataset=plans.get("truth", {}),
                             image=image or {})
-        outcome = worker.run_backend(cls, truth_job, batch, options.timeout_s, compile_cache(art, options.truth), progress_of(cls.name))
+        outcome = launch.run_backend(cls, truth_job, batch, options.timeout_s, compile_cache(art, options.truth), progress_of(cls.name))
         batch = run.batch = made_input(outcome)
         image = None
         if outcome.details.get("input_error"):  # no readable image: the user's input, not the truth's fault
@@ -148,7 +148,7 @@ def _run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.nda
             if variant and cls.name in unavailable:  # its provider could not run model.onnx: no worker to learn it again
                 raise BackendUnavailable(unavailable[cls.name])
         except BackendUnavailable as why:
-            outcome = worker.Outcome("skipped", str(why))
+            outcome = protocol.Outcome("skipped", str(why))
         else:
             step(f"{art.key}: {name} (in its own process)")
             role = "reference" if name == options.reference else "other"
@@ -161,7 +161,7 @@ def _run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.nda
             elif replay is not None:  # said once per row, never silently absent
                 warnings.append(f"{name}: no local error per block: --replay needs an eager reference (torch-*) to record "
                                 f"the blocks' inputs")
-            outcome = worker.run_backend(cls, replace(job, precision=precision, dataset=streamed, variant=variant, **first,
+            outcome = launch.run_backend(cls, replace(job, precision=precision, dataset=streamed, variant=variant, **first,
                                                       **replayed), batch,
                                          options.timeout_s, compile_cache(art, precision), progress_of(name))
             if first:

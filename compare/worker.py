@@ -1,8 +1,8 @@
 """One backend in a child process of its own: load, accuracy run, latency, layer taps.
 
-The parent (`run_backend`) writes the job and the input into a private temp folder, starts
-`python -m compare.worker FOLDER` (a fresh interpreter: spawned, never forked) and waits with a
-time limit. The child writes its arrays, then result.json, into the same folder. A segfault, an
+The parent (compare/launch.py) writes the job and the input into a private temp folder (compare/protocol.py),
+starts `python -m compare.worker FOLDER` and waits with a time limit; this child writes its arrays, then
+result.json, into the same folder. A segfault, an
 abort in a vendor library, an out-of-memory kill or a hang becomes that backend's error Outcome;
 the parent and the other backends go on. One worker runs at a time, so timings never share cores.
 
@@ -13,189 +13,29 @@ Backends know nothing about this layer.
 from __future__ import annotations
 
 import importlib
-import json
 import os
-import signal
-import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from vitparity import processes
 
-RESULT, ARRAYS, JOB, INPUT, LOG, PROGRESS = "result.json", "arrays.npz", "job.json", "input.npy", "worker.log", "progress"
-PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # so `python -m compare.worker` works uninstalled
-TEMP_PREFIX = processes.WORKER_PREFIX  # + the parent's pid: a killed run's folders are removed by the next run
+from .protocol import INPUT, Job, Outcome, artifact_identity, read_job, write_outcome
+
 # Exceptions that mean a mistake in Python code, ours or a backend's, not a device's finding.
 BUG_TYPES = (AssertionError, AttributeError, IndexError, KeyError, NameError, TypeError, ZeroDivisionError)
+
+
 LIBRARIES = tuple({sysconfig.get_paths()[key] for key in ("purelib", "platlib", "stdlib", "platstdlib")})
+
+
 OURS = (str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "exporter"))
-
-
-@dataclass(frozen=True)
-class Job:
-    """What a worker does: which backend class, on which artifact, in which precision, timed how."""
-
-    backend: str  # "module:QualName", importable in the child
-    artifacts: str  # absolute artifacts root
-    key: str
-    precision: str
-    batch_sizes: tuple[int, ...] = ()  # empty: no latency
-    warmup: int = 10
-    iters: int | None = None
-    budget_s: float = 3.0
-    layers: bool = False
-    sys_path: tuple[str, ...] = ()
-    artifact_id: dict = field(default_factory=dict)  # what the parent verified: see artifact_identity
-    dataset: dict = field(default_factory=dict)  # --images: the plan of compare/dataset.stream
-    image: dict = field(default_factory=dict)  # {"path", "data_config", "batch_size"}: the first worker makes the input
-    variant: str = ""  # a reduced-precision graph of the artifact instead of model.onnx (row "<backend>:<variant>")
-    replay: dict = field(default_factory=dict)  # --replay: {"folder", "write"}, see backends.torch_eager.replay
-
-
-@dataclass
-class Outcome:
-    """What came back: status "ran", "skipped" or "error", facts, arrays, timings and one-line warnings."""
-
-    status: str
-    reason: str = ""
-    details: dict = field(default_factory=dict)
-    outputs: dict = field(default_factory=dict)
-    taps: dict = field(default_factory=dict)
-    images: dict = field(default_factory=dict)  # --images: per-image figures and embeddings, by backend
-    inputs: dict = field(default_factory=dict)  # {"batch": array}: the input this worker made from job.image
-    sizes: dict = field(default_factory=dict)  # --batch-sizes: {backend: {"3/pooled": array}}, outputs at each other size
-    latency: list = field(default_factory=list)
-    warnings: list = field(default_factory=list)
-
-
-def class_path(cls: type) -> str:
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def artifact_identity(art) -> dict:
-    """What identifies the artifact the parent verified: its folder's inode (a publish swaps the folder,
-    so a new export has a new one) and the manifest's records (size, sha256) of every file but the
-    derived ones, which a backend of this very run may add (blocks.onnx)."""
-    from vitparity.artifact import DERIVED_SUFFIX
-
-    files = {name: record for name, record in art.manifest["files"].items() if not name.endswith(DERIVED_SUFFIX)}
-    return {"inode": os.stat(art.folder).st_ino, "files": files}
-
-
-def run_backend(cls: type, job: Job, batch: np.ndarray, timeout_s: float, cwd: Path, progress=lambda done, total: None) -> Outcome:
-    """Run `job` for backend class `cls` in a worker whose working directory is `cwd`; never raises for what the worker does.
-
-    The worker dies with this process (PR_SET_PDEATHSIG, and a parent watch in the worker). An
-    interrupt or SIGTERM here stops it before the exception goes on; the temp folder is removed
-    whatever happens, and folders left by a run that was killed outright are removed by the next.
-    """
-    processes.remove_stale(TEMP_PREFIX)
-    with tempfile.TemporaryDirectory(prefix=processes.owned_prefix(TEMP_PREFIX)) as folder:
-        folder = Path(folder)
-        plan = {**job.dataset, "progress": str(folder / PROGRESS)} if job.dataset else {}
-        job = Job(**{**asdict(job), "backend": class_path(cls), "sys_path": tuple(sys.path), "dataset": plan})
-        (folder / JOB).write_text(json.dumps(asdict(job)))
-        np.save(folder / INPUT, batch)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])),
-               "VIT_PARITY_PARENT": str(os.getpid())}
-        with open(folder / LOG, "wb") as log:
-            child = subprocess.Popen(
-                [sys.executable, "-m", "compare.worker", str(folder)],
-                cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=processes.die_with_parent(),
-            )
-            deadline = time.monotonic() + timeout_s
-            try:
-                while True:
-                    try:
-                        code = child.wait(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
-                        break
-                    except subprocess.TimeoutExpired:
-                        if time.monotonic() >= deadline:
-                            raise
-                        _report_progress(folder / PROGRESS, progress)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-                return Outcome("error", f"no answer in {timeout_s:g} s; the worker was stopped (raise --timeout if the device is just slow)")
-            finally:
-                if child.poll() is None:  # interrupted (Ctrl-C, SIGTERM) while waiting: take the child down too
-                    child.kill()
-                    child.wait()
-        last = _last_line(folder / LOG)
-        if not (folder / RESULT).is_file():
-            if code < 0:
-                name = signal.Signals(-code).name
-                why = f"worker killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
-            else:
-                why = f"worker exited with code {code} before reporting"
-            outcome = Outcome("error", why + (f": {last}" if last else ""))
-        else:
-            outcome = _read(folder)
-        if outcome.status == "error" or outcome.details.get("bugs"):
-            keep_log(outcome, folder, cls, job)
-        return outcome
-
-
-def _report_progress(path: Path, progress) -> None:
-    try:
-        done, total = map(int, path.read_text().split())
-    except (OSError, ValueError):  # not written yet, or caught mid-write
-        return
-    progress(done, total)
-
-
-def log_folder() -> Path:
-    """Where the logs of failed workers are kept: $XDG_CACHE_HOME/vit-parity/logs, else ~/.cache/vit-parity/logs."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vit-parity" / "logs"
-
-
-def keep_log(outcome: Outcome, folder: Path, cls: type, job: Job) -> None:
-    """Copy a failed worker's output, and its traceback, where the user can read them; the reason names the file."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    try:
-        logs = log_folder()
-        logs.mkdir(parents=True, exist_ok=True)
-        path = logs / f"{job.key}-{getattr(cls, 'name', cls.__name__)}-{stamp}-{os.getpid()}.log"
-        text = (folder / LOG).read_text(errors="replace") if (folder / LOG).is_file() else ""
-        tracebacks = [outcome.details.get("traceback", "")] + [bug["traceback"] for bug in outcome.details.get("bugs", [])]
-        path.write_text(text + "".join(f"\n{t}" for t in tracebacks if t))
-    except OSError as error:  # a read-only home: the traceback is still in the JSON details
-        outcome.details["log"] = f"not written: {error}"
-        return
-    outcome.details["log"] = str(path)
-    if outcome.status == "error":
-        outcome.reason += f"; full log: {path}"
-
-
-def _last_line(path: Path) -> str:
-    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
-
-
-def _read(folder: Path) -> Outcome:
-    result = json.loads((folder / RESULT).read_text())
-    outcome = Outcome(**{k: v for k, v in result.items() if k in ("status", "reason", "details", "latency", "warnings")})
-    if (folder / ARRAYS).is_file():
-        with np.load(folder / ARRAYS, allow_pickle=False) as arrays:
-            for key in arrays.files:
-                kind, name, part = (key.split("/", 2) + [""])[:3]
-                if kind == "inputs":
-                    outcome.inputs[name] = arrays[key]
-                else:
-                    getattr(outcome, kind).setdefault(name, {})[part] = arrays[key]
-    return outcome
-
-
-# ---------------------------------------------------------------------------------------------
-# The child side.
 
 
 def is_bug(error: BaseException) -> bool:
@@ -376,15 +216,12 @@ def _first_line(error: BaseException) -> str:
 
 
 def main(folder: str) -> int:
-    from vitparity.artifact import write_json_atomic
-
     folder = Path(folder)
     parent = os.environ.get("VIT_PARITY_PARENT")
     if parent:  # PR_SET_PDEATHSIG is Linux's; this watch also covers other systems
         processes.watch_parent(int(parent))
     tempfile.tempdir = str(folder)  # every temp file of this worker (onnxruntime profiles...) dies with its folder
-    job = json.loads((folder / JOB).read_text())
-    job = Job(**{**job, "batch_sizes": tuple(job["batch_sizes"]), "sys_path": tuple(job["sys_path"])})
+    job = read_job(folder)
     sys.path += [entry for entry in job.sys_path if entry not in sys.path]  # e.g. where a test's backend lives
     try:
         outcome, arrays = work(job, np.load(folder / INPUT, allow_pickle=False))
@@ -393,12 +230,7 @@ def main(folder: str) -> int:
     import resource
 
     outcome.details["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
-    if arrays:
-        np.savez(folder / ARRAYS, **arrays)
-    payload = asdict(outcome)
-    for kind in ("outputs", "taps", "images", "inputs", "sizes"):
-        payload.pop(kind)
-    write_json_atomic(folder / RESULT, payload)  # last: its presence means the worker finished
+    write_outcome(folder, outcome, arrays)
     return 0
 
 

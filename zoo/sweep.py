@@ -15,6 +15,7 @@ Markdown and JSON; `--readme README.md` puts the Markdown between the README's c
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -79,10 +80,18 @@ def describe(name: str) -> tuple[str, int, str]:
     with torch.device("meta"):
         model = timm.create_model(name, pretrained=False, num_classes=0)
     size = model.pretrained_cfg.get("input_size") or (3, 224, 224)
-    # The module that registers the name (deit_* lives in deit though its class is VisionTransformer).
-    registry = getattr(timm.models, "_registry", None)
-    module = getattr(registry, "_model_to_module", {}).get(name) or type(model).__module__.rsplit(".", 1)[-1]
+    # The module that registers the name (deit_* lives in deit though its class is VisionTransformer), by timm's
+    # public listing; the class's module for a name no module lists.
+    module = modules_of().get(name.partition(".")[0]) or type(model).__module__.rsplit(".", 1)[-1]
     return module, int(sum(p.numel() for p in model.parameters())), f"{size[1]}x{size[2]}"
+
+
+@functools.lru_cache(maxsize=1)
+def modules_of() -> dict[str, str]:
+    """{architecture: the timm module that registers it}, from timm.list_modules() and timm.list_models(module=)."""
+    import timm
+
+    return {name: module for module in timm.list_modules() for name in timm.list_models(module=module)}
 
 
 

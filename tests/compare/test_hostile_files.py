@@ -254,12 +254,12 @@ def test_a_reference_from_other_images_is_refused_before_any_backend_runs(artifa
     other.mkdir()
     for i, path in enumerate(sorted(first.rglob("*.*"))):
         Image.open(path).convert("RGB").rotate(90).save(other / f"{i}.png")
-    from compare import worker
+    from compare import launch
 
     def no_worker(*args, **kwargs):
         raise AssertionError("a backend ran before the images were checked against the reference")
 
-    monkeypatch.setattr(worker, "run_backend", no_worker)
+    monkeypatch.setattr(launch, "run_backend", no_worker)
     code, _, err = call(main, capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,ort-cpu",
                         "--no-latency", "--images", str(other), "--against", str(saved_path))
     assert code == 2 and "the images differ from those stored" in one_line_error(err)

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compare import worker
+from compare import launch, protocol
 from compare.backends import BACKENDS
 from compare.backends.base import BackendUnavailable
-from compare.backends.onnxruntime import kernel_share, prove_placement
+from compare.backends.profile import kernel_share, prove_placement
 from compare.cli import main
 from tests.helpers import (
     LYING_ONNXRUNTIME,
@@ -59,7 +59,7 @@ def _start_hanging(root: Path, tmp: Path) -> tuple[subprocess.Popen, int, Path]:
         for pid in children(parent.pid):
             try:
                 folder = Path(open(f"/proc/{pid}/cmdline").read().split("\0")[3])
-                job = json.loads((folder / worker.JOB).read_text())
+                job = json.loads((folder / protocol.JOB).read_text())
             except (OSError, IndexError, ValueError):
                 continue
             if job["backend"].endswith(":Hangs"):
@@ -106,7 +106,7 @@ def test_a_provider_fallback_leaves_no_profile_or_worker_folder(artifacts_root, 
                      "--no-latency", "--layers", env=env)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "fell back to the CPU" in result.stdout
-    assert list(scratch.glob("ort-profile-*")) == [] and list(scratch.glob(f"{worker.TEMP_PREFIX}*")) == []
+    assert list(scratch.glob("ort-profile-*")) == [] and list(scratch.glob(f"{launch.TEMP_PREFIX}*")) == []
 
 
 def test_a_bug_in_our_code_is_an_error_row_with_its_traceback_kept_never_a_warning(artifacts_root, capsys, monkeypatch, tmp_path):
@@ -130,12 +130,12 @@ def test_a_worker_refuses_an_artifact_that_is_not_the_one_the_parent_verified(ar
 
     art = artifact.load(artifacts_root, TINY)
     batch = np.load(art.path("sample.npz"))["pixel_values"][:1]
-    identity = worker.artifact_identity(art)
-    job = worker.Job(backend="", artifacts=str(artifacts_root), key=TINY, precision="fp32")
-    ok = worker.run_backend(TorchCpu, worker.Job(**{**job.__dict__, "artifact_id": identity}), batch, 120, tmp_path)
+    identity = protocol.artifact_identity(art)
+    job = protocol.Job(backend="", artifacts=str(artifacts_root), key=TINY, precision="fp32")
+    ok = launch.run_backend(TorchCpu, protocol.Job(**{**job.__dict__, "artifact_id": identity}), batch, 120, tmp_path)
     assert ok.status == "ran"
     swapped = {**identity, "inode": identity["inode"] + 1}  # what a publish in between looks like: a new folder
-    outcome = worker.run_backend(TorchCpu, worker.Job(**{**job.__dict__, "artifact_id": swapped}), batch, 120, tmp_path)
+    outcome = launch.run_backend(TorchCpu, protocol.Job(**{**job.__dict__, "artifact_id": swapped}), batch, 120, tmp_path)
     assert outcome.status == "error" and "changed while this run compared it" in outcome.reason
 
 

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from compare.backends.onnxruntime import OrtCann, OrtCpu, placement, placement_summary
+from compare.backends.onnxruntime import OrtCann, OrtCpu
+from compare.backends.profile import placement, placement_summary
 from tests.helpers import (
     FAKE_TORCH_NPU,
     LYING_ONNXRUNTIME,

@@ -1,0 +1,126 @@
+"""The parent side of a worker: start `python -m compare.worker FOLDER`, wait with a time limit, read the answer.
+
+A fresh interpreter (spawned, never forked) runs each backend (compare/worker.py). A segfault, an abort in
+a vendor library, an out-of-memory kill or a hang becomes that backend's error Outcome; the parent and the
+other backends go on. One worker runs at a time, so timings never share cores.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from vitparity import processes
+
+from .protocol import (
+    LOG,
+    PROGRESS,
+    RESULT,
+    Job,
+    Outcome,
+    class_path,
+    read_outcome,
+    write_job,
+)
+
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # so `python -m compare.worker` works uninstalled
+
+
+TEMP_PREFIX = processes.WORKER_PREFIX  # + the parent's pid: a killed run's folders are removed by the next run
+
+
+def run_backend(cls: type, job: Job, batch: np.ndarray, timeout_s: float, cwd: Path, progress=lambda done, total: None) -> Outcome:
+    """Run `job` for backend class `cls` in a worker whose working directory is `cwd`; never raises for what the worker does.
+
+    The worker dies with this process (PR_SET_PDEATHSIG, and a parent watch in the worker). An
+    interrupt or SIGTERM here stops it before the exception goes on; the temp folder is removed
+    whatever happens, and folders left by a run that was killed outright are removed by the next.
+    """
+    processes.remove_stale(TEMP_PREFIX)
+    with tempfile.TemporaryDirectory(prefix=processes.owned_prefix(TEMP_PREFIX)) as folder:
+        folder = Path(folder)
+        plan = {**job.dataset, "progress": str(folder / PROGRESS)} if job.dataset else {}
+        job = Job(**{**asdict(job), "backend": class_path(cls), "sys_path": tuple(sys.path), "dataset": plan})
+        write_job(folder, job, batch)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])),
+               "VIT_PARITY_PARENT": str(os.getpid())}
+        with open(folder / LOG, "wb") as log:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "compare.worker", str(folder)],
+                cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=processes.die_with_parent(),
+            )
+            deadline = time.monotonic() + timeout_s
+            try:
+                while True:
+                    try:
+                        code = child.wait(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+                        break
+                    except subprocess.TimeoutExpired:
+                        if time.monotonic() >= deadline:
+                            raise
+                        _report_progress(folder / PROGRESS, progress)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+                return Outcome("error", f"no answer in {timeout_s:g} s; the worker was stopped (raise --timeout if the device is just slow)")
+            finally:
+                if child.poll() is None:  # interrupted (Ctrl-C, SIGTERM) while waiting: take the child down too
+                    child.kill()
+                    child.wait()
+        last = _last_line(folder / LOG)
+        if not (folder / RESULT).is_file():
+            if code < 0:
+                name = signal.Signals(-code).name
+                why = f"worker killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+            else:
+                why = f"worker exited with code {code} before reporting"
+            outcome = Outcome("error", why + (f": {last}" if last else ""))
+        else:
+            outcome = read_outcome(folder)
+        if outcome.status == "error" or outcome.details.get("bugs"):
+            keep_log(outcome, folder, cls, job)
+        return outcome
+
+
+def _report_progress(path: Path, progress) -> None:
+    try:
+        done, total = map(int, path.read_text().split())
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return
+    progress(done, total)
+
+
+def log_folder() -> Path:
+    """Where the logs of failed workers are kept: $XDG_CACHE_HOME/vit-parity/logs, else ~/.cache/vit-parity/logs."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vit-parity" / "logs"
+
+
+def keep_log(outcome: Outcome, folder: Path, cls: type, job: Job) -> None:
+    """Copy a failed worker's output, and its traceback, where the user can read them; the reason names the file."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        logs = log_folder()
+        logs.mkdir(parents=True, exist_ok=True)
+        path = logs / f"{job.key}-{getattr(cls, 'name', cls.__name__)}-{stamp}-{os.getpid()}.log"
+        text = (folder / LOG).read_text(errors="replace") if (folder / LOG).is_file() else ""
+        tracebacks = [outcome.details.get("traceback", "")] + [bug["traceback"] for bug in outcome.details.get("bugs", [])]
+        path.write_text(text + "".join(f"\n{t}" for t in tracebacks if t))
+    except OSError as error:  # a read-only home: the traceback is still in the JSON details
+        outcome.details["log"] = f"not written: {error}"
+        return
+    outcome.details["log"] = str(path)
+    if outcome.status == "error":
+        outcome.reason += f"; full log: {path}"
+
+
+def _last_line(path: Path) -> str:
+    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""

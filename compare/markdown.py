@@ -122,10 +122,8 @@ def model_section(report: Report, charts: dict | None, with_verdict: bool = True
     if report.parts:
         lines += ["### Inside the block", "",
                   f"The block each backend's own error is largest in, run on `{report.reference}`'s input to it, part by "
-                  f"part (timm's module names, in the order they ran). Bold: the part fails the backend's class.", ""]
-        lines += [*table(("backend", "block", "part", "cosine", "rel err", "NaN/Inf"),
-                         [(r.backend, r.layer.replace("_", "s.", 1), r.part if r.passed else f"**{r.part}**",
-                           tables.num(r.cosine, COSINE), tables.num(r.rel_error, ERROR), str(r.nonfinite)) for r in report.parts]), ""]
+                  f"part (timm's module names, in the order they ran), each judged by the backend's class.", ""]
+        lines += [*from_data(tables.parts(report)), ""]
     if report.advice:
         lines += ["### What to try", ""] + [f"- {backend}: {_inline(line)}" for backend, line in report.advice.items()] + [""]
     lines += ["### Conclusions", ""] + [f"- {_inline(conclusion(report, s))}" for s in report.backends] + [""]

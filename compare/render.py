@@ -100,20 +100,16 @@ def layers_table(report: Report) -> Table:
 
 
 def parts_table(report: Report) -> Table:
-    """--replay: the parts of the block each backend's own error is largest in, in the order they ran."""
-    table = Table(title=f"Inside the block, on {report.reference}'s input to it (timm's module names)", title_justify="left")
-    for column in ("backend", "block", "part", "cosine", "rel err", "max abs", "NaN/Inf", "verdict"):
-        table.add_column(column, justify="right" if column in ("cosine", "rel err", "max abs", "NaN/Inf") else "left")
+    """--replay: the opened block's parts; the first failing part of each backend in bold."""
+    data = tables.parts(report)
     first = {}
-    for row in report.parts:
+    for index, row in enumerate(report.parts):
         if not row.passed:
-            first.setdefault(row.backend, row.part)
-    for row in report.parts:
-        verdict = PASS if row.passed else FAIL
-        table.add_row(row.backend, row.layer.replace("_", "s.", 1), Text(row.part, style="bold" if first.get(row.backend) == row.part else ""),
-                      tables.num(row.cosine, ".6f"), tables.num(row.rel_error, ".2e"), tables.num(row.max_abs, ".1e"), str(row.nonfinite), verdict)
+            first.setdefault(row.backend, index)
+    table = rich_table(data)
+    for index in first.values():
+        table.rows[index].style = "bold"
     return table
-
 
 def overrides_text(overrides: dict) -> str:
     """How the user's thresholds replaced the classes, e.g. "thresholds overridden for every class: --min-cosine 0.9"."""

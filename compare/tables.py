@@ -31,7 +31,7 @@ class Table:
         return self.columns[column] not in TEXT_COLUMNS
 
 
-TEXT_COLUMNS = {"backend", "output", "shape", "tolerance", "thresholds", VERDICT, "worst image (lowest cosine)"}
+TEXT_COLUMNS = {"backend", "block", "part", "output", "shape", "tolerance", "thresholds", VERDICT, "worst image (lowest cosine)"}
 
 
 def num(value, spec: str) -> str:
@@ -56,6 +56,15 @@ def accuracy(report: Report) -> Table:
              num(r.rel_error, ERROR), str(r.nonfinite), r.tolerance, repr(r.min_cosine), repr(r.max_rel), verdict(r.passed))
             for r in report.accuracy]
     return Table(f"Accuracy against {report.reference}", columns, rows)
+
+
+def parts(report: Report) -> Table:
+    """--replay: the parts of the block each backend's own error is largest in, in the order they ran."""
+    columns = ("backend", "block", "part", "cosine", "rel err", "max abs", "NaN/Inf", VERDICT)
+    rows = [(r.backend, r.layer.replace("_", "s.", 1), r.part, num(r.cosine, COSINE), num(r.rel_error, ERROR),
+             num(r.max_abs, ERROR), str(r.nonfinite), verdict(r.passed)) for r in report.parts]
+    return Table(f"Inside the block, on {report.reference}'s input to it (timm's module names, in the order they ran)",
+                 columns, rows)
 
 
 def shape(dims) -> str:

@@ -7,7 +7,7 @@ import pytest
 
 from compare.backends import BACKENDS
 from compare.cli import main
-from tests.helpers import TINY, LowPrecisionCpu, has_row, rewrite_weights, runnable
+from tests.helpers import TINY, LowPrecisionCpu, has_row, runnable
 
 FAST = ["--iters", "2", "--warmup", "0"]
 
@@ -42,16 +42,6 @@ def test_compare_prints_both_tables_and_passes(artifacts_root, capsys, tmp_path,
     assert set(skipped) >= set(BACKENDS) - set(here)
     if "torch-npu" not in here:
         assert "torch_npu is not installed" in skipped["torch-npu"] and "SKIPPED" in out
-
-
-def test_perturbed_weights_fail_with_exit_1(tiny_copy, capsys):
-    def perturb(state):
-        state["blocks.2.mlp.fc1.weight"] *= 1.05
-
-    rewrite_weights(tiny_copy / TINY, perturb)
-    code, out, _ = _main(capsys, TINY, "--artifacts", str(tiny_copy), "--backends", "torch-cpu,ort-cpu", *FAST)
-    assert code == 1
-    assert "FAIL" in out and "ort-cpu disagree" in out
 
 
 def test_batch_sweep_and_random_input(artifacts_root, capsys, tmp_path):

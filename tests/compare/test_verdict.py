@@ -171,7 +171,7 @@ def _one_step_stricter(error: float) -> float:
     return 9.9 * 10 ** (exponent - 1) if mantissa == 1.0 else (mantissa - 0.1) * 10 ** exponent
 
 
-def test_would_pass_at_is_printed_for_every_failing_row(tiny_copy, capsys, tmp_path):
+def test_perturbed_weights_fail_with_exit_1_and_would_pass_at_is_printed_for_every_failing_row(tiny_copy, capsys, tmp_path):
     from tests.helpers import rewrite_weights
 
     def perturb(state):
@@ -182,6 +182,7 @@ def test_would_pass_at_is_printed_for_every_failing_row(tiny_copy, capsys, tmp_p
                         "--json", str(tmp_path / "r.json"))
     [report] = json.loads((tmp_path / "r.json").read_text())["reports"]
     assert code == 1 and not all(r["passed"] for r in report["accuracy"])
+    assert f"{TINY}: FAIL (ort-cpu disagree" in out and report["verdict"] == "FAIL"  # perturbed weights fail, exit 1
     assert all(f"{r['backend']} {r['output']}: FAIL, would pass at" in out for r in report["accuracy"] if not r["passed"])
     assert all(r["error_p50"] <= r["error_p99"] <= r["max_abs"] for r in report["accuracy"])
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vitparity.artifact import sha256
+from vitparity.artifact import OUTPUT_NAMES, sha256
 from vitparity.errors import UserError
 
-OUTPUTS = ("pooled", "tokens")
+OUTPUTS = OUTPUT_NAMES
 INPUTS = "inputs.f32"
 IMAGES = "images.json"
 

@@ -20,6 +20,7 @@ from dataclasses import replace
 import numpy as np
 
 from vitparity import metrics, registry
+from vitparity.artifact import OUTPUT_NAMES
 from vitparity.tolerances import Tolerance, tolerance_for
 
 from .backends import split
@@ -30,7 +31,7 @@ from .results import (
     TruthComparison,
 )
 
-OUTPUTS = ("pooled", "tokens")
+OUTPUTS = OUTPUT_NAMES  # every artifact's graph: pixel_values -> pooled, tokens
 NEIGHBOURS_K = 10  # k of overlap@k, or fewer when there are fewer images
 SHAPE, REFERENCE_SHAPE = "shape", "reference_shape"  # per (output, group): one item's shape, the backend's and the reference's
 

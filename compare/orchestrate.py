@@ -62,11 +62,8 @@ def run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndar
                  image: dict | None = None) -> tuple[list, Run, list, list]:
     if not options.replay:
         return _run_backends(options, art, batch, step, plan, image, None)
-    with processes.temp_folder(REPLAY_PREFIX) as folder:  # the reference's block inputs and outputs, for the others to replay
+    with processes.temp_folder(processes.REPLAY_PREFIX) as folder:  # the reference's block inputs and outputs, for the others to replay
         return _run_backends(options, art, batch, step, plan, image, folder)
-
-
-REPLAY_PREFIX = processes.REPLAY_PREFIX
 
 
 def _run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.ndarray, step, plan: dict | None,
@@ -189,11 +186,8 @@ def _run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.nda
     return statuses, run, timings, warnings
 
 
-IMAGES_PREFIX = processes.IMAGES_PREFIX  # + the parent's pid: the --images run folder, removed by the next run if left
-
-
 @contextlib.contextmanager
 def images_folder():
     """The --images run folder in the temp folder: the preprocessed inputs and the truth's and reference's outputs."""
-    with processes.temp_folder(IMAGES_PREFIX) as folder:
+    with processes.temp_folder(processes.IMAGES_PREFIX) as folder:  # + the parent's pid; the next run removes one left behind
         yield folder

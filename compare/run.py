@@ -33,8 +33,6 @@ from .plan import (
 )
 from .results import BackendStatus, LatencyStats, Report, TruthComparison
 
-OUTPUTS = judge.OUTPUTS
-
 
 def version_warnings(manifest: dict) -> list[str]:
     here, there = environment.versions(), manifest.get("versions", {})

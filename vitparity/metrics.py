@@ -76,11 +76,7 @@ class Agreement:
             return 1.0
         if not all(np.isfinite(v) for v in (self.dot, self.aa, self.bb)):
             return float("nan")
-        if self.aa == 0 and self.bb == 0:
-            return 1.0
-        if self.aa == 0 or self.bb == 0:
-            return 0.0
-        return float(np.clip(self.dot / np.sqrt(self.aa * self.bb), -1.0, 1.0))
+        return _cosine_of_sums(self.dot, self.aa, self.bb)
 
     @property
     def worst_sample_cosine(self) -> float:
@@ -88,9 +84,23 @@ class Agreement:
 
     @property
     def relative_error(self) -> float:
-        if self.bb == 0:
-            return 0.0 if self.diff == 0 else float("inf")
-        return float(np.sqrt(self.diff) / np.sqrt(self.bb))
+        return _relative_error_of_sums(self.diff, self.bb)
+
+
+def _cosine_of_sums(dot: float, aa: float, bb: float) -> float:
+    """The cosine from sum a.b, sum a.a and sum b.b, with `cosine`'s edge cases: both zero 1.0, one zero 0.0."""
+    if aa == 0 and bb == 0:
+        return 1.0
+    if aa == 0 or bb == 0:
+        return 0.0
+    return float(np.clip(dot / np.sqrt(aa * bb), -1.0, 1.0))
+
+
+def _relative_error_of_sums(diff: float, bb: float) -> float:
+    """||a - b|| / ||b|| from sum |a-b|^2 and sum |b|^2: 0.0 when both are zero, Inf when only b is."""
+    if bb == 0:
+        return 0.0 if diff == 0 else float("inf")
+    return float(np.sqrt(diff) / np.sqrt(bb))
 
 
 def max_abs_diff(a, b) -> float:
@@ -201,15 +211,8 @@ def over_samples(figures: dict[str, np.ndarray]) -> dict[str, float]:
         nan = float("nan")
         return {**found, "cosine": nan, "rel_error": nan, "worst_cosine": nan, "worst_rel_error": nan}
     dot, got, ref, diff = (float(np.sum(figures[key])) for key in ("dot", "sq_got", "sq_ref", "sq_diff"))
-    if got == 0 and ref == 0:
-        cosine_value = 1.0
-    elif got == 0 or ref == 0:
-        cosine_value = 0.0
-    else:
-        cosine_value = float(np.clip(dot / np.sqrt(got * ref), -1.0, 1.0))
-    rel_value = (0.0 if diff == 0 else float("inf")) if ref == 0 else float(np.sqrt(diff / ref))
-    return {**found, "cosine": cosine_value, "rel_error": rel_value, "worst_cosine": float(np.min(cos)),
-            "worst_rel_error": float(np.max(rel))}
+    return {**found, "cosine": _cosine_of_sums(dot, got, ref), "rel_error": _relative_error_of_sums(diff, ref),
+            "worst_cosine": float(np.min(cos)), "worst_rel_error": float(np.max(rel))}
 
 
 def neighbours(reference, other, k: int, chunk: int = 64) -> dict[str, float]:

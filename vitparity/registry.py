@@ -5,6 +5,7 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .artifact import MANIFEST, plain_name
 from .errors import UserError
 
 ALIASES = {
@@ -40,7 +41,7 @@ def resolve(name: str, exported: Path | str | None = None) -> ModelSpec:
     for alias, timm_name in ALIASES.items():
         if name == timm_name:
             return ModelSpec(alias=alias, timm_name=timm_name)
-    if exported is not None and _plain(name) and (Path(exported) / name / "manifest.json").is_file():
+    if exported is not None and plain_name(name) and (Path(exported) / name / MANIFEST).is_file():
         return ModelSpec(alias=None, timm_name=name)
     import timm  # only here: importing it (and torch) costs seconds that a registered name need not pay
 
@@ -53,10 +54,6 @@ def resolve(name: str, exported: Path | str | None = None) -> ModelSpec:
     raise UserError(
         f"model '{name}' is not known.{hint} See: python -m exporter --list"
     )
-
-
-def _plain(name: str) -> bool:
-    return bool(name) and "/" not in name and "\\" not in name and "\0" not in name and not name.startswith(".")
 
 
 def create(spec: ModelSpec, **kwargs):

@@ -236,7 +236,10 @@ class OnnxRuntime(Backend):
                 # The block's parts too (its sub-modules' outputs, by the nodes' module scopes), where the reference
                 # recorded the same part and this graph still has the value.
                 recorded = Path(folder) / f"block_{index}.parts.npz"
-                wants = dict(np.load(recorded, allow_pickle=False)) if recorded.is_file() else {}
+                wants = {}
+                if recorded.is_file():
+                    with np.load(recorded, allow_pickle=False) as found:
+                        wants = {name: found[name] for name in found.files}
                 parts = {part: value for part, value in blocks.block_parts(scoped, index).items()
                          if part in wants and value in made and value != leaving}
                 onnx.save(extractor.extract_model([entry, self.input_name], [leaving, *parts.values()]), str(path))

@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the hub; the auto path is tested offline
 
-from tests.helpers import TINY  # noqa: E402 - after the environment is set
+from tests.helpers import ORT_ONLY, TINY, SecondOrtCpu  # noqa: E402 - after the environment is set
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +55,41 @@ def variants_root(artifacts_root, tmp_path_factory) -> Path:
     shutil.copytree(artifacts_root / TINY, root / TINY)
     add_variants(root, TINY, VariantOptions(variants=("int8", "fp16")))
     return root
+
+
+@pytest.fixture(scope="session")
+def decomposed_root(tmp_path_factory) -> Path:
+    """The tiny model exported with --decompose-layernorm through the exporter's CLI (in-process), once per worker."""
+    from exporter.cli import main
+
+    root = tmp_path_factory.mktemp("decomposed")
+    assert main([TINY, "--weights", "random", "--decompose-layernorm", "--artifacts", str(root)]) == 0
+    return root
+
+
+@pytest.fixture
+def ort_only(monkeypatch) -> list[str]:
+    """The flags of a run with no torch process (tests/helpers.py ORT_ONLY), its second backend registered."""
+    from compare.backends import BACKENDS
+
+    monkeypatch.setitem(BACKENDS, SecondOrtCpu.name, SecondOrtCpu)
+    return list(ORT_ONLY)
+
+
+# The longest tests that cannot be split (a sweep, Ray, kills across a publish window, whole exports of other models)
+# are collected first: the xdist workers then end together on short tests, instead of one of them finishing alone
+# on a 45 s sweep that happened to be collected last.
+LONG_FIRST = (
+    "tests/zoo/test_sweep.py::test_a_sweep_records",
+    "tests/zoo/test_ray.py",
+    "tests/vitparity/test_artifact.py::test_kill",
+    "tests/exporter/test_variants.py::test_a_kill",
+    "tests/compare/test_layers.py::test_layers_",
+    "tests/compare/test_replay.py",
+    "tests/compare/test_images.py::test_an_image_set",
+    "tests/compare/test_images.py::test_the_parent",
+)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: not item.nodeid.startswith(LONG_FIRST))  # stable: the order within each part stays

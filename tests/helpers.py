@@ -187,6 +187,18 @@ class LowPrecisionCpu(TorchEager):
 
 # ---------------------------------------------------------------------------------------------
 # Backends that misbehave, for the worker boundary. They live here so a worker process can import them.
+# Those whose subject is the process boundary (a crash, a hang, the working directory, a bug) are onnxruntime
+# rows: their workers start in a second where a torch worker takes about four (torch and timm imports).
+
+
+class SecondOrtCpu(OrtCpu):
+    """ort-cpu again under another name. With `ORT_ONLY` (--reference ort-cpu and a seeded input) a run starts no
+    process that imports torch: for tests whose subject is the orchestration, the verdict or the files."""
+
+    name = "ort-cpu-2"
+
+
+ORT_ONLY = ("--backends", "ort-cpu,ort-cpu-2", "--reference", "ort-cpu", "--input", "random")
 
 
 class FaultyCpu(TorchCpu):
@@ -196,15 +208,23 @@ class FaultyCpu(TorchCpu):
 
     name = "faulty-cpu"
     tolerance = "same-host"
+    fault: tuple[int, str] | None = None  # (block, part) in place of the environment's
 
     def load(self, artifact, precision):
         import torch
 
         facts = super().load(artifact, precision)
-        block = self.module.model.blocks[int(os.environ["FAULT_BLOCK"])]
+        index, part = self.fault or (int(os.environ["FAULT_BLOCK"]), os.environ["FAULT_PART"])
         with torch.no_grad():
-            block.get_submodule(os.environ["FAULT_PART"]).weight.mul_(float(os.environ.get("FAULT_SCALE", "1.05")))
+            self.module.model.blocks[index].get_submodule(part).weight.mul_(float(os.environ.get("FAULT_SCALE", "1.05")))
         return facts
+
+
+class FaultyQkv(FaultyCpu):
+    """A second faulty device for the same run: its fault is in block 3's attn.qkv."""
+
+    name = "faulty-qkv"
+    fault = (3, "attn.qkv")
 
 
 class WrongAtThree(TorchCpu):
@@ -219,8 +239,8 @@ class WrongAtThree(TorchCpu):
         return (pooled * 1.02, tokens * 1.02) if prepared.shape[0] == 3 else (pooled, tokens)
 
 
-class Segfaults(TorchCpu):
-    """Loads like torch-cpu, then dies of SIGSEGV in the middle of the run, as a vendor library might."""
+class Segfaults(OrtCpu):
+    """Loads like ort-cpu, then dies of SIGSEGV in the middle of the run, as a vendor library might."""
 
     name = "segfaults"
     tolerance = "accelerator"
@@ -229,7 +249,7 @@ class Segfaults(TorchCpu):
         os.kill(os.getpid(), signal.SIGSEGV)
 
 
-class Hangs(TorchCpu):
+class Hangs(OrtCpu):
     """Never answers, like a device stuck in a driver call."""
 
     name = "hangs"
@@ -239,8 +259,8 @@ class Hangs(TorchCpu):
         time.sleep(3600)
 
 
-class ReportsCwd(TorchCpu):
-    """torch-cpu that also reports the working directory its worker was started in."""
+class ReportsCwd(OrtCpu):
+    """ort-cpu that also reports the working directory its worker was started in."""
 
     name = "reports-cwd"
     tolerance = "accelerator"
@@ -249,8 +269,8 @@ class ReportsCwd(TorchCpu):
         return {**super().load(artifact, precision), "cwd": os.getcwd()}
 
 
-class BuggyLayers(TorchCpu):
-    """torch-cpu whose per-block code has a bug (a TypeError in Python code): an error row, never a warning."""
+class BuggyLayers(OrtCpu):
+    """ort-cpu whose per-block code has a bug (a TypeError in Python code): an error row, never a warning."""
 
     name = "buggy-layers"
     tolerance = "accelerator"
@@ -408,3 +428,4 @@ def kill_at(root, delay, slow_site, *args):
         time.sleep(0.002)
     process.send_signal(signal.SIGKILL)
     process.wait()
+

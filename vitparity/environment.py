@@ -23,20 +23,33 @@ PROVIDERS = {
 }
 
 
-@functools.lru_cache(maxsize=None)  # scanning every installed distribution takes ~0.1 s; installs do not change mid-run
+@functools.lru_cache(maxsize=None)  # scanning every installed distribution takes 0.1-0.3 s; installs do not change mid-run
 def _by_module() -> dict[str, list[str]]:
     return md.packages_distributions()
+
+
+def _provides(name: str, module: str) -> bool:
+    """Whether distribution `name` is installed and ships top-level package `module` (what packages_distributions
+    reads, for one distribution: its top_level.txt, else the first folder of each file it installed)."""
+    try:
+        dist = md.distribution(name)
+    except md.PackageNotFoundError:
+        return False
+    top = dist.read_text("top_level.txt")
+    if top is not None:
+        return module in top.split()
+    return any(file.parts and file.parts[0] == module for file in dist.files or ())
 
 
 def distributions(module: str) -> list[str]:
     """The installed distributions that provide `module`, the one `import module` would load first
     (e.g. ["onnxruntime-cann"]). More than one means their files may be mixed: pip does not know
     that onnxruntime and onnxruntime-cann are the same package."""
-    found = _by_module().get(module, [])
     known = PROVIDERS.get(module, (module,))
-    # packages_distributions() spells names as their metadata does; compare normalised names.
-    normal = {name.lower().replace("_", "-") for name in found}
-    names = [name for name in known if name in normal] or sorted(normal)
+    # The known providers are asked one by one; scanning every installed distribution (packages_distributions)
+    # is left for a module that none of them provides. It spells names as their metadata does: normalised here.
+    names = [name for name in known if _provides(name, module)] or sorted(
+        {name.lower().replace("_", "-") for name in _by_module().get(module, [])})
     spec = importlib.util.find_spec(module)  # finds, does not run, the module import would load
     origin = Path(spec.origin).resolve() if spec and spec.origin else None
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 
 from compare.backends import BACKENDS
 from compare.cli import main
 from tests.helpers import TINY, LowPrecisionCpu, has_row, runnable
+from vitparity import artifact
 
 FAST = ["--iters", "2", "--warmup", "0"]
 
@@ -18,14 +20,12 @@ def _main(capsys, *args):
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("model,tokens", [("dinov2", "1x1374x384"), ("dinov3", "1x261x384")])
-def test_compare_prints_both_tables_and_passes(artifacts_root, capsys, tmp_path, model, tokens):
-    code, out, err = _main(capsys, model, "--artifacts", str(artifacts_root), *FAST, "--json", str(tmp_path / "r.json"))
+def _assert_default_run(code, out, err, report, model, tokens):
+    """What every default run (every backend this host has, latency on) shows."""
     assert code == 0, out + err
     assert "Accuracy against torch-cpu" in out and "Latency" in out
     assert has_row(out, "ort-cpu", "tokens", tokens)
     assert "PASS" in out and "FAIL" not in out
-    report = json.loads((tmp_path / "r.json").read_text())["reports"][0]
     assert report["model"] == model and report["exit_code"] == 0 and report["verdict"] == "PASS"
     assert report["input"]["kind"] == "image" and report["input"]["source"].endswith("grace_hopper.jpg")
     # What runs depends on the host: every backend whose probe passes here (the accelerators on theirs).
@@ -42,6 +42,34 @@ def test_compare_prints_both_tables_and_passes(artifacts_root, capsys, tmp_path,
     assert set(skipped) >= set(BACKENDS) - set(here)
     if "torch-npu" not in here:
         assert "torch_npu is not installed" in skipped["torch-npu"] and "SKIPPED" in out
+
+
+def test_dinov2_compare_prints_both_tables_and_passes(artifacts_root, capsys, tmp_path):
+    code, out, err = _main(capsys, "dinov2", "--artifacts", str(artifacts_root), *FAST, "--json", str(tmp_path / "r.json"))
+    _assert_default_run(code, out, err, json.loads((tmp_path / "r.json").read_text())["reports"][0], "dinov2", "1x1374x384")
+
+
+def test_dinov3_passes_at_every_block_and_its_saved_reference_passes_on_the_way_back(artifacts_root, capsys, tmp_path):
+    """One default dinov3 run with --layers and --save-reference, then the saved file given back with --against."""
+    saved = tmp_path / "dinov3.npz"
+    code, out, err = _main(capsys, "dinov3", "--artifacts", str(artifacts_root), *FAST, "--layers", "--save-reference", str(saved),
+                           "--json", str(tmp_path / "r.json"))
+    report = json.loads((tmp_path / "r.json").read_text())["reports"][0]
+    _assert_default_run(code, out, err, report, "dinov3", "1x261x384")
+    rows = [r for r in report["layers"] if r["backend"] == "ort-cpu"]
+    assert [r["layer"] for r in rows] == [f"block_{i}" for i in range(12)] + ["norm"]
+    assert all(r["passed"] and r["cosine"] > 0.99999 for r in rows)
+    assert report["drift"]["ort-cpu"].startswith("ort-cpu: no drift")
+    assert has_row(out, "block_11") and "Per-block agreement" in out
+    # blocks.onnx is cached next to the artifact and hashed in its manifest.
+    art = artifact.load(artifacts_root, "dinov3")
+    assert "blocks.onnx" in art.manifest["files"] and art.manifest["blocks"]["count"] == 12
+    code, out, _ = _main(capsys, "dinov3", "--artifacts", str(artifacts_root), "--backends", "torch-cpu", "--no-latency",
+                         "--against", str(saved), "--json", str(tmp_path / "back.json"))
+    back = json.loads((tmp_path / "back.json").read_text())["reports"][0]
+    host = socket.gethostname()
+    assert code == 0 and f"ort-cpu@{host}" in out
+    assert {f"ort-cpu@{host}", f"torch-cpu@{host}"} <= {r["backend"] for r in back["accuracy"] if r["passed"]}
 
 
 def test_batch_sweep_random_input_and_another_reference(artifacts_root, capsys, tmp_path):
@@ -102,7 +130,7 @@ def test_version_drift_since_export_is_warned(artifacts_root):
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_low_precision_run_is_judged_by_its_own_class(artifacts_root, capsys, monkeypatch, tmp_path, dtype):
     monkeypatch.setitem(BACKENDS, LowPrecisionCpu.name, LowPrecisionCpu)
-    code, out, err = _main(capsys, "dinov3", "--artifacts", str(artifacts_root), "--backends", "torch-cpu,torch-cpu-lowp",
+    code, out, err = _main(capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,torch-cpu-lowp",
                            "--dtype", dtype, "--no-latency", "--json", str(tmp_path / "r.json"))
     assert code == 0, out + err
     report = json.loads((tmp_path / "r.json").read_text())["reports"][0]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from compare.cli import main
-from tests.helpers import TINY, has_row, rewrite_weights
+from tests.helpers import TINY, rewrite_weights
 from vitparity import artifact
 
 
@@ -17,29 +17,15 @@ def _layers(capsys, tmp_path, model, root, *extra):
     return code, out, json.loads((tmp_path / "r.json").read_text())["reports"][0]
 
 
-@pytest.mark.parametrize("model,blocks", [("dinov3", 12)])  # dinov2 is the same family, 4x the tokens: its taps are the sweep's (README coverage)
-def test_clean_artifact_passes_at_every_block(artifacts_root, capsys, tmp_path, model, blocks):
-    code, out, report = _layers(capsys, tmp_path, model, artifacts_root, "--backends", "torch-cpu,ort-cpu")
-    assert code == 0
-    rows = [r for r in report["layers"] if r["backend"] == "ort-cpu"]
-    assert [r["layer"] for r in rows] == [f"block_{i}" for i in range(blocks)] + ["norm"]
-    assert all(r["passed"] and r["cosine"] > 0.99999 for r in rows)
-    assert report["drift"]["ort-cpu"].startswith("ort-cpu: no drift")
-    assert has_row(out, "block_11") and "Per-block agreement" in out
-    # blocks.onnx is cached next to the artifact and hashed in its manifest.
-    art = artifact.load(artifacts_root, model)
-    assert "blocks.onnx" in art.manifest["files"] and art.manifest["blocks"]["count"] == blocks
-
-
-def test_blocks_onnx_is_rebuilt_when_model_onnx_changes(tiny_copy, capsys, tmp_path):
-    _layers(capsys, tmp_path, TINY, tiny_copy, "--backends", "torch-cpu,ort-cpu")
+def test_blocks_onnx_is_rebuilt_when_model_onnx_changes(tiny_copy, capsys, tmp_path, ort_only):
+    _layers(capsys, tmp_path, TINY, tiny_copy, *ort_only)
     built_from = artifact.load(tiny_copy, TINY).manifest["blocks"]["model_sha256"]
     manifest_path = tiny_copy / TINY / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["blocks"]["model_sha256"] = "0" * 64  # as if model.onnx had been re-exported since
     manifest_path.write_text(json.dumps(manifest))
     before = (tiny_copy / TINY / "blocks.onnx").stat().st_mtime_ns
-    _layers(capsys, tmp_path, TINY, tiny_copy, "--backends", "torch-cpu,ort-cpu")
+    _layers(capsys, tmp_path, TINY, tiny_copy, *ort_only)
     assert artifact.load(tiny_copy, TINY).manifest["blocks"]["model_sha256"] == built_from
     assert (tiny_copy / TINY / "blocks.onnx").stat().st_mtime_ns != before
 

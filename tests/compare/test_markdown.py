@@ -18,7 +18,7 @@ from compare.cli import main, parse
 from compare.plan import CompareOptions
 from compare.results import LayerComparison
 from compare.run import compare
-from tests.helpers import TINY, make_argv
+from tests.helpers import TINY, SecondOrtCpu, make_argv
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SECTIONS = (
@@ -149,9 +149,15 @@ def tiny_run(artifacts_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_report(artifacts_root):
-    report, _ = compare(TINY, CompareOptions(
-        artifacts=str(artifacts_root), backends=("torch-cpu", "ort-cpu"), warmup=0, iters=2, batch_sizes=(1, 2),
-    ))
+    """A Report object for the pure functions: ort-cpu-2 against ort-cpu on a seeded batch (no torch process)."""
+    from compare.backends import BACKENDS
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(BACKENDS, SecondOrtCpu.name, SecondOrtCpu)
+        report, _ = compare(TINY, CompareOptions(
+            artifacts=str(artifacts_root), backends=("ort-cpu", SecondOrtCpu.name), reference="ort-cpu", input="random",
+            warmup=0, iters=2, batch_sizes=(1, 2),
+        ))
     return report
 
 
@@ -349,14 +355,14 @@ def test_a_nan_metric_prints_as_nan_and_makes_the_conclusion_worst(tiny_report):
 
 
 def with_layers(report):
-    """`report` with hand-made layer rows: ort-cpu drifts from block_1 on, the norm fails."""
+    """`report` with hand-made layer rows: ort-cpu-2 drifts from block_1 on, the norm fails."""
     cosines = {"block_0": 0.99999999, "block_1": 0.9999123, "norm": 0.9981}
     rows = [
-        LayerComparison(backend="ort-cpu", layer=layer, cosine=cos, max_abs=1e-3 * i, rel_error=(1 - cos) * 10,
+        LayerComparison(backend="ort-cpu-2", layer=layer, cosine=cos, max_abs=1e-3 * i, rel_error=(1 - cos) * 10,
                         nonfinite=0, passed=cos > 0.999)
         for i, (layer, cos) in enumerate(cosines.items())
     ]
-    drift = {"ort-cpu": "ort-cpu: drift starts at norm (cos 0.9981, rel err 1.90e-02)"}
+    drift = {"ort-cpu-2": "ort-cpu-2: drift starts at norm (cos 0.9981, rel err 1.90e-02)"}
     return dataclasses.replace(report, layers=rows, drift=drift)
 
 
@@ -365,15 +371,15 @@ def test_layer_rows_give_a_drift_section_and_a_block_chart(tiny_report, tmp_path
     written = markdown.write(tmp_path / "r.md", [report], "python -m compare test_vit --layers")
     text = written[0].read_text()
     drift = section(text, "### Per-block drift")
-    assert f"- {report.drift['ort-cpu']}" in drift.splitlines()
+    assert f"- {report.drift['ort-cpu-2']}" in drift.splitlines()
     rows = {row["layer"]: row for row in table(drift)}
     assert list(rows) == [r.layer for r in report.layers]
     for want in report.layers:
         got = rows[want.layer]
-        assert_printed(got["ort-cpu cosine"], want.cosine)
-        assert_printed(got["ort-cpu rel err"], want.rel_error)
-        assert got["ort-cpu cosine"].startswith("**") == (not want.passed), "failing blocks are bold"
-    assert "first failing layer norm" in conclusions(text)["ort-cpu"]
+        assert_printed(got["ort-cpu-2 cosine"], want.cosine)
+        assert_printed(got["ort-cpu-2 rel err"], want.rel_error)
+        assert got["ort-cpu-2 cosine"].startswith("**") == (not want.passed), "failing blocks are bold"
+    assert "first failing layer norm" in conclusions(text)["ort-cpu-2"]
     if importlib.util.find_spec("matplotlib"):
         charts = links(drift, tmp_path)
         assert [path.name for path in charts] == [f"r-{TINY}-blocks.png"]
@@ -381,8 +387,8 @@ def test_layer_rows_give_a_drift_section_and_a_block_chart(tiny_report, tmp_path
         assert charts[0] in written
 
 
-def test_layers_flag_puts_the_json_drift_and_block_numbers_in_the_report(artifacts_root, tmp_path):
-    _, text, results = run_cli(artifacts_root, tmp_path, "--backends", "torch-cpu,ort-cpu", "--no-latency", "--layers")
+def test_layers_flag_puts_the_json_drift_and_block_numbers_in_the_report(artifacts_root, tmp_path, ort_only):
+    _, text, results = run_cli(artifacts_root, tmp_path, *ort_only, "--no-latency", "--layers")
     report = results["reports"][0]
     assert report["layers"], "--layers gave no layer rows"
     drift = section(text, "### Per-block drift")
@@ -403,14 +409,14 @@ def test_a_backend_failing_only_on_neighbours_is_fail_in_every_line_of_the_repor
     verdict line and its per-backend conclusion all say FAIL (the conclusion once said PASS from accuracy alone)."""
     from compare.results import NeighbourComparison
 
-    assert all(row.passed for row in tiny_report.accuracy if row.backend == "ort-cpu")
-    failing = NeighbourComparison(backend="ort-cpu", k=3, overlap=0.5, nearest_unchanged=0.5, tolerance="same-host fp32",
+    assert all(row.passed for row in tiny_report.accuracy if row.backend == "ort-cpu-2")
+    failing = NeighbourComparison(backend="ort-cpu-2", k=3, overlap=0.5, nearest_unchanged=0.5, tolerance="same-host fp32",
                                   min_overlap=1.0, min_nearest=1.0, passed=False)
     report = dataclasses.replace(tiny_report, neighbours=[failing])
     assert report.verdict.status == "FAIL" and report.to_dict()["verdict"] == "FAIL" and report.exit_code == 1
     text = markdown.document([report], "python -m compare test_vit")
     assert text.splitlines()[2].startswith("**FAIL**")
-    [status] = [b for b in report.backends if b.name == "ort-cpu"]
-    assert markdown.conclusion(report, status).startswith("ort-cpu: FAIL (neighbour agreement)")
+    [status] = [b for b in report.backends if b.name == "ort-cpu-2"]
+    assert markdown.conclusion(report, status).startswith("ort-cpu-2: FAIL (neighbour agreement)")
     not_judged = dataclasses.replace(failing, passed=None, note="not judged: 1 image, neighbours need at least 2")
     assert dataclasses.replace(tiny_report, neighbours=[not_judged]).verdict.status == tiny_report.verdict.status

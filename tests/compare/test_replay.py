@@ -9,7 +9,7 @@ import pytest
 
 from compare.backends import BACKENDS
 from compare.cli import main
-from tests.helpers import TINY, FaultyCpu, LowPrecisionCpu, rewrite_weights
+from tests.helpers import TINY, FaultyCpu, FaultyQkv, LowPrecisionCpu, rewrite_weights
 
 
 def _replay(capsys, tmp_path, model, root, *extra):
@@ -22,6 +22,7 @@ def _replay(capsys, tmp_path, model, root, *extra):
 @pytest.fixture
 def faulty(monkeypatch):
     monkeypatch.setitem(BACKENDS, FaultyCpu.name, FaultyCpu)
+    monkeypatch.setitem(BACKENDS, FaultyQkv.name, FaultyQkv)
 
     def seed(block: int, part: str) -> None:
         monkeypatch.setenv("FAULT_BLOCK", str(block))
@@ -34,7 +35,7 @@ def faulty(monkeypatch):
 def test_a_faulty_fc1_makes_the_largest_local_error_and_is_named_inside_its_block(artifacts_root, capsys, tmp_path, faulty,
                                                                                   model, block):
     faulty(block, "mlp.fc1")
-    backends = "torch-cpu,faulty-cpu" + (",ort-cpu" if model == TINY else "")
+    backends = "torch-cpu,faulty-cpu" + (",ort-cpu,faulty-qkv" if model == TINY else "")
     code, out, report, markdown = _replay(capsys, tmp_path, model, artifacts_root, "--backends", backends)
     assert code == 1
     rows = {r["layer"]: r for r in report["layers"] if r["backend"] == FaultyCpu.name}
@@ -57,15 +58,10 @@ def test_a_faulty_fc1_makes_the_largest_local_error_and_is_named_inside_its_bloc
     if model == TINY:  # an onnxruntime row that agrees makes no error of its own at any block
         ort = [r for r in report["layers"] if r["backend"] == "ort-cpu" and r["layer"].startswith("block_")]
         assert ort and all(r["local_rel_error"] < 1e-4 for r in ort)
-
-
-def test_a_faulty_qkv_is_named_as_the_attention(artifacts_root, capsys, tmp_path, faulty):
-    faulty(3, "attn.qkv")
-    code, _, report, _ = _replay(capsys, tmp_path, TINY, artifacts_root, "--backends", "torch-cpu,faulty-cpu")
-    assert code == 1
-    first = next(p for p in report["parts"] if not p["passed"])
-    assert (first["layer"], first["part"]) == ("block_3", "attn.qkv")
-    assert "inside it, attn.qkv drifts first" in report["drift"][FaultyCpu.name]
+        # A second faulty device in the same run, its fault in block 3's qkv: named as the attention.
+        first = next(p for p in report["parts"] if p["backend"] == FaultyQkv.name and not p["passed"])
+        assert (first["layer"], first["part"]) == ("block_3", "attn.qkv")
+        assert "inside it, attn.qkv drifts first" in report["drift"][FaultyQkv.name]
 
 
 def test_fp16_overflow_in_one_mlp_names_it_and_the_advised_flag_passes(tiny_copy, capsys, tmp_path, monkeypatch):

@@ -53,8 +53,8 @@ def test_a_provider_that_falls_back_to_the_cpu_is_skipped_with_the_reason_never_
 
 def test_require_a_provider_that_fell_back_exits_2(artifacts_root, tmp_path):
     env = _lying(tmp_path, "CANNExecutionProvider")
-    result = run_cli("compare", TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,ort-cann",
-                     "--require", "ort-cann", "--no-latency", env=env)
+    result = run_cli("compare", TINY, "--artifacts", str(artifacts_root), "--backends", "ort-cpu,ort-cann", "--reference", "ort-cpu",
+                     "--input", "random", "--require", "ort-cann", "--no-latency", env=env)
     assert result.returncode == 2
     assert "required backend ort-cann is unavailable: onnxruntime fell back to the CPU" in result.stderr
     assert "Traceback" not in result.stderr
@@ -170,13 +170,11 @@ def test_placement_summary_names_what_fell_back_to_the_cpu():
     assert placement_summary(placement(profile), "CANNExecutionProvider") == "CANN 26 / CPU 25: LayerNormalization x25"
 
 
-def test_layernorm_decomposed_variant_is_verified_hashed_and_picked_by_ort_cann(tmp_path):
+def test_layernorm_decomposed_variant_is_verified_hashed_and_picked_by_ort_cann(decomposed_root):
     import onnx
     import onnxruntime as ort
 
-    result = run_cli("exporter", TINY, "--weights", "random", "--decompose-layernorm", "--artifacts", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    art = artifact.load(tmp_path, TINY)  # every file's hash checks out, the variant's included
+    art = artifact.load(decomposed_root, TINY)  # every file's hash checks out, the variant's included
     variant = art.path("model.ln-decomposed.onnx")
     assert "model.ln-decomposed.onnx" in art.manifest["files"]
     assert art.manifest["variants"]["model.ln-decomposed.onnx"]["layernorms_decomposed"] > 0

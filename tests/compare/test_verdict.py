@@ -62,21 +62,20 @@ def test_an_empty_report_is_never_a_pass():
     assert not report.passed and report.to_dict()["exit_code"] == 2 and report.to_dict()["verdict"] == "NOT COMPARED"
 
 
-def test_a_stored_reference_whose_outputs_were_tampered_with_fails(artifacts_root, capsys, tmp_path):
+def test_a_stored_reference_whose_outputs_were_tampered_with_fails(artifacts_root, capsys, tmp_path, ort_only):
     saved, tampered = tmp_path / "ref.npz", tmp_path / "tampered.npz"
-    assert call(main, capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,ort-cpu", "--no-latency",
-                "--save-reference", str(saved))[0] == 0
+    assert call(main, capsys, TINY, "--artifacts", str(artifacts_root), *ort_only, "--no-latency", "--save-reference", str(saved))[0] == 0
     with np.load(saved, allow_pickle=False) as data:
         arrays = {key: data[key] for key in data.files}
-    key = "outputs/ort-cpu/pooled"
+    key = "outputs/ort-cpu-2/pooled"
     arrays[key] = arrays[key] * 1.05  # 5% off: far outside same-host fp32
     np.savez(tampered, **arrays)
-    code, out, _ = call(main, capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu", "--no-latency",
+    code, out, _ = call(main, capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "ort-cpu", *ort_only[2:], "--no-latency",
                         "--against", str(tampered), "--json", str(tmp_path / "r.json"))
     [report] = json.loads((tmp_path / "r.json").read_text())["reports"]
     assert code == 1 and report["verdict"] == "FAIL" and "FAIL" in out
     failing = {(r["backend"].split("@")[0], r["output"]) for r in report["accuracy"] if not r["passed"]}
-    assert failing == {("ort-cpu", "pooled")}
+    assert failing == {("ort-cpu-2", "pooled")}
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -100,17 +99,18 @@ def test_exporter_thresholds_are_range_checked_too(capsys):
     assert code == 2 and "--max-abs must be an absolute difference above 0" in one_line_error(err)
 
 
-def test_an_override_is_named_in_the_verdict_line_and_the_json_and_repeated_backends_run_once(artifacts_root, capsys, tmp_path):
-    code, out, _ = call(main, capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "ort-cpu,torch-cpu,ort-cpu",
-                        "--no-latency", "--min-cosine", "0.9", "--json", str(tmp_path / "r.json"))
+def test_an_override_is_named_in_the_verdict_line_and_the_json_and_repeated_backends_run_once(artifacts_root, capsys, tmp_path,
+                                                                                            ort_only):
+    code, out, _ = call(main, capsys, TINY, "--artifacts", str(artifacts_root), *ort_only, "--no-latency", "--min-cosine", "0.9",
+                        "--json", str(tmp_path / "r.json"), "--backends", "ort-cpu-2,ort-cpu,ort-cpu-2")
     [report] = json.loads((tmp_path / "r.json").read_text())["reports"]
     assert code == 0 and report["overrides"] == {"min_cosine": 0.9}
     verdict_line = [line for line in out.splitlines() if line.startswith(f"{TINY}: PASS")]
     assert verdict_line and "thresholds overridden for every class, same-host fp32 included: --min-cosine 0.9" in verdict_line[0]
     assert all(r["tolerance"].endswith("(overridden)") for r in report["accuracy"])
-    # ort-cpu named twice runs once, after the reference, and each of its rows appears once.
-    assert [b["name"] for b in report["backends"]] == ["torch-cpu", "ort-cpu"]
-    assert {r["backend"] for r in report["accuracy"]} == {"ort-cpu"}
+    # ort-cpu-2 named twice runs once, after the reference named after it, and each of its rows appears once.
+    assert [b["name"] for b in report["backends"]] == ["ort-cpu", "ort-cpu-2"]
+    assert {r["backend"] for r in report["accuracy"]} == {"ort-cpu-2"}
     assert len(report["accuracy"]) == len({(r["output"], r["group"]) for r in report["accuracy"]})
 
 
@@ -147,7 +147,7 @@ def test_a_malformed_data_config_is_refused_when_the_manifest_loads(tiny_copy, c
     assert code == 2 and message in one_line_error(err) and "is malformed" in err
 
 
-def test_the_manifest_records_the_verify_thresholds_and_looser_ones_are_warned(tiny_copy, capsys, artifacts_root):
+def test_the_manifest_records_the_verify_thresholds_and_looser_ones_are_warned(tiny_copy, capsys, artifacts_root, ort_only):
     recorded = json.loads((artifacts_root / TINY / "manifest.json").read_text())["verify"]["thresholds"]
     assert recorded == artifact.VERIFY_DEFAULTS
     path = tiny_copy / TINY / "manifest.json"
@@ -158,7 +158,7 @@ def test_the_manifest_records_the_verify_thresholds_and_looser_ones_are_warned(t
 
     code, _, err = call(export_main, capsys, TINY, "--artifacts", str(tiny_copy), "--if-missing")
     assert code == 0 and "verified looser than the defaults: --max-abs 1 (default 0.0001)" in err
-    code, out, _ = call(main, capsys, TINY, "--artifacts", str(tiny_copy), "--backends", "torch-cpu,ort-cpu", "--no-latency")
+    code, out, _ = call(main, capsys, TINY, "--artifacts", str(tiny_copy), *ort_only, "--no-latency")
     assert code == 0 and "verified looser than the defaults" in out
 
 

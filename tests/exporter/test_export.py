@@ -8,8 +8,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from exporter.export import ExportOptions, export
-from tests.helpers import TINY, call, run_cli
+from exporter.export import ExportOptions
+from tests.helpers import TINY, call
 from vitparity import artifact
 
 EXPECTED = {
@@ -59,11 +59,13 @@ def test_onnx_passes_full_checker_and_matches_eager_at_batch_1_and_3(artifacts_r
             assert np.abs(got - want).max() <= 1e-4
 
 
-def test_failed_verification_exits_1_and_leaves_the_good_artifact_untouched(tiny_copy):
+def test_failed_verification_exits_1_and_leaves_the_good_artifact_untouched(tiny_copy, capsys):
+    from exporter.cli import main
+
     before = {p.name: p.read_bytes() for p in (tiny_copy / TINY).iterdir() if p.is_file()}
-    result = run_cli("exporter", TINY, "--artifacts", str(tiny_copy), "--weights", "random", "--seed", "7", "--max-abs", "1e-12")
-    assert result.returncode == 1, result.stderr
-    assert "differs from eager" in result.stderr and "Traceback" not in result.stderr
+    code, _, err = call(main, capsys, TINY, "--artifacts", str(tiny_copy), "--weights", "random", "--seed", "7", "--max-abs", "1e-12")
+    assert code == 1, err
+    assert "differs from eager" in err and "Traceback" not in err
     after = {p.name: p.read_bytes() for p in (tiny_copy / TINY).iterdir() if p.is_file()}
     assert after == before
     assert not list(tiny_copy.glob(f".{TINY}.staging-*"))
@@ -83,36 +85,38 @@ def test_cli_prints_summary_table_and_json(tmp_path, capsys):
     assert "Exported artifacts" in out and "random-init (seed 0)" in out
 
 
-def test_unknown_model_exits_2_with_closest_names_and_no_traceback():
-    result = run_cli("exporter", "dinov4")
-    assert result.returncode == 2
-    assert "model 'dinov4' is not known" in result.stderr
-    assert "dinov2" in result.stderr and "dinov3" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_unknown_model_exits_2_with_closest_names_and_no_traceback(capsys):
+    from exporter.cli import main
+
+    code, _, err = call(main, capsys, "dinov4")
+    assert code == 2
+    assert "model 'dinov4' is not known" in err
+    assert "dinov2" in err and "dinov3" in err
+    assert "Traceback" not in err
 
 
-def test_list_shows_the_aliases():
-    result = run_cli("exporter", "--list")
-    assert result.returncode == 0
-    assert "vit_small_patch14_reg4_dinov2.lvd142m" in result.stdout
-    assert "vit_small_patch16_dinov3.lvd1689m" in result.stdout
+def test_list_shows_the_aliases(capsys):
+    from exporter.cli import main
+
+    code, out, _ = call(main, capsys, "--list")
+    assert code == 0
+    assert "vit_small_patch14_reg4_dinov2.lvd142m" in out
+    assert "vit_small_patch16_dinov3.lvd1689m" in out
 
 
-def test_any_timm_vit_name_exports(tmp_path):
-    result = export("test_vit2.r160_in1k", tmp_path, ExportOptions(weights="random"))
-    art = artifact.load(tmp_path, "test_vit2.r160_in1k")
-    assert result.model == "test_vit2.r160_in1k" and art.manifest["alias"] is None
-    assert art.manifest["pretrained_tag"] == "r160_in1k"
+def test_if_missing_exports_only_what_is_not_there_and_any_timm_vit_name_exports(tiny_copy, capsys):
+    from exporter.cli import main
 
-
-def test_if_missing_exports_only_what_is_not_there(tiny_copy):
     manifest = tiny_copy / TINY / "manifest.json"
     before = manifest.read_bytes()
-    result = run_cli("exporter", TINY, "test_vit2.r160_in1k", "--artifacts", str(tiny_copy), "--weights", "random", "--if-missing")
-    assert result.returncode == 0, result.stderr
-    assert f"{TINY}: an artifact exists" in result.stderr
+    code, _, err = call(main, capsys, TINY, "test_vit2.r160_in1k", "--artifacts", str(tiny_copy), "--weights", "random", "--if-missing")
+    assert code == 0, err
+    assert f"{TINY}: an artifact exists" in err
     assert manifest.read_bytes() == before
-    artifact.load(tiny_copy, "test_vit2.r160_in1k")
+    # A timm name that is no alias, with a pretrained tag, exports under that name.
+    art = artifact.load(tiny_copy, "test_vit2.r160_in1k")
+    assert art.manifest["model"] == "test_vit2.r160_in1k" and art.manifest["alias"] is None
+    assert art.manifest["pretrained_tag"] == "r160_in1k"
 
 
 def test_verify_bounds_the_abs_diff_per_unit_of_the_outputs_peak(tmp_path):

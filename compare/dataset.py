@@ -47,10 +47,9 @@ def preprocess(paths: list[Path], data_config: dict, folder: Path, step=lambda m
     Returns (images, skipped): {"path", "sha256"} per image written, in order, and {"path", "reason"} per
     file that is not a readable image. Nothing is dropped silently.
     """
-    from vitparity.images import eval_transform, printable
-    from vitparity.images import preprocess as one_image
+    from vitparity.images import eval_transform, open_rgb, printable
 
-    transform = eval_transform(data_config)
+    transform = None  # made at the first readable image: a folder with none is answered without importing torch and timm
     images, skipped = [], []
     with open(folder / INPUTS, "wb") as out:
         for index, path in enumerate(paths):
@@ -58,10 +57,12 @@ def preprocess(paths: list[Path], data_config: dict, folder: Path, step=lambda m
                 break
             step(f"preprocessing {progress_bar(index, len(paths))} {index}/{len(paths)} images")
             try:
-                array = one_image(path, data_config, transform)
+                rgb = open_rgb(path, data_config)
             except UserError as why:
                 skipped.append({"path": printable(path), "reason": str(why)})
                 continue
+            transform = transform or eval_transform(data_config)
+            array = transform(rgb).numpy()
             array.astype(np.float32).tofile(out)
             images.append({"path": printable(path), "sha256": sha256(path)})
     return images, skipped

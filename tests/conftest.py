@@ -58,6 +58,18 @@ def variants_root(artifacts_root, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def saved_tiny(artifacts_root, tmp_path_factory) -> Path:
+    """A reference of the tiny model, saved once per worker: torch-cpu and ort-cpu on the bundled photo, with
+    per-block taps. Tests read or damage copies of it, never it."""
+    from compare.cli import main
+
+    path = tmp_path_factory.mktemp("reference") / "tiny.npz"
+    assert main([TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,ort-cpu", "--no-latency", "--layers",
+                 "--save-reference", str(path)]) == 0
+    return path
+
+
+@pytest.fixture(scope="session")
 def decomposed_root(tmp_path_factory) -> Path:
     """The tiny model exported with --decompose-layernorm through the exporter's CLI (in-process), once per worker."""
     from exporter.cli import main
@@ -84,7 +96,7 @@ LONG_FIRST = (
     "tests/zoo/test_ray.py",
     "tests/vitparity/test_artifact.py::test_kill",
     "tests/exporter/test_variants.py::test_a_kill",
-    "tests/compare/test_layers.py::test_layers_",
+    "tests/compare/test_layers.py::test_layers_",  # other models exported
     "tests/compare/test_replay.py",
     "tests/compare/test_images.py::test_an_image_set",
     "tests/compare/test_images.py::test_the_parent",

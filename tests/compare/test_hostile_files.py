@@ -185,12 +185,9 @@ def test_abandoned_image_folders_are_removed_by_any_command(tmp_path, monkeypatc
 
 
 @pytest.fixture(scope="module")
-def saved(artifacts_root, tmp_path_factory):
-    """A real reference saved from the tiny ViT, and the artifact's manifest."""
-    path = tmp_path_factory.mktemp("saved") / "ref.npz"
-    assert main([TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,ort-cpu", "--no-latency",
-                 "--save-reference", str(path)]) == 0
-    return path, artifact.load(artifacts_root, TINY).manifest
+def saved(artifacts_root, saved_tiny):
+    """A real reference saved from the tiny ViT (conftest.py), and the artifact's manifest."""
+    return saved_tiny, artifact.load(artifacts_root, TINY).manifest
 
 
 def _rewrite(source, target, metadata=None, drop=(), extra=None):

@@ -2,6 +2,8 @@
 neighbour agreement, the fp64 truth, and memory that does not grow with the folder."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import tracemalloc
 
@@ -21,11 +23,22 @@ def photos(tmp_path_factory):
     return make_images(tmp_path_factory.mktemp("photos"), 12)
 
 
-def test_a_folder_of_images_gives_per_image_results_and_names_what_it_skipped(artifacts_root, photos, capsys, tmp_path):
-    code, out, err = call(main, capsys, TINY, "--artifacts", str(artifacts_root), *BASE, "--images", str(photos),
-                          "--batch-size", "5", "--json", str(tmp_path / "r.json"))
-    [report] = json.loads((tmp_path / "r.json").read_text())["reports"]
-    assert code == 0 and report["verdict"] == "PASS", out + err
+@pytest.fixture(scope="module")
+def photos_run(artifacts_root, photos, tmp_path_factory):
+    """One run over the photos for several tests: per image, neighbours, the fp64 truth, and a saved reference.
+    Batches of 5 over 12 images: the last batch is short. Returns (exit code, terminal text, report, saved file)."""
+    out = tmp_path_factory.mktemp("photos-run")
+    terminal = io.StringIO()
+    with contextlib.redirect_stdout(terminal):
+        code = main([TINY, "--artifacts", str(artifacts_root), *BASE, "--images", str(photos), "--batch-size", "5", "--truth", "fp64",
+                     "--save-reference", str(out / "photos.npz"), "--json", str(out / "r.json")])
+    [report] = json.loads((out / "r.json").read_text())["reports"]
+    return code, terminal.getvalue(), report, out / "photos.npz"
+
+
+def test_a_folder_of_images_gives_per_image_results_and_names_what_it_skipped(artifacts_root, photos, photos_run, tmp_path):
+    code, out, report, _ = photos_run
+    assert code == 0 and report["verdict"] == "PASS", out
     described = report["input"]
     paths = [image["path"] for image in described["images"]]
     assert described["count"] == 12 and len(paths) == 12
@@ -74,10 +87,8 @@ def test_a_perturbed_artifact_lowers_neighbour_agreement_names_the_worst_image_a
     assert truth[("ort-cpu", "pooled")]["ratio"] > 1000
 
 
-def test_the_fp64_truth_puts_the_cpu_references_own_error_next_to_each_backend(artifacts_root, capsys, tmp_path):
-    code, out, _ = call(main, capsys, TINY, "--artifacts", str(artifacts_root), *BASE, "--truth", "fp64",
-                        "--json", str(tmp_path / "r.json"))
-    [report] = json.loads((tmp_path / "r.json").read_text())["reports"]
+def test_the_fp64_truth_puts_the_cpu_references_own_error_next_to_each_backend(photos_run):
+    code, out, report, _ = photos_run
     assert code == 0
     truth = {(r["backend"], r["output"]): r for r in report["truth"]}
     assert set(truth) == {(b, o) for b in ("torch-cpu", "ort-cpu") for o in ("pooled", "tokens")}
@@ -98,8 +109,9 @@ def _peak_bytes(root, folder) -> int:
 
 
 def test_the_parent_holds_no_image_or_tokens_per_image(artifacts_root, tmp_path, ort_only):
-    few = make_images(tmp_path / "few", 20, extras=False)
-    many = make_images(tmp_path / "many", 120, extras=False)
+    few = make_images(tmp_path / "few", 10, extras=False)
+    many = make_images(tmp_path / "many", 110, extras=False)
+    _peak_bytes(artifacts_root, make_images(tmp_path / "warm", 2, extras=False))  # what a process's first run allocates once is not growth
     grown = _peak_bytes(artifacts_root, many) - _peak_bytes(artifacts_root, few)
     # 100 more images: holding their inputs would take 31 MB, their tokens 2.6 MB per backend. Per-image
     # figures and the 64-float pooled embeddings take well under 1 MB.
@@ -121,12 +133,11 @@ def test_bad_image_sets_are_one_line_errors(artifacts_root, capsys, tmp_path, ar
     assert code == 2 and message in one_line_error(err)
 
 
-def test_an_image_set_travels_by_content_hash_and_a_tampered_one_fails(artifacts_root, photos, capsys, tmp_path):
+def test_an_image_set_travels_by_content_hash_and_a_tampered_one_fails(artifacts_root, photos, photos_run, capsys, tmp_path):
     import numpy as np
 
-    saved = tmp_path / "photos.npz"
-    base = [TINY, "--artifacts", str(artifacts_root), "--no-latency", "--images", str(photos), "--batch-size", "4"]
-    assert call(main, capsys, *base, "--backends", "torch-cpu,ort-cpu", "--save-reference", str(saved))[0] == 0
+    saved = photos_run[3]
+    base = [TINY, "--artifacts", str(artifacts_root), "--no-latency", "--images", str(photos), "--batch-size", "5"]
     code, out, _ = call(main, capsys, *base, "--backends", "torch-cpu", "--against", str(saved), "--json", str(tmp_path / "r.json"))
     [report] = json.loads((tmp_path / "r.json").read_text())["reports"]
     assert code == 0 and report["verdict"] == "PASS", out

@@ -21,14 +21,6 @@ def cli(root: Path, model: str, *args: str) -> int:
     return main([model, "--artifacts", str(root), *FAST, *args])
 
 
-@pytest.fixture(scope="module")
-def saved_tiny(artifacts_root, tmp_path_factory) -> Path:
-    """A reference of the tiny model (default image input, per-block taps), saved once for this module."""
-    path = tmp_path_factory.mktemp("reference") / "tiny.npz"
-    assert cli(artifacts_root, TINY, "--layers", "--save-reference", str(path)) == 0
-    return path
-
-
 def test_round_trip_passes_and_shows_stored_rows_and_taps_in_json_and_table(artifacts_root, saved_tiny, tmp_path, capsys):
     capsys.readouterr()
     report_path = tmp_path / "report.json"

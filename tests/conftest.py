@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the hub; the auto path is tested offline
 
-from tests.helpers import ORT_ONLY, TINY, SecondOrtCpu  # noqa: E402 - after the environment is set
+from tests.helpers import ORT_ONLY, TINY, SecondOrtCpu, shared  # noqa: E402 - after the environment is set
 
 
 @pytest.fixture(scope="session")
@@ -47,36 +47,39 @@ def tiny_copy(artifacts_root, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def variants_root(artifacts_root, tmp_path_factory) -> Path:
-    """The tiny artifact with its int8 and fp16 variants added (exporter/precision.py), once per session."""
+def variants_root(artifacts_root, tmp_path_factory, worker_id) -> Path:
+    """The tiny artifact with its int8 and fp16 variants added (exporter/precision.py), once per run."""
     from exporter.precision import VariantOptions, add_variants
 
-    root = tmp_path_factory.mktemp("variants")
-    shutil.copytree(artifacts_root / TINY, root / TINY)
-    add_variants(root, TINY, VariantOptions(variants=("int8", "fp16")))
-    return root
+    def make(root):
+        shutil.copytree(artifacts_root / TINY, root / TINY)
+        add_variants(root, TINY, VariantOptions(variants=("int8", "fp16")))
+
+    return shared(tmp_path_factory, worker_id, "variants", make)
 
 
 @pytest.fixture(scope="session")
-def saved_tiny(artifacts_root, tmp_path_factory) -> Path:
-    """A reference of the tiny model, saved once per worker: torch-cpu and ort-cpu on the bundled photo, with
+def saved_tiny(artifacts_root, tmp_path_factory, worker_id) -> Path:
+    """A reference of the tiny model, saved once per run: torch-cpu and ort-cpu on the bundled photo, with
     per-block taps. Tests read or damage copies of it, never it."""
     from compare.cli import main
 
-    path = tmp_path_factory.mktemp("reference") / "tiny.npz"
-    assert main([TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,ort-cpu", "--no-latency", "--layers",
-                 "--save-reference", str(path)]) == 0
-    return path
+    def make(folder):
+        assert main([TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,ort-cpu", "--no-latency", "--layers",
+                     "--save-reference", str(folder / "tiny.npz")]) == 0
+
+    return shared(tmp_path_factory, worker_id, "reference", make) / "tiny.npz"
 
 
 @pytest.fixture(scope="session")
-def decomposed_root(tmp_path_factory) -> Path:
-    """The tiny model exported with --decompose-layernorm through the exporter's CLI (in-process), once per worker."""
+def decomposed_root(tmp_path_factory, worker_id) -> Path:
+    """The tiny model exported with --decompose-layernorm through the exporter's CLI (in-process), once per run."""
     from exporter.cli import main
 
-    root = tmp_path_factory.mktemp("decomposed")
-    assert main([TINY, "--weights", "random", "--decompose-layernorm", "--artifacts", str(root)]) == 0
-    return root
+    def make(root):
+        assert main([TINY, "--weights", "random", "--decompose-layernorm", "--artifacts", str(root)]) == 0
+
+    return shared(tmp_path_factory, worker_id, "decomposed", make)
 
 
 @pytest.fixture

@@ -54,6 +54,26 @@ def make_argv(tmp_path: Path, target: str, *variables: str) -> list[list[str]]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
 
 
+def shared(tmp_path_factory, worker_id, name: str, make) -> Path:
+    """Folder `name`, made once for the whole run by `make(folder)` and shared by the pytest-xdist workers: the first
+    worker to ask makes it under a lock while the other waits, instead of both making it (a module or session
+    fixture is otherwise made once per worker). Its markers lie beside it, so the folder holds only what `make` wrote."""
+    import fcntl
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    parent = base.parent if worker_id != "master" else base  # xdist: basetemp/popen-gwN, one parent per run
+    folder = parent / name
+    with open(parent / f"{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (parent / f"{name}.done").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # what a maker that failed in another worker left
+            folder.mkdir()
+            make(folder)
+            (parent / f"{name}.done").touch()
+    return folder
+
+
 def call(main, capsys, *args):
     """Run a CLI's main in-process; return (exit code, stdout, stderr)."""
     code = main([*args])

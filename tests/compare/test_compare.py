@@ -127,7 +127,7 @@ def test_version_drift_since_export_is_warned(artifacts_root):
     assert version_warnings(manifest) == []
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp16"])  # bf16: test_replay's overflow test, whose advised --dtype bf16 run passes by its class
 def test_low_precision_run_is_judged_by_its_own_class(artifacts_root, capsys, monkeypatch, tmp_path, dtype):
     monkeypatch.setitem(BACKENDS, LowPrecisionCpu.name, LowPrecisionCpu)
     code, out, err = _main(capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,torch-cpu-lowp",

@@ -12,28 +12,40 @@ import pytest
 from compare.cli import main
 from compare.plan import CompareOptions
 from compare.run import compare
-from tests.helpers import TINY, call, make_images, one_line_error, rewrite_weights
+from tests.helpers import (
+    TINY,
+    call,
+    make_images,
+    one_line_error,
+    rewrite_weights,
+    shared,
+)
 
 BASE = ["--backends", "torch-cpu,ort-cpu", "--no-latency"]
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory):
+def photos(tmp_path_factory, worker_id):
     """12 photos made from the bundled one (crops, flips, colour shifts, sizes, a 16-bit PNG), a corrupt JPEG and a text file."""
-    return make_images(tmp_path_factory.mktemp("photos"), 12)
+    return shared(tmp_path_factory, worker_id, "photos", lambda folder: make_images(folder, 12))
 
 
 @pytest.fixture(scope="module")
-def photos_run(artifacts_root, photos, tmp_path_factory):
-    """One run over the photos for several tests: per image, neighbours, the fp64 truth, and a saved reference.
-    Batches of 5 over 12 images: the last batch is short. Returns (exit code, terminal text, report, saved file)."""
-    out = tmp_path_factory.mktemp("photos-run")
-    terminal = io.StringIO()
-    with contextlib.redirect_stdout(terminal):
-        code = main([TINY, "--artifacts", str(artifacts_root), *BASE, "--images", str(photos), "--batch-size", "5", "--truth", "fp64",
-                     "--save-reference", str(out / "photos.npz"), "--json", str(out / "r.json")])
+def photos_run(artifacts_root, photos, tmp_path_factory, worker_id):
+    """One run over the photos for several tests, made once per run: per image, neighbours, the fp64 truth, and a
+    saved reference. Batches of 5 over 12 images: the last batch is short. Returns (exit code, terminal text, report,
+    saved file)."""
+    def make(out):
+        terminal = io.StringIO()
+        with contextlib.redirect_stdout(terminal):
+            code = main([TINY, "--artifacts", str(artifacts_root), *BASE, "--images", str(photos), "--batch-size", "5",
+                         "--truth", "fp64", "--save-reference", str(out / "photos.npz"), "--json", str(out / "r.json")])
+        (out / "terminal.txt").write_text(terminal.getvalue())
+        (out / "exit-code").write_text(str(code))
+
+    out = shared(tmp_path_factory, worker_id, "photos-run", make)
     [report] = json.loads((out / "r.json").read_text())["reports"]
-    return code, terminal.getvalue(), report, out / "photos.npz"
+    return int((out / "exit-code").read_text()), (out / "terminal.txt").read_text(), report, out / "photos.npz"
 
 
 def test_a_folder_of_images_gives_per_image_results_and_names_what_it_skipped(artifacts_root, photos, photos_run, tmp_path):

@@ -18,7 +18,7 @@ from compare.cli import main, parse
 from compare.plan import CompareOptions
 from compare.results import LayerComparison
 from compare.run import compare
-from tests.helpers import TINY, SecondOrtCpu, make_argv
+from tests.helpers import TINY, SecondOrtCpu, make_argv, shared
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SECTIONS = (
@@ -140,11 +140,17 @@ def dry_run(target: str, make_line: str, module: str, tmp_path: Path) -> list[st
 
 
 @pytest.fixture(scope="module")
-def tiny_run(artifacts_root, tmp_path_factory):
-    """The tiny ViT on torch-cpu, ort-cpu and torch-npu (skipped where torch_npu is absent), batches 1 and 2."""
-    out = tmp_path_factory.mktemp("report")
-    argv, text, results = run_cli(artifacts_root, out, "--backends", "torch-cpu,ort-cpu,torch-npu", "--batch-sizes", "1,2")
-    return argv, text, results["reports"][0], out
+def tiny_run(artifacts_root, tmp_path_factory, worker_id):
+    """The tiny ViT on torch-cpu, ort-cpu and torch-npu (skipped where torch_npu is absent), batches 1 and 2; run once
+    for both xdist workers. `out` holds only what the CLI wrote."""
+    def make(folder):
+        argv, _, _ = run_cli(artifacts_root, folder / "out", "--backends", "torch-cpu,ort-cpu,torch-npu", "--batch-sizes", "1,2")
+        (folder / "argv.json").write_text(json.dumps(argv))
+
+    folder = shared(tmp_path_factory, worker_id, "report", make)
+    out = folder / "out"
+    return json.loads((folder / "argv.json").read_text()), (out / "report.md").read_text(), \
+        json.loads((out / "results.json").read_text())["reports"][0], out
 
 
 @pytest.fixture(scope="module")

@@ -82,6 +82,10 @@ def test_fp16_overflow_in_one_mlp_names_it_and_the_advised_flag_passes(tiny_copy
     assert (first["layer"], first["part"]) == ("block_2", "mlp.fc1") and first["nonfinite"] > 0
     code, _, report, _ = _replay(capsys, tmp_path, TINY, tiny_copy, *backends, "--dtype", "bf16")  # the advice, applied
     assert code == 0 and report["verdict"] == "PASS" and not report["advice"]
+    # Judged by the bf16 class, and really run in bf16 (fp32 would agree to ~1e-7); test_compare does fp16.
+    assert {r["tolerance"] for r in report["accuracy"]} == {"bf16"}
+    assert all(1e-4 < r["rel_error"] < r["max_rel"] for r in report["accuracy"])
+    assert next(b for b in report["backends"] if b["name"] == LowPrecisionCpu.name)["details"]["dtype"] == "bfloat16"
 
 
 def test_a_row_that_fails_only_at_batch_3_is_found_by_the_batch_sizes(artifacts_root, capsys, tmp_path, monkeypatch):

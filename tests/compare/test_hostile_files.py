@@ -134,15 +134,6 @@ def test_images_with_damaged_files_and_a_non_utf8_name_run_time_the_real_batch_a
     assert "pipe.jpg" in written and "text_bomb.png" in written, "the report lists what was skipped"
 
 
-def test_one_readable_image_gives_no_neighbour_pass(artifacts_root, capsys, tmp_path):
-    photos = make_images(tmp_path / "photos", 1, extras=False)
-    code, out, err = call(main, capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,ort-cpu",
-                          "--images", str(photos), "--no-latency", "--json", str(tmp_path / "r.json"))
-    [report] = json.loads((tmp_path / "r.json").read_text())["reports"]
-    [row] = report["neighbours"]
-    assert row["passed"] is None and "not judged" in row["note"] and "not judged" in out
-
-
 def test_a_folder_without_readable_images_blames_the_images_not_the_backend(artifacts_root, capsys, tmp_path):
     damaged_images(tmp_path)
     code, _, err = call(main, capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,ort-cpu",

@@ -154,15 +154,17 @@ def test_one_image_as_a_folder_and_as_image_give_the_same_rows(artifacts_root, c
     folder = make_images(tmp_path / "one", 1, extras=False)
     [photo] = [path for path in Path(folder).rglob("*") if path.is_file()]
     base = [TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,ort-cpu", "--no-latency"]
-    found = {}
+    found, terminal = {}, {}
     for mode, args in (("folder", ["--images", str(folder)]), ("image", ["--image", str(photo)])):
-        code, out, err = call(main, capsys, *base, *args, "--json", str(tmp_path / f"{mode}.json"))
-        assert code == 0, out + err
+        code, terminal[mode], err = call(main, capsys, *base, *args, "--json", str(tmp_path / f"{mode}.json"))
+        assert code == 0, terminal[mode] + err
         [found[mode]] = json.loads((tmp_path / f"{mode}.json").read_text())["reports"]
     folder_report, image_report = found["folder"], found["image"]
     assert folder_report["input"]["kind"] == "images" and image_report["input"]["kind"] == "image"
     for key in ("accuracy", "neighbours", "per_image"):
         assert folder_report[key], key
         assert_same_row({key: folder_report[key]}, {key: image_report[key]})
-    [neighbours] = image_report["neighbours"]
-    assert neighbours["passed"] is None and "not judged" in neighbours["note"]
+    for report in (folder_report, image_report):  # one readable image: no neighbour PASS, in the JSON and the terminal
+        [neighbours] = report["neighbours"]
+        assert neighbours["passed"] is None and "not judged" in neighbours["note"]
+    assert "not judged" in terminal["folder"]

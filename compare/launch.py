@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitparity import processes
+from vitparity import processes, raise_pending_interrupt
 
 from .protocol import (
     LOG,
@@ -59,6 +59,7 @@ def run_backend(cls: type, job: Job, batch: np.ndarray, timeout_s: float, cwd: P
             )
             deadline = time.monotonic() + timeout_s
             try:
+                raise_pending_interrupt()  # a Ctrl-C during the fork lands in an at-fork callback, which swallows it
                 while True:
                     try:
                         code = child.wait(timeout=max(0.0, min(0.5, deadline - time.monotonic())))

@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vitparity import raise_pending_interrupt
 from vitparity.processes import SWEEP_PREFIX, die_with_parent, owned_prefix
 
 COMPARE_ARGS = ("--no-latency", "--layers")  # and --backends: torch-cpu,ort-cpu, plus the card a Ray task holds
@@ -95,6 +96,7 @@ def _run(command: list[str], timeout: float, memory: int | None, cwd: Path) -> t
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                stdin=subprocess.DEVNULL, preexec_fn=_limits(memory))
     try:
+        raise_pending_interrupt()  # a Ctrl-C during the fork lands in an at-fork callback, which swallows it
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)

@@ -47,7 +47,7 @@ def preprocess(paths: list[Path], data_config: dict, folder: Path, step=lambda m
     Returns (images, skipped): {"path", "sha256"} per image written, in order, and {"path", "reason"} per
     file that is not a readable image. Nothing is dropped silently.
     """
-    from vitparity.images import eval_transform, open_rgb, printable
+    from vitparity.images import eval_transform, open_rgb, printable, transformed
 
     transform = None  # made at the first readable image: a folder with none is answered without importing torch and timm
     images, skipped = [], []
@@ -62,8 +62,7 @@ def preprocess(paths: list[Path], data_config: dict, folder: Path, step=lambda m
                 skipped.append({"path": printable(path), "reason": str(why)})
                 continue
             transform = transform or eval_transform(data_config)
-            array = transform(rgb).numpy()
-            array.astype(np.float32).tofile(out)
+            transformed(rgb, transform).tofile(out)
             images.append({"path": printable(path), "sha256": sha256(path)})
     return images, skipped
 

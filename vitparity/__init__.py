@@ -17,26 +17,29 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-# Signals whose exception Python may have swallowed. A signal that lands while Python runs a callback (logging's
-# at-fork _releaseLock, run when subprocess forks for a preexec_fn) raises there, and Python prints "Exception
-# ignored" and goes on: the run would finish and exit 0 after a Ctrl-C (seen once in a test, 2 s into a compare).
-_pending: list[int] = []
+# Interrupts whose exception Python swallowed. A signal that lands while Python runs a callback (logging's at-fork
+# _releaseLock, run when subprocess forks for a preexec_fn) raises there; Python hands that exception to
+# sys.unraisablehook ("Exception ignored ...") and goes on, and the run would finish with exit 0 after a Ctrl-C (seen
+# once in a test, 2 s into a compare). The hook entry_point installs records them here instead.
+_swallowed: list[int] = []
 
 
 def raise_pending_interrupt() -> None:
-    """Raise again, at a safe point, an interrupt whose exception a callback swallowed (see _pending)."""
-    if _pending:
-        signum = _pending[-1]
-        _pending.clear()
+    """Raise again, at a safe point, an interrupt whose exception a callback swallowed (see _swallowed)."""
+    if _swallowed:
+        signum = _swallowed[-1]
+        _swallowed.clear()
         raise KeyboardInterrupt if signum == 2 else Stopped(signum)
 
 
 def _quiet_unraisable(hook):
-    """sys.unraisablehook that stays silent about an interrupt (raise_pending_interrupt raises it again) and passes
-    every other unraisable exception to `hook`: a Ctrl-C never prints a traceback."""
+    """sys.unraisablehook that records a swallowed interrupt, silently (raise_pending_interrupt raises it again),
+    and passes every other unraisable exception to `hook`: a Ctrl-C never prints a traceback."""
 
     def quiet(unraisable) -> None:
-        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            _swallowed.append(exit_code(unraisable.exc_value) - 128)
+        else:
             hook(unraisable)
 
     return quiet
@@ -63,7 +66,6 @@ def _interrupt_handler(interrupted: str):
                 os.write(2, f"{interrupted}\n".encode())
                 os._exit(128 + signum)
             frame = frame.f_back
-        _pending.append(signum)
         raise KeyboardInterrupt if signum == 2 else Stopped(signum)
 
     return handler
@@ -92,9 +94,9 @@ def entry_point(load_main, interrupted: str) -> None:
         print(interrupted, file=sys.stderr)
         sys.exit(exit_code(stop))
     code = main()
-    if _pending and code not in (129, 130, 143):  # an interrupt that a callback swallowed after the last safe point
+    if _swallowed and code not in (129, 130, 143):  # an interrupt that a callback swallowed after the last safe point
         print(interrupted, file=sys.stderr)
-        code = 128 + _pending[-1]
+        code = 128 + _swallowed[-1]
     if code in (129, 130, 143):
         # Interrupted, possibly halfway through importing torch: leave without the interpreter's teardown,
         # which a half-imported extension can turn into a second KeyboardInterrupt and a traceback.

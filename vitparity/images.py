@@ -154,7 +154,12 @@ def eval_transform(data_config: dict):
 
 def preprocess(path: Path, data_config: dict, transform) -> np.ndarray:
     """One image as a float32 CHW array through `transform`; a UserError says why a file is not a usable image."""
-    return transform(open_rgb(path, data_config)).numpy().astype(np.float32)
+    return transformed(open_rgb(path, data_config), transform)
+
+
+def transformed(rgb, transform) -> np.ndarray:
+    """A decoded image (open_rgb) as a float32 CHW array through `transform` (eval_transform)."""
+    return transform(rgb).numpy().astype(np.float32)
 
 
 def open_rgb(path: Path, data_config: dict):

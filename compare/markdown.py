@@ -14,7 +14,7 @@ import numpy as np
 from vitparity.artifact import write_atomic
 
 from . import tables
-from .results import BackendStatus, LayerComparison, Report
+from .results import BackendStatus, Report
 
 # How numbers are printed (compare/tables.py): every printed number equals the JSON's rounded to this precision.
 COSINE, ERROR, MS, RATE, SPEEDUP = tables.COSINE, tables.ERROR, tables.MS, tables.RATE, tables.SPEEDUP
@@ -80,17 +80,13 @@ def model_section(report: Report, charts: dict | None, with_verdict: bool = True
     """One model's part of the report, from its heading to its conclusions."""
     lines = [f"## {report.model} (timm `{report.timm_name}`)", ""] + ([verdict(report), ""] if with_verdict else [])
     lines += ["### Environment", "", *table(("component", "version"), environment_rows(report)), ""]
-    lines += [*table(("backend", "status", "device", "dtype", "precision", "switches and provider options",
-                      "placement (nodes by provider)", "other settings or reason"), backend_rows(report)), ""]
+    lines += [*from_data(tables.backends(report)), ""]
     lines += ["### Input, weights and reference", "", *table(("item", "value"), input_rows(report)), ""]
     lines += [f"- warning: {_inline(w)}" for w in report.warnings]
     lines += [""] if report.warnings else []
     lines += ["### Accuracy", "", f"Each output of each backend against `{report.reference}`.", ""]
-    lines += [*accuracy_table(report), ""]
+    lines += [*(from_data(tables.accuracy(report)) if report.accuracy else ["No backend besides the reference produced outputs."]), ""]
     lines += [f"- {r.backend} {r.label}: {_inline(r.how_far())}" for r in report.accuracy] + [""] if report.accuracy else []
-    not_compared = [s for s in report.backends if s.status in ("skipped", "error")]
-    if not_compared:
-        lines += ["Not compared:", ""] + [f"- {s.name}: {s.status} ({_inline(s.reason)})" for s in not_compared] + [""]
     if report.from_folder:
         lines += ["### Per image", "", f"{report.input.get('count')} images from `{_inline(str(report.input.get('source')))}`; "
                   f"each output is judged on the whole and on its worst image.", ""]
@@ -110,14 +106,14 @@ def model_section(report: Report, charts: dict | None, with_verdict: bool = True
         lines += [*from_data(tables.truth(report)), ""]
     lines += ["### Latency and throughput", ""]
     if report.latency:
-        lines += [*latency_table(report), ""]
+        lines += [*from_data(tables.latency(report)), ""]
         lines += _chart(charts, "latency", f"{report.model} latency and throughput by batch size")
     else:
         lines += ["Not measured (`--no-latency`).", ""]
     if report.layers:
         lines += ["### Per-block drift", ""]
         lines += [f"- {_inline(sentence)}" for sentence in report.drift.values()] + [""]
-        lines += [*layers_table(report), ""]
+        lines += ["Bold: the figures of a block that fails its thresholds.", "", *from_data(tables.layers(report)), ""]
         lines += _chart(charts, "blocks", f"{report.model} cosine by block")
     if report.parts:
         lines += ["### Inside the block", "",
@@ -189,29 +185,6 @@ def environment_rows(report: Report) -> list[tuple[str, str]]:
     return [(label, str(value) if value else "-") for label, value in rows]
 
 
-def backend_rows(report: Report) -> list[tuple[str, ...]]:
-    """Each backend's status, device, dtype, precision, switches and placement as read back, and either its
-    other settings or why it did not run."""
-    shown = {"device", "dtype", "device_name", "torch", "torch_npu", "onnxruntime", "cann", "cuda", "precision",
-             "switches", "provider_options", "placement", "placement_summary", "timed", "kernel_time_share",
-             "layers_placement", "layers_placement_summary", "layers_graph", "traceback", "bugs", "log", "peak_rss_mb"}
-
-    def setting(value) -> str:
-        return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-
-    rows = []
-    for status in report.backends:
-        details = status.details
-        settings = "; ".join(f"{key}={setting(value)}" for key, value in details.items() if key not in shown)
-        rows.append((
-            status.name, status.status, str(details.get("device", "-")), str(details.get("dtype", "-")),
-            str(details.get("precision", "-")), status.switches() or "-",
-            status.placement(),
-            status.reason or settings or "-",
-        ))
-    return rows
-
-
 def input_rows(report: Report) -> list[tuple[str, str]]:
     """What went in (input, weights, artifact) and what it was compared against."""
     input_ = report.input
@@ -224,43 +197,6 @@ def input_rows(report: Report) -> list[tuple[str, str]]:
         ("artifact", f"`{report.artifact}`"),
         ("reference", f"{report.reference} (accelerators in {report.dtype})"),
     ]
-
-
-def accuracy_table(report: Report) -> list[str]:
-    """Every (backend, output) row with its metrics, its thresholds and PASS/FAIL."""
-    if not report.accuracy:
-        return ["No backend besides the reference produced outputs."]
-    return from_data(tables.accuracy(report))
-
-def latency_table(report: Report) -> list[str]:
-    """One row per (backend, batch size): percentiles, mean and std in ms, throughput, speed-ups."""
-    return from_data(tables.latency(report))
-
-def layers_table(report: Report) -> list[str]:
-    """Block by backend: cosine and relative error of every tap; failing cells in bold."""
-    backends = list(dict.fromkeys(r.backend for r in report.layers))
-    cells = {(r.backend, r.layer): r for r in report.layers}
-    local = any(r.local_rel_error is not None for r in report.layers)
-    metrics_shown = ("cosine", "rel err", "local cosine", "local rel err") if local else ("cosine", "rel err")
-    header = ["layer"] + [f"{b} {metric}" for b in backends for metric in metrics_shown]
-    rows = []
-    for layer in dict.fromkeys(r.layer for r in report.layers):
-        row = [layer]
-        for backend in backends:
-            row += _layer_cells(cells.get((backend, layer)), local)
-        rows.append(row)
-    note = " Local: the block run on the reference's input to it (--replay), its own error apart from what it was given." if local else ""
-    return ["Bold: the block fails its thresholds." + note, "", *table(header, rows)]
-
-
-def _layer_cells(cell: LayerComparison | None, local: bool = False) -> list[str]:
-    if cell is None:
-        return ["-"] * (4 if local else 2)
-    values = [tables.num(cell.cosine, COSINE), tables.num(cell.rel_error, ERROR)]
-    values = values if cell.passed else [f"**{v}**" for v in values]
-    if local:
-        values += ["-", "-"] if cell.local_rel_error is None else [tables.num(cell.local_cosine, COSINE), tables.num(cell.local_rel_error, ERROR)]
-    return values
 
 
 def conclusion(report: Report, status: BackendStatus) -> str:
@@ -353,17 +289,24 @@ def make_variable(name: str, *words: str) -> str:
 
 
 def from_data(data: tables.Table) -> list[str]:
-    """One of compare/tables.py's tables as Markdown: a failing verdict in bold, the caption under it."""
-    verdicts = [i for i, column in enumerate(data.columns) if column == tables.VERDICT]
-    rows = [[_passfail(cell == "PASS") if i in verdicts and cell in ("PASS", "FAIL") else cell for i, cell in enumerate(row)]
-            for row in data.rows]
-    return table(data.columns, rows) + (["", _inline(data.caption)] if data.caption else [])
+    """One of compare/tables.py's tables as Markdown: a failing verdict and every marked cell in bold, numbers
+    right-aligned, the caption under it."""
+    def cell(row: int, column: int, text: str) -> str:
+        if data.columns[column] == tables.VERDICT:
+            return _passfail(text == "PASS") if text in ("PASS", "FAIL") else text
+        return f"**{text}**" if (row, column) in data.marks else text
+
+    rows = [[cell(r, c, text) for c, text in enumerate(row)] for r, row in enumerate(data.rows)]
+    align = ["---:" if data.numeric(column) else "---" for column in range(len(data.columns))]
+    return table(data.columns, rows, align) + (["", _inline(data.caption)] if data.caption else [])
 
 
-def table(header, rows) -> list[str]:
-    """A GitHub-flavoured Markdown table; numeric-looking columns are right-aligned."""
+def table(header, rows, align: list[str] | None = None) -> list[str]:
+    """A GitHub-flavoured Markdown table; numeric-looking columns are right-aligned unless `align` says."""
     rows = [[_cell(c) for c in row] for row in rows]
-    align = ["---:" if rows and all(_numeric(row[i]) for row in rows) else "---" for i in range(len(header))]
+    if align is None:
+        shown = tables.Table("", tuple(header), [tuple(row) for row in rows])
+        align = ["---:" if shown.numeric(column) else "---" for column in range(len(header))]
     return [_row(header), _row(align)] + [_row(row) for row in rows]
 
 
@@ -377,10 +320,6 @@ def _cell(value) -> str:
 
 def _inline(text: str) -> str:
     return " ".join(str(text).split())  # a newline would end the table row or the list item
-
-
-def _numeric(text: str) -> bool:
-    return bool(re.fullmatch(r"\**[-+]?(\d[\d.]*(e[-+]?\d+)?|nan|inf)x?\**|-", text))
 
 
 def _passfail(passed: bool) -> str:

@@ -1,12 +1,14 @@
 """Tables of a report built once, as data: a title, columns and rows of cells formatted by one formatter.
 
-The terminal (compare/render.py) and the Markdown report (compare/markdown.py) draw these same tables,
-so their columns and numbers cannot drift apart. A cell of a verdict column is "PASS", "FAIL" or a note
-("not judged: ..."); each renderer styles it its own way.
+The terminal (compare/render.py) and the Markdown report (compare/markdown.py) draw these same tables, and the
+sweep's coverage matrix (zoo/render.py) is one too, so their columns and numbers cannot drift apart. A cell of a
+verdict column is "PASS", "FAIL" or a note ("not judged: ..."); a marked cell fails its thresholds (FAILS) or is
+the first of its backend to (FIRST). Each renderer styles them its own way.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from .results import Report
 
@@ -17,6 +19,8 @@ MS = ".2f"  # milliseconds per call: 10 µs steps
 RATE = ".1f"  # images per second
 SPEEDUP = ".2f"  # reference mean / this mean, shown as "1.08x"
 VERDICT = "verdict"
+FAILS, FIRST = "fails", "first"  # the marks of a cell: it fails its thresholds; it is the first of its backend to
+NUMBER = re.compile(r"[-+]?(\d[\d.]*(e[-+]?\d+)?|nan|inf)x?|-")  # a cell right-aligned by both renderers
 
 
 @dataclass(frozen=True)
@@ -25,13 +29,12 @@ class Table:
     columns: tuple[str, ...]
     rows: list[tuple[str, ...]]
     caption: str = ""
+    marks: dict[tuple[int, int], str] = field(default_factory=dict)  # (row, column) -> FAILS or FIRST
 
     def numeric(self, column: int) -> bool:
-        """Whether a column holds numbers (right-aligned by both renderers)."""
-        return self.columns[column] not in TEXT_COLUMNS
-
-
-TEXT_COLUMNS = {"backend", "block", "part", "output", "shape", "tolerance", "thresholds", VERDICT, "worst image (lowest cosine)"}
+        """Whether every cell of a column is a number or "-", and one at least a number: right-aligned by both renderers."""
+        cells = [row[column] for row in self.rows]
+        return any(cell != "-" for cell in cells) and all(NUMBER.fullmatch(cell) for cell in cells)
 
 
 def num(value, spec: str) -> str:
@@ -59,12 +62,75 @@ def accuracy(report: Report) -> Table:
 
 
 def parts(report: Report) -> Table:
-    """--replay: the parts of the block each backend's own error is largest in, in the order they ran."""
+    """--replay: the parts of the block each backend's own error is largest in, in the order they ran; the first
+    failing part of each backend marked."""
     columns = ("backend", "block", "part", "cosine", "rel err", "max abs", "NaN/Inf", VERDICT)
     rows = [(r.backend, r.layer.replace("_", "s.", 1), r.part, num(r.cosine, COSINE), num(r.rel_error, ERROR),
              num(r.max_abs, ERROR), str(r.nonfinite), verdict(r.passed)) for r in report.parts]
+    first = {}
+    for index, row in enumerate(report.parts):
+        if not row.passed:
+            first.setdefault(row.backend, index)
+    marks = {(index, column): FIRST for index in first.values() for column in range(len(columns) - 1)}
     return Table(f"Inside the block, on {report.reference}'s input to it (timm's module names, in the order they ran)",
-                 columns, rows)
+                 columns, rows, marks=marks)
+
+
+def layers(report: Report) -> Table:
+    """--layers: block by backend, the cosine, max abs and relative error of every tap against the reference, and
+    with --replay the block's own (local) error; the cells of a failing block marked, the first one of each backend
+    apart."""
+    backends = list(dict.fromkeys(r.backend for r in report.layers))
+    local = any(r.local_rel_error is not None for r in report.layers)
+    figures = ("cosine", "max abs", "rel err") + (("local cosine", "local rel err") if local else ())
+    columns = ("layer", *(f"{backend} {figure}" for backend in backends for figure in figures))
+    cells = {(r.backend, r.layer): r for r in report.layers}
+    first_bad = {b: next((r.layer for r in report.layers if r.backend == b and not r.passed), None) for b in backends}
+    rows, marks = [], {}
+    for index, layer in enumerate(dict.fromkeys(r.layer for r in report.layers)):
+        row = [layer]
+        for backend in backends:
+            cell, start = cells.get((backend, layer)), len(row)
+            if cell is None:
+                row += ["-"] * len(figures)
+                continue
+            row += [num(cell.cosine, COSINE), num(cell.max_abs, ERROR), num(cell.rel_error, ERROR)]
+            if local:
+                row += ["-", "-"] if cell.local_rel_error is None else [num(cell.local_cosine, COSINE),
+                                                                        num(cell.local_rel_error, ERROR)]
+            if not cell.passed:  # the accumulated figures are the ones judged
+                marks |= {(index, column): FIRST if first_bad[backend] == layer else FAILS for column in range(start, start + 3)}
+        rows.append(tuple(row))
+    caption = "Accumulated: each block's output against the reference's, with the error of the blocks before it."
+    if local:
+        caption += " Local (--replay): the block run on the reference's input to it, its own error apart from what it was given."
+    return Table(f"Per-block agreement against {report.reference}", columns, rows, caption, marks)
+
+
+# Details shown in columns of their own, or kept out of the backends table (timings, logs, tracebacks).
+SHOWN_DETAILS = {"device", "dtype", "device_name", "torch", "torch_npu", "onnxruntime", "cann", "cuda", "precision", "switches",
+                 "provider_options", "placement", "placement_summary", "timed", "kernel_time_share", "layers_placement",
+                 "layers_placement_summary", "layers_graph", "traceback", "bugs", "log", "peak_rss_mb"}
+
+
+def backends(report: Report) -> Table:
+    """Every backend: whether it ran, and where and how as read back from its runtime (device, dtype, precision,
+    switches, node placement), then either its other settings or why it did not run."""
+    columns = ("backend", "status", "device", "dtype", "precision", "switches and provider options",
+               "placement (nodes by provider)", "other settings or reason")
+    rows = []
+    for status in report.backends:
+        details = status.details
+        device = " ".join(filter(None, [str(details.get("device", "-")),
+                                        f"({details['device_name']})" if details.get("device_name") else ""]))
+        settings = "; ".join(f"{key}={_setting(value)}" for key, value in details.items() if key not in SHOWN_DETAILS)
+        rows.append((status.name, status.status, device, str(details.get("dtype", "-")), str(details.get("precision", "-")),
+                     status.switches() or "-", status.placement(), status.reason or settings or "-"))
+    return Table("Backends (as read back from each runtime)", columns, rows)
+
+
+def _setting(value) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def shape(dims) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -303,17 +304,29 @@ def add_variants(root: Path | str, key: str, options: VariantOptions, step=lambd
 
     model = rebuild_model(art)
     eager = lambda batch: eager_outputs(model, batch)  # noqa: E731
-    with artifact.staging(art.folder) as stage, processes.temp_folder(processes.IMAGES_PREFIX) as scratch:
-        for name in art.manifest["files"]:
-            _link(art.path(name), stage / name)
+    with linked_stage(art) as stage, processes.temp_folder(processes.IMAGES_PREFIX) as scratch:
         inputs, described = verify_inputs(sample, outputs, eager, art.manifest["data_config"],
                                           options.calibration_images, step, scratch)
         added = write_variants(stage, inputs, described, options, step)
-        manifest = {**art.manifest, "variants": {**art.manifest.get("variants", {}), **added}}
-        manifest.pop("files")
         step("publishing")
-        artifact.publish(art.folder, {p.name: p for p in sorted(stage.iterdir()) if p.is_file()}, manifest)
+        publish_added(art, stage, added)
     return added
+
+
+@contextmanager
+def linked_stage(art: artifact.Artifact):
+    """A staging folder beside the artifact holding hard links to its files, for the variants to be written into."""
+    with artifact.staging(art.folder) as stage:
+        for name in art.manifest["files"]:
+            _link(art.path(name), stage / name)
+        yield stage
+
+
+def publish_added(art: artifact.Artifact, stage: Path, added: dict[str, dict]) -> None:
+    """Swap the staged folder in place of the artifact, its manifest listing the `added` variants too."""
+    manifest = {**art.manifest, "variants": {**art.manifest.get("variants", {}), **added}}
+    manifest.pop("files")
+    artifact.publish(art.folder, {p.name: p for p in sorted(stage.iterdir()) if p.is_file()}, manifest)
 
 
 def _link(source: Path, target: Path) -> None:

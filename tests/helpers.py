@@ -426,16 +426,16 @@ for _name in ("rename", "replace", "unlink"):
 """
 
 
-def kill_at(root, delay, slow_site, *args):
-    """Start `python -m exporter TINY --artifacts root args` and SIGKILL it `delay` seconds after it starts or,
-    with `slow_site` (a folder holding SLOW_FILESYSTEM), `delay` seconds after publishing begins."""
+def kill_at(root, delay, slow_site, *args, command=None):
+    """Start `python -m exporter TINY --artifacts root args` (or `command`) and SIGKILL it `delay` seconds after it
+    starts or, with `slow_site` (a folder holding SLOW_FILESYSTEM), `delay` seconds after publishing begins."""
     env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
     mark = (slow_site or root) / "publishing"
     mark.unlink(missing_ok=True)
     if slow_site:
         env |= {"PYTHONPATH": str(slow_site), "SLOW_ROOT": str(root), "SLOW_MARK": str(mark)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "exporter", TINY, "--artifacts", str(root), *args],
+        command or [sys.executable, "-m", "exporter", TINY, "--artifacts", str(root), *args],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     started = time.monotonic()
@@ -448,4 +448,37 @@ def kill_at(root, delay, slow_site, *args):
         time.sleep(0.002)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    assert process.returncode == -signal.SIGKILL or process.returncode == 0, process.stderr.read().decode()
+
+
+# The publishing end of an export and of an added variant, without the tracing and the checks before it (which
+# import torch and take seconds): the kill tests cross the publish window many times, each in a new process.
+# The same calls as exporter/export.py (staging, then artifact.publish) and exporter/precision.py
+# (linked_stage, then publish_added) make, on files made beforehand.
+PUBLISH_EXPORT = """
+import json, shutil, sys
+from pathlib import Path
+from vitparity import artifact
+folder, made = Path(sys.argv[1]), Path(sys.argv[2])
+manifest = json.loads((made / "manifest.json").read_text())
+files = manifest.pop("files")
+with artifact.staging(folder) as stage:
+    for name in files:
+        shutil.copyfile(made / name, stage / name)
+    artifact.publish(folder, {name: stage / name for name in sorted(files)}, manifest)
+"""
+PUBLISH_VARIANT = """
+import shutil, sys
+from vitparity import artifact
+from exporter import precision
+root, made_root, key, graph = sys.argv[1:]
+art, made = artifact.load(root, key), artifact.load(made_root, key)
+with precision.linked_stage(art) as stage:
+    shutil.copyfile(made.path(graph), stage / graph)
+    precision.publish_added(art, stage, {graph: made.manifest["variants"][graph]})
+"""
+
+
+def publisher(script: str, *args) -> list[str]:
+    return [sys.executable, "-c", script, *map(str, args)]
 

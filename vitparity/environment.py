@@ -125,21 +125,43 @@ INT8_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asim
 VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
-@functools.lru_cache(maxsize=None)  # py-cpuinfo takes about a second (it asks a helper process); the CPU does not change
+@functools.lru_cache(maxsize=None)  # the CPU does not change during a run
 def cpu() -> dict:
-    """This host's CPU as int8 numerics see it: {"model", "machine", "int8_features"}, read with py-cpuinfo
-    (its flags come from CPUID and /proc/cpuinfo). Unknown where py-cpuinfo is missing or fails."""
-    try:
-        import cpuinfo  # py-cpuinfo
-
-        info = cpuinfo.get_cpu_info()
-    except Exception:  # noqa: BLE001 - an exotic host: the features are then unknown, never a crash
-        info = {}
+    """This host's CPU as int8 numerics see it: {"model", "machine", "int8_features"}. On Linux from the kernel's
+    /proc/cpuinfo; elsewhere with py-cpuinfo (CPUID). Unknown where neither can tell."""
+    info = _proc_cpuinfo() or _py_cpuinfo()
     flags = {flag.lower() for flag in info.get("flags", [])}
     # py-cpuinfo spells some flags both ways (avx512_vnni and avx512vnni): accept either.
     found = [feature for feature in INT8_FEATURES if feature in flags or feature.replace("_", "") in flags]
     return {"model": info.get("brand_raw") or platform.processor() or "unknown", "machine": platform.machine(),
             "int8_features": found if info else None}
+
+
+def _proc_cpuinfo(path: str = "/proc/cpuinfo") -> dict:
+    """The first processor's model name and flags ("flags" on x86, "Features" on ARM) as py-cpuinfo names them,
+    or {} where the file is missing or has no flags. Read here rather than through py-cpuinfo, which takes about
+    a second on every call: it runs CPUID in a helper process it starts."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip().lower(), value.strip())
+    flags = fields.get("flags") or fields.get("features")
+    if not flags:
+        return {}
+    return {"brand_raw": fields.get("model name", ""), "flags": flags.split()}
+
+
+def _py_cpuinfo() -> dict:
+    try:
+        import cpuinfo  # py-cpuinfo
+
+        return cpuinfo.get_cpu_info()
+    except Exception:  # noqa: BLE001 - an exotic host: the features are then unknown, never a crash
+        return {}
 
 
 def int8_reduce_range(host: dict) -> bool:

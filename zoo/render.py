@@ -4,6 +4,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
+from compare.markdown import from_data
+from compare.tables import Table
 from vitparity.errors import UserError
 
 from .step import Row, passed
@@ -12,7 +14,13 @@ from .store import read_text
 README_START, README_END = "<!-- coverage:start -->", "<!-- coverage:end -->"
 
 
-COLUMNS = ("model", "module", "params", "input", "export s", "verify cosine", "attention", "compare", "layers", "error")
+def matrix(rows: list[Row]) -> Table:
+    """The coverage matrix as data (compare/tables.py): one row per model, for coverage.md and the terminal."""
+    columns = ("model", "module", "params", "input", "export s", "verify cosine", "attention", "compare", "layers", "error")
+    cells = [(r.model, r.module, f"{r.params / 1e6:.1f}M", r.input, "-" if r.export_s is None else f"{r.export_s:.1f}",
+              "-" if r.verify_cosine is None else f"{r.verify_cosine:.7f}", r.attention.split(" (")[0] or "-", r.compare,
+              r.layers, r.error or "-") for r in rows]
+    return Table("Coverage", columns, cells)
 
 
 
@@ -28,15 +36,8 @@ def matrix_markdown(rows: list[Row], command: str, version: str, over: list | No
         f"{passing} of {len(ran)} models run export, verify and pass, {len(rows) - len(ran)} not run yet "
         f"(random weights, on the CPU: torch-cpu against ort-cpu, every block compared).",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
+        *from_data(matrix(rows)),
     ]
-    for r in rows:
-        cells = [f"`{r.model}`", r.module, f"{r.params / 1e6:.1f}M", r.input,
-                 "-" if r.export_s is None else f"{r.export_s:.1f}",
-                 "-" if r.verify_cosine is None else f"{r.verify_cosine:.7f}",
-                 r.attention.split(" (")[0] or "-", r.compare, r.layers.replace("|", "/"), r.error.replace("|", "/") or "-"]
-        lines.append("| " + " | ".join(cells) + " |")
     if over:
         names = ", ".join(f"`{name}` ({params / 1e6:.0f}M)" for name, _, params, _ in over)
         lines += ["", f"Not run: over {limit} parameters and not named in the list file ({len(over)}). "
@@ -83,16 +84,9 @@ def summary_markdown(rows: list[Row], command: str, version: str, matrix: str, o
 
 
 def matrix_table(rows: list[Row]):
-    from rich.table import Table
+    from compare.render import rich_table
 
-    table = Table(title="Coverage")
-    for column in COLUMNS:
-        table.add_column(column, overflow="fold")
-    for r in rows:
-        table.add_row(r.model, r.module, f"{r.params / 1e6:.1f}M", r.input, "-" if r.export_s is None else f"{r.export_s:.1f}",
-                      "-" if r.verify_cosine is None else f"{r.verify_cosine:.7f}", r.attention.split(" (")[0] or "-",
-                      r.compare, r.layers, r.error or "-")
-    return table
+    return rich_table(matrix(rows))
 
 
 

@@ -148,12 +148,13 @@ def test_batch_size_rows_appear_only_where_the_judgement_differs_from_the_accura
     assert (row.label, row.passed, row.shape) == ("pooled @ batch 3", False, [3, 16])
 
 
-def test_one_image_as_a_folder_and_as_image_give_the_same_rows(artifacts_root, capsys, tmp_path):
+def test_one_image_as_a_folder_and_as_image_give_the_same_rows(artifacts_root, capsys, tmp_path, ort_only):
     """The end-to-end check of the one data path: the same photo through --images (a folder of one) and through
-    --image builds the same accuracy, per-image and neighbour rows (the truth's rows: test_the_truth_error_is_...)."""
+    --image builds the same accuracy, per-image and neighbour rows (the truth's rows: test_the_truth_error_is_...).
+    The parent's row building is the subject: ort-cpu-2 against ort-cpu, no torch worker."""
     folder = make_images(tmp_path / "one", 1, extras=False)
     [photo] = [path for path in Path(folder).rglob("*") if path.is_file()]
-    base = [TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,ort-cpu", "--no-latency"]
+    base = [TINY, "--artifacts", str(artifacts_root), *ort_only[:4], "--no-latency"]
     found, terminal = {}, {}
     for mode, args in (("folder", ["--images", str(folder)]), ("image", ["--image", str(photo)])):
         code, terminal[mode], err = call(main, capsys, *base, *args, "--json", str(tmp_path / f"{mode}.json"))

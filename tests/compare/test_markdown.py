@@ -18,7 +18,7 @@ from compare.cli import main, parse
 from compare.plan import CompareOptions
 from compare.results import LayerComparison
 from compare.run import compare
-from tests.helpers import TINY, SecondOrtCpu, make_argv, shared
+from tests.helpers import TINY, SecondOrtCpu, has_row, make_argv, runnable, shared
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SECTIONS = (
@@ -249,12 +249,15 @@ def test_accuracy_table_numbers_equal_the_json_at_the_printed_precision(tiny_run
         assert got["verdict"].strip("*") == ("PASS" if want["passed"] else "FAIL")
 
 
-def test_accuracy_section_lists_skipped_backends_with_their_reasons(tiny_run):
+def test_the_backends_table_gives_every_backend_its_status_and_a_skipped_ones_reason(tiny_run):
     _, text, report, _ = tiny_run
-    accuracy = section(text, "### Accuracy")
-    not_run = [b for b in report["backends"] if b["status"] in ("skipped", "error")]
-    for backend in not_run:
-        assert f"- {backend['name']}: {backend['status']} ({backend['reason']})" in accuracy
+    rows = {row["backend"]: row for row in table(section(text, "### Environment"), 1)}
+    assert list(rows) == [b["name"] for b in report["backends"]]
+    for backend in report["backends"]:
+        assert rows[backend["name"]]["status"] == backend["status"]
+        if backend["status"] in ("skipped", "error"):
+            assert rows[backend["name"]]["other settings or reason"] == backend["reason"].replace("|", "\\|")
+    assert any(b["status"] == "skipped" for b in report["backends"]) == ("torch-npu" not in runnable("torch-npu"))
 
 
 def test_latency_table_numbers_equal_the_json_for_every_backend_and_batch(tiny_run):
@@ -391,6 +394,26 @@ def test_layer_rows_give_a_drift_section_and_a_block_chart(tiny_report, tmp_path
         assert [path.name for path in charts] == [f"r-{TINY}-blocks.png"]
         assert_png(charts[0])
         assert charts[0] in written
+
+
+def test_the_terminal_and_the_report_draw_one_layers_table_with_the_first_failing_block_marked(tiny_report):
+    from rich.console import Console
+
+    from compare import render, tables
+
+    report = with_layers(tiny_report)
+    data = tables.layers(report)
+    assert data.columns == ("layer", "ort-cpu-2 cosine", "ort-cpu-2 max abs", "ort-cpu-2 rel err")
+    # norm is the only failing block, so the first: its three figures are marked FIRST, nothing else is marked.
+    assert data.marks == {(2, column): tables.FIRST for column in (1, 2, 3)}
+    console = Console(record=True, width=200)
+    console.print(render.rich_table(data))
+    terminal = console.export_text()
+    markdown_rows = table("\n".join(markdown.from_data(data)))
+    for row, printed in zip(data.rows, markdown_rows):
+        assert has_row(terminal, *row)
+        assert [cell.strip("*") for cell in printed.values()] == list(row)
+        assert printed["ort-cpu-2 cosine"].startswith("**") == (row[0] == "norm")
 
 
 def test_layers_flag_puts_the_json_drift_and_block_numbers_in_the_report(artifacts_root, tmp_path, ort_only):

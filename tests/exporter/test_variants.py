@@ -12,7 +12,15 @@ import pytest
 from exporter import keep_fp32, variants
 from exporter.cli import main
 from exporter.precision import check_variant
-from tests.helpers import SLOW_FILESYSTEM, TINY, call, kill_at, one_line_error
+from tests.helpers import (
+    PUBLISH_VARIANT,
+    SLOW_FILESYSTEM,
+    TINY,
+    call,
+    kill_at,
+    one_line_error,
+    publisher,
+)
 from vitparity import artifact, environment
 from vitparity.tolerances import TOLERANCES
 
@@ -139,15 +147,18 @@ def test_bad_variant_options_are_one_line_usage_errors(capsys, tmp_path, args, m
     assert code == 2 and message in one_line_error(err)
 
 
-def test_a_kill_while_a_variant_is_added_leaves_the_previous_or_the_new_artifact_whole(tiny_copy, tmp_path):
+def test_a_kill_while_a_variant_is_added_leaves_the_previous_or_the_new_artifact_whole(tiny_copy, variants_root, tmp_path):
+    """The killed process adds an int8 graph made beforehand, through add_variants' own staging and publishing
+    (tests/helpers.py PUBLISH_VARIANT): the making before it imports torch and takes seconds per kill."""
     before = artifact.load(tiny_copy, TINY).manifest["files"]
     original = tmp_path / "original"
     shutil.copytree(tiny_copy / TINY, original)
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_FILESYSTEM)
+    command = publisher(PUBLISH_VARIANT, tiny_copy, variants_root, TINY, "model.int8.onnx")
     outcomes = []
-    for delay in (0.0, 0.2, 2.0):  # at the start of the (slowed) publish window, inside it, and after it
-        kill_at(tiny_copy, delay, tmp_path / "site", "--if-missing", "--variant", "int8")
+    for delay in (0.0, 0.1, 0.2, 0.4, 2.0):  # at the start of the (slowed) publish window, inside it, and after it
+        kill_at(tiny_copy, delay, tmp_path / "site", command=command)
         files = artifact.load(tiny_copy, TINY).manifest["files"]  # verifies every file's sha256
         assert files == before or set(files) == set(before) | {"model.int8.onnx"}, delay
         outcomes.append("old" if files == before else "new")

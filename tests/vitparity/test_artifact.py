@@ -10,7 +10,14 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT, SLOW_FILESYSTEM, TINY, kill_at
+from tests.helpers import (
+    PUBLISH_EXPORT,
+    ROOT,
+    SLOW_FILESYSTEM,
+    TINY,
+    kill_at,
+    publisher,
+)
 from vitparity import artifact
 from vitparity.errors import UserError
 
@@ -54,23 +61,24 @@ def _hashes(manifest):
 
 
 def test_kill_at_any_instant_of_an_export_leaves_the_previous_or_the_new_artifact_whole(tiny_copy, tmp_path):
+    """Killed across the publish window, an export leaves the previous artifact or the new one, whole. The killed
+    process publishes a new artifact made beforehand, as the exporter publishes (tests/helpers.py PUBLISH_EXPORT);
+    test_export_killed_midway kills a real export while it stages."""
     original = tmp_path / "original"
     shutil.copytree(tiny_copy / TINY, original)
     before = _hashes(artifact.load(tiny_copy, TINY).manifest)
     from exporter.export import ExportOptions, export
 
-    export(TINY, tmp_path / "new", ExportOptions(weights="random", seed=3))  # what the new artifact is: exports are reproducible
+    export(TINY, tmp_path / "new", ExportOptions(weights="random", seed=3))
     after = _hashes(artifact.load(tmp_path / "new", TINY).manifest)
     assert after != before
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_FILESYSTEM)
-    # Three kills across the (slowed) publish window; test_export_killed_midway kills one while it stages.
-    kills = [(delay, tmp_path / "site") for delay in (0.0, 0.12, 0.3)]
     outcomes = []
-    for delay, slow_site in kills:
-        kill_at(tiny_copy, delay, slow_site, "--weights", "random", "--seed", "3")
+    for delay in (0.0, 0.05, 0.12, 0.2, 0.3, 0.6):  # across the (slowed) publish window
+        kill_at(tiny_copy, delay, tmp_path / "site", command=publisher(PUBLISH_EXPORT, tiny_copy / TINY, tmp_path / "new" / TINY))
         found = _hashes(artifact.load(tiny_copy, TINY).manifest)  # verifies every file's sha256
-        assert found in (before, after), (delay, slow_site)
+        assert found in (before, after), delay
         outcomes.append("old" if found == before else "new")
         if found == after:  # start the next kill from the previous artifact again
             shutil.rmtree(tiny_copy / TINY)

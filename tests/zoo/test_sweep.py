@@ -70,7 +70,7 @@ def test_a_sweep_records_each_model_and_its_failure_and_resumes_without_redoing(
     assert not list(scratch.glob("vit-parity-sweep-*")) and not list(out.glob("*sweep*")), "artifacts are deleted after each model"
     matrix = json.loads((out / "coverage.json").read_text())
     assert [row["model"] for row in matrix] == ["not_a_model", "test_vit2"]
-    assert "| `test_vit2` | vision_transformer |" in (out / "coverage.md").read_text()
+    assert "| test_vit2 | vision_transformer |" in (out / "coverage.md").read_text()
     lines = (out / "results.jsonl").read_text()
     assert main(["--list", str(names), "--out", str(out)]) == 1
     assert "2 already in" in capsys.readouterr().err and (out / "results.jsonl").read_text() == lines

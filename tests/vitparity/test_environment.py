@@ -1,0 +1,57 @@
+"""What the environment module reads about this host: the CPU's int8 features from /proc/cpuinfo, as py-cpuinfo
+would report them."""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import pytest
+
+from vitparity import environment
+
+X86 = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480C
+flags\t\t: fpu sse2 avx2 avx512f avx512vnni amx_int8
+
+processor\t: 1
+model name\t: another
+flags\t\t: fpu
+"""
+ARM = """processor\t: 0
+BogoMIPS\t: 50.00
+Features\t: fp asimd asimddp i8mm
+CPU implementer\t: 0x41
+"""
+
+
+@pytest.mark.parametrize("text,model,features", [
+    (X86, "Intel(R) Xeon(R) Platinum 8480C", ["avx2", "avx512f", "avx512_vnni", "amx_int8"]),  # the first processor's
+    (ARM, "", ["asimddp", "i8mm"]),
+])
+def test_the_int8_features_are_read_from_proc_cpuinfo_on_x86_and_arm(tmp_path, monkeypatch, text, model, features):
+    (tmp_path / "cpuinfo").write_text(text)
+    info = environment._proc_cpuinfo(str(tmp_path / "cpuinfo"))
+    assert info["brand_raw"] == model
+    monkeypatch.setattr(environment, "_proc_cpuinfo", lambda: info)
+    environment.cpu.cache_clear()
+    try:
+        assert environment.cpu()["int8_features"] == features
+    finally:
+        environment.cpu.cache_clear()
+
+
+def test_a_missing_or_flagless_cpuinfo_falls_back_to_py_cpuinfo(tmp_path):
+    assert environment._proc_cpuinfo(str(tmp_path / "missing")) == {}
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nmodel name\t: x\n")
+    assert environment._proc_cpuinfo(str(tmp_path / "cpuinfo")) == {}
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="no /proc/cpuinfo on this host")
+def test_this_hosts_int8_features_are_the_ones_py_cpuinfo_reports():
+    pytest.importorskip("cpuinfo")
+    info = environment._py_cpuinfo()
+    flags = {flag.lower().replace("_", "") for flag in info["flags"]}
+    expected = [f for f in environment.INT8_FEATURES if f.replace("_", "") in flags]
+    assert environment.cpu()["int8_features"] == expected
+    assert environment.cpu()["machine"] == platform.machine()

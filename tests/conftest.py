@@ -91,14 +91,12 @@ def ort_only(monkeypatch) -> list[str]:
     return list(ORT_ONLY)
 
 
-# The longest tests that cannot be split (a sweep, Ray, kills across a publish window, whole exports of other models)
+# The longest tests that cannot be split (a sweep, Ray, whole exports of other models, the replays, the image runs)
 # are collected first: the xdist workers then end together on short tests, instead of one of them finishing alone
 # on a 45 s sweep that happened to be collected last.
 LONG_FIRST = (
     "tests/zoo/test_sweep.py::test_a_sweep_records",
     "tests/zoo/test_ray.py",
-    "tests/vitparity/test_artifact.py::test_kill",
-    "tests/exporter/test_variants.py::test_a_kill",
     "tests/compare/test_layers.py::test_layers_",  # other models exported
     "tests/compare/test_replay.py",
     "tests/compare/test_images.py::test_an_image_set",

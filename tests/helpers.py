@@ -205,6 +205,12 @@ class LowPrecisionCpu(TorchEager):
     precisions = ("fp16", "bf16")
 
 
+class SecondLowPrecisionCpu(LowPrecisionCpu):
+    """The same again under another name: one as the reference (which runs fp32 whatever --dtype says), one not."""
+
+    name = "torch-cpu-lowp-2"
+
+
 # ---------------------------------------------------------------------------------------------
 # Backends that misbehave, for the worker boundary. They live here so a worker process can import them.
 # Those whose subject is the process boundary (a crash, a hang, the working directory, a bug) are onnxruntime

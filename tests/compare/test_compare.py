@@ -8,7 +8,7 @@ import pytest
 
 from compare.backends import BACKENDS
 from compare.cli import main
-from tests.helpers import TINY, LowPrecisionCpu, has_row, runnable
+from tests.helpers import TINY, has_row, runnable
 from vitparity import artifact
 
 FAST = ["--iters", "2", "--warmup", "0"]
@@ -125,21 +125,6 @@ def test_version_drift_since_export_is_warned(artifacts_root):
     assert version_warnings(manifest) == [f"torch is {here} here but the artifact was exported with 1.0.0"]
     manifest["versions"]["torch"] = here.split("+")[0] + "+cu130"  # another build of the same version: not drift
     assert version_warnings(manifest) == []
-
-
-@pytest.mark.parametrize("dtype", ["fp16"])  # bf16: test_replay's overflow test, whose advised --dtype bf16 run passes by its class
-def test_low_precision_run_is_judged_by_its_own_class(artifacts_root, capsys, monkeypatch, tmp_path, dtype):
-    monkeypatch.setitem(BACKENDS, LowPrecisionCpu.name, LowPrecisionCpu)
-    code, out, err = _main(capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,torch-cpu-lowp",
-                           "--dtype", dtype, "--no-latency", "--json", str(tmp_path / "r.json"))
-    assert code == 0, out + err
-    report = json.loads((tmp_path / "r.json").read_text())["reports"][0]
-    rows = report["accuracy"]
-    assert {r["tolerance"] for r in rows} == {dtype}
-    # Really ran in low precision: fp32 would agree to ~1e-7.
-    assert all(1e-4 < r["rel_error"] < r["max_rel"] for r in rows)
-    status = next(b for b in report["backends"] if b["name"] == "torch-cpu-lowp")
-    assert status["details"]["dtype"] == {"fp16": "float16", "bf16": "bfloat16"}[dtype]
 
 
 def _graph_that_fails_at_run(path, ir_version):

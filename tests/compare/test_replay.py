@@ -4,6 +4,7 @@ applied, works. Faults are seeded in a device stand-in (tests/helpers.py FaultyC
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -31,12 +32,29 @@ def faulty(monkeypatch):
     return seed
 
 
-def test_a_faulty_fc1_in_dinov3_block_5_makes_the_largest_local_error_and_is_named_inside_its_block(
-        artifacts_root, capsys, tmp_path, faulty):
+def test_dinov3_a_faulty_fc1_in_block_5_and_a_perturbed_register_token_are_each_named(artifacts_root, capsys, tmp_path,
+                                                                                      faulty):
+    """One dinov3 run, two findings. A faulty device whose block 5 fc1 is off: its own error is largest at block 5,
+    and fc1 drifts first inside it. The eager register token scaled by 1.2 (so ort-cpu, running the exported graph,
+    differs from torch-cpu in the registers only): the registers are the token group with the largest error, and
+    the first to drift, at block 0."""
+    root = tmp_path / "artifacts"
+    shutil.copytree(artifacts_root / "dinov3", root / "dinov3")
+
+    def perturb(state):
+        state["reg_token"] = state["reg_token"] * 1.2
+
+    rewrite_weights(root / "dinov3", perturb)
     faulty(5, "mlp.fc1")
-    code, out, report, markdown = _replay(capsys, tmp_path, "dinov3", artifacts_root, "--backends", "torch-cpu,faulty-cpu")
+    code, out, report, markdown = _replay(capsys, tmp_path, "dinov3", root, "--backends", f"torch-cpu,ort-cpu,{FaultyCpu.name}")
     assert code == 1
     _assert_fault_named(report, FaultyCpu.name, 5, "mlp.fc1", out, markdown)
+    groups = {r["group"]: r for r in report["accuracy"] if r["backend"] == "ort-cpu" and r["output"] == "tokens" and r["group"]}
+    assert set(groups) == {"cls", "registers", "patches"}
+    assert max(groups, key=lambda g: groups[g]["rel_error"]) == "registers"
+    assert all({"cosine", "rel_error", "max_abs", "nonfinite"} <= set(row) for row in groups.values())
+    assert "tokens[registers]" in out
+    assert "first token group to drift: registers at block 0" in report["drift"]["ort-cpu"]
 
 
 def _assert_fault_named(report, backend, block, part, out, markdown):
@@ -79,7 +97,7 @@ def test_fp16_overflow_in_one_mlp_names_it_and_the_advised_flag_passes(tiny_copy
     assert (first["layer"], first["part"]) == ("block_2", "mlp.fc1") and first["nonfinite"] > 0
     code, _, report, _ = _replay(capsys, tmp_path, TINY, tiny_copy, *backends, "--dtype", "bf16")  # the advice, applied
     assert code == 0 and report["verdict"] == "PASS" and not report["advice"]
-    # Judged by the bf16 class, and really run in bf16 (fp32 would agree to ~1e-7); test_compare does fp16.
+    # Judged by the bf16 class, and really run in bf16 (fp32 would agree to ~1e-7); test_verdict does fp16.
     assert {r["tolerance"] for r in report["accuracy"]} == {"bf16"}
     assert all(1e-4 < r["rel_error"] < r["max_rel"] for r in report["accuracy"])
     assert next(b for b in report["backends"] if b["name"] == LowPrecisionCpu.name)["details"]["dtype"] == "bfloat16"

@@ -13,7 +13,13 @@ from compare import markdown, render
 from compare.backends import BACKENDS
 from compare.cli import main
 from compare.results import BackendStatus, OutputComparison, Report
-from tests.helpers import TINY, LowPrecisionCpu, call, one_line_error
+from tests.helpers import (
+    TINY,
+    LowPrecisionCpu,
+    SecondLowPrecisionCpu,
+    call,
+    one_line_error,
+)
 from vitparity import artifact
 
 FAST = ["--iters", "1", "--warmup", "0"]
@@ -114,17 +120,25 @@ def test_an_override_is_named_in_the_verdict_line_and_the_json_and_repeated_back
     assert len(report["accuracy"]) == len({(r["output"], r["group"]) for r in report["accuracy"]})
 
 
-def test_the_reference_always_runs_in_fp32_whatever_dtype_the_others_get(artifacts_root, capsys, monkeypatch, tmp_path):
+def test_the_reference_runs_in_fp32_whatever_dtype_and_each_row_is_judged_by_the_precision_it_ran(artifacts_root, capsys,
+                                                                                                   monkeypatch, tmp_path):
+    """--dtype fp16 with an accelerator code path (run on the CPU) as the reference: the reference runs fp32; a
+    second accelerator row runs fp16 and is judged by the fp16 class (bf16: test_replay's overflow test, whose
+    advised --dtype bf16 run passes by its class); torch-cpu, fp32 on the same host, by the strict class."""
     monkeypatch.setitem(BACKENDS, LowPrecisionCpu.name, LowPrecisionCpu)
-    code, _, err = call(main, capsys, TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu,torch-cpu-lowp",
-                        "--reference", "torch-cpu-lowp", "--dtype", "fp16", "--no-latency", "--json", str(tmp_path / "r.json"))
+    monkeypatch.setitem(BACKENDS, SecondLowPrecisionCpu.name, SecondLowPrecisionCpu)
+    code, out, err = call(main, capsys, TINY, "--artifacts", str(artifacts_root), "--backends",
+                          f"{LowPrecisionCpu.name},torch-cpu,{SecondLowPrecisionCpu.name}", "--reference", LowPrecisionCpu.name,
+                          "--dtype", "fp16", "--no-latency", "--json", str(tmp_path / "r.json"))
     [report] = json.loads((tmp_path / "r.json").read_text())["reports"]
+    assert code == 0, out + err
     status = {b["name"]: b for b in report["backends"]}
-    assert status["torch-cpu-lowp"]["details"]["precision"] == "fp32"
-    assert status["torch-cpu-lowp"]["details"]["dtype"] == "float32"
-    # torch-cpu against an fp32 reference on the same host: judged, and passed, by the strict class.
-    assert code == 0, err
-    assert {r["tolerance"] for r in report["accuracy"]} == {"same-host fp32"}
+    assert (status[LowPrecisionCpu.name]["details"]["precision"], status[LowPrecisionCpu.name]["details"]["dtype"]) == ("fp32", "float32")
+    assert status[SecondLowPrecisionCpu.name]["details"]["dtype"] == "float16"
+    classes = {r["backend"]: r["tolerance"] for r in report["accuracy"]}
+    assert classes == {"torch-cpu": "same-host fp32", SecondLowPrecisionCpu.name: "fp16"}
+    # Really ran in fp16: fp32 would agree to ~1e-7.
+    assert all(1e-4 < r["rel_error"] < r["max_rel"] for r in report["accuracy"] if r["backend"] == SecondLowPrecisionCpu.name)
 
 
 def test_a_path_that_is_not_a_regular_file_gets_its_own_message(artifacts_root, capsys):

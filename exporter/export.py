@@ -325,5 +325,5 @@ def _stage_and_publish(spec, model, source, config, sample, folder, options, ste
         }
         onnx_bytes = (stage / "model.onnx").stat().st_size
         # Everything staged, including model.onnx.data if the exporter split off weights over 2 GB.
-        artifact.publish(folder, {p.name: p for p in sorted(stage.iterdir()) if p.is_file()}, manifest)
+        artifact.publish_stage(folder, stage, manifest)
     return manifest, onnx_bytes

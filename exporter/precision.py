@@ -326,7 +326,7 @@ def publish_added(art: artifact.Artifact, stage: Path, added: dict[str, dict]) -
     """Swap the staged folder in place of the artifact, its manifest listing the `added` variants too."""
     manifest = {**art.manifest, "variants": {**art.manifest.get("variants", {}), **added}}
     manifest.pop("files")
-    artifact.publish(art.folder, {p.name: p for p in sorted(stage.iterdir()) if p.is_file()}, manifest)
+    artifact.publish_stage(art.folder, stage, manifest)
 
 
 def _link(source: Path, target: Path) -> None:

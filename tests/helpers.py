@@ -459,7 +459,7 @@ def kill_at(root, delay, slow_site, *args, command=None):
 
 # The publishing end of an export and of an added variant, without the tracing and the checks before it (which
 # import torch and take seconds): the kill tests cross the publish window many times, each in a new process.
-# The same calls as exporter/export.py (staging, then artifact.publish) and exporter/precision.py
+# The same calls as exporter/export.py (artifact.staging, then artifact.publish_stage) and exporter/precision.py
 # (linked_stage, then publish_added) make, on files made beforehand.
 PUBLISH_EXPORT = """
 import json, shutil, sys
@@ -467,11 +467,10 @@ from pathlib import Path
 from vitparity import artifact
 folder, made = Path(sys.argv[1]), Path(sys.argv[2])
 manifest = json.loads((made / "manifest.json").read_text())
-files = manifest.pop("files")
 with artifact.staging(folder) as stage:
-    for name in files:
+    for name in manifest.pop("files"):
         shutil.copyfile(made / name, stage / name)
-    artifact.publish(folder, {name: stage / name for name in sorted(files)}, manifest)
+    artifact.publish_stage(folder, stage, manifest)
 """
 PUBLISH_VARIANT = """
 import shutil, sys

@@ -251,6 +251,11 @@ def publish(folder: Path, staged: dict[str, Path], manifest: dict, replace: bool
         # After an exchange `stage` holds the previous artifact; the staging context removes it.
 
 
+def publish_stage(folder: Path, stage: Path, manifest: dict) -> None:
+    """Publish every file of the staging folder `stage` as the new artifact `folder` (see publish)."""
+    publish(folder, {p.name: p for p in sorted(stage.iterdir()) if p.is_file()}, manifest)
+
+
 def _record(path: Path) -> dict:
     problem = own_file_problem(path)
     if problem:

@@ -16,7 +16,7 @@ from vitparity.cli import Parser, check_thresholds, console, guarded
 from vitparity.errors import UserError
 
 from .backends import BACKENDS
-from .markdown import make_variable
+from .reproduce import make_variable
 
 # make variables that stand for a CLI option (see the Makefile's compare target).
 MAKE_VARIABLES = {"artifacts": "ARTIFACTS", "report": "REPORT", "save_reference": "SAVE", "against": "AGAINST", "images": "IMAGES"}

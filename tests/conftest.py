@@ -13,12 +13,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the hub; the auto pa
 from tests.helpers import ORT_ONLY, TINY, SecondOrtCpu, shared  # noqa: E402 - after the environment is set
 
 
-@pytest.fixture(scope="session")
-def artifacts_root(tmp_path_factory, worker_id) -> Path:
-    """A session-wide artifacts root holding dinov2, dinov3 and the tiny ViT, exported once for the whole
-    run: the pytest-xdist workers share it, each model under a lock of its own, and each worker starts from
-    another model, so the two cores export different models at once instead of the same ones twice. Tests
-    edit copies, never it; what the tool itself adds there (blocks.onnx) it publishes under the artifact's lock."""
+def _exported(tmp_path_factory, worker_id, models: list[str]) -> Path:
+    """The session-wide artifacts root, with `models` exported into it once for the whole run: the pytest-xdist
+    workers share it, each model under a lock of its own, and each worker starts from another model, so the two
+    cores export different models at once instead of the same ones twice. Tests edit copies, never it; what the
+    tool itself adds there (blocks.onnx) it publishes under the artifact's lock."""
     import fcntl
 
     from exporter.export import ExportOptions, export
@@ -27,7 +26,6 @@ def artifacts_root(tmp_path_factory, worker_id) -> Path:
     shared = base.parent if worker_id != "master" else base  # xdist: basetemp/popen-gwN, one parent per run
     root = shared / "artifacts-shared"
     root.mkdir(exist_ok=True)
-    models = ["dinov2", "dinov3", TINY]
     start = int(worker_id[2:]) % len(models) if worker_id.startswith("gw") else 0
     for name in models[start:] + models[:start]:
         with open(shared / f"artifacts-shared.{name}.lock", "a") as lock:
@@ -36,6 +34,19 @@ def artifacts_root(tmp_path_factory, worker_id) -> Path:
                 export(name, root, ExportOptions(weights="random"))
                 (root / f"{name}.done").touch()
     return root
+
+
+@pytest.fixture(scope="session")
+def artifacts_root(tmp_path_factory, worker_id) -> Path:
+    """The artifacts root with dinov3 and the tiny ViT. dinov2 (518x518: the longest export, about 20 s) is there
+    only for the tests that ask for `dinov2_root`, so that no worker waits for it before its first test."""
+    return _exported(tmp_path_factory, worker_id, ["dinov3", TINY])
+
+
+@pytest.fixture(scope="session")
+def dinov2_root(artifacts_root, tmp_path_factory, worker_id) -> Path:
+    """The same root, with dinov2 exported into it too."""
+    return _exported(tmp_path_factory, worker_id, ["dinov2"])
 
 
 @pytest.fixture

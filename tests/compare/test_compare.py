@@ -44,8 +44,8 @@ def _assert_default_run(code, out, err, report, model, tokens):
         assert "torch_npu is not installed" in skipped["torch-npu"] and has_row(out, "torch-npu", "skipped")
 
 
-def test_dinov2_compare_prints_both_tables_and_passes(artifacts_root, capsys, tmp_path):
-    code, out, err = _main(capsys, "dinov2", "--artifacts", str(artifacts_root), *FAST, "--json", str(tmp_path / "r.json"))
+def test_dinov2_compare_prints_both_tables_and_passes(dinov2_root, capsys, tmp_path):
+    code, out, err = _main(capsys, "dinov2", "--artifacts", str(dinov2_root), *FAST, "--json", str(tmp_path / "r.json"))
     _assert_default_run(code, out, err, json.loads((tmp_path / "r.json").read_text())["reports"][0], "dinov2", "1x1374x384")
 
 

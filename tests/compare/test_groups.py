@@ -15,8 +15,9 @@ from tests.helpers import TINY
     ("dinov3", {"cls": 1, "registers": 4, "patches": 256, "grid": [16, 16]}),
     (TINY, {"cls": 1, "registers": 0, "patches": 100, "grid": [10, 10]}),
 ])
-def test_the_manifest_records_the_token_layout_and_older_artifacts_derive_it(artifacts_root, model, expected):
-    manifest = json.loads((artifacts_root / model / "manifest.json").read_text())
+def test_the_manifest_records_the_token_layout_and_older_artifacts_derive_it(request, model, expected):
+    root = request.getfixturevalue("dinov2_root" if model == "dinov2" else "artifacts_root")
+    manifest = json.loads((root / model / "manifest.json").read_text())
     assert manifest["token_layout"] == expected
     older = {k: v for k, v in manifest.items() if k != "token_layout"}  # exported before the layout was recorded
     assert layout(older) == expected

@@ -22,10 +22,14 @@ def _dims(value_info) -> list:
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
+def _root(request, key):
+    return request.getfixturevalue("dinov2_root" if key == "dinov2" else "artifacts_root")
+
+
 @pytest.mark.parametrize("key", sorted(EXPECTED))
-def test_registered_model_exports_at_native_size_with_dynamic_batch(artifacts_root, key):
+def test_registered_model_exports_at_native_size_with_dynamic_batch(request, key):
     timm_name, size, tokens = EXPECTED[key]
-    art = artifact.load(artifacts_root, key)
+    art = artifact.load(_root(request, key), key)
     graph = onnx.load(str(art.path("model.onnx"))).graph
     assert [i.name for i in graph.input] == ["pixel_values"]
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
@@ -45,8 +49,8 @@ def test_registered_model_exports_at_native_size_with_dynamic_batch(artifacts_ro
 
 
 @pytest.mark.parametrize("key", sorted(EXPECTED))
-def test_onnx_passes_full_checker_and_matches_eager_at_batch_1_and_3(artifacts_root, key):
-    art = artifact.load(artifacts_root, key)
+def test_onnx_passes_full_checker_and_matches_eager_at_batch_1_and_3(request, key):
+    art = artifact.load(_root(request, key), key)
     onnx.checker.check_model(str(art.path("model.onnx")), full_check=True)
     sample = np.load(art.path("sample.npz"), allow_pickle=False)
     session = ort.InferenceSession(str(art.path("model.onnx")), providers=["CPUExecutionProvider"])

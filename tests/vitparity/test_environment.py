@@ -55,3 +55,16 @@ def test_this_hosts_int8_features_are_the_ones_py_cpuinfo_reports():
     expected = [f for f in environment.INT8_FEATURES if f.replace("_", "") in flags]
     assert environment.cpu()["int8_features"] == expected
     assert environment.cpu()["machine"] == platform.machine()
+
+
+def test_a_distribution_without_top_level_txt_is_matched_by_the_files_its_record_lists(tmp_path, monkeypatch):
+    # torch ships no top_level.txt: its RECORD (17,000 lines) is read as text, never as 17,000 path objects.
+    info = tmp_path / "fake_provider-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-provider\nVersion: 1.0\n")
+    (info / "RECORD").write_text("fakemod/__init__.py,sha256=x,1\nfakemod/core.py,sha256=y,2\nsingle.py,,\n"
+                                 "fake_provider-1.0.dist-info/RECORD,,\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert environment._provides("fake-provider", "fakemod") and environment._provides("fake-provider", "single")
+    assert not environment._provides("fake-provider", "fake") and not environment._provides("fake-provider", "core")
+    assert not environment._provides("no-such-distribution", "fakemod")

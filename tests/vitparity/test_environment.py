@@ -48,12 +48,14 @@ def test_a_missing_or_flagless_cpuinfo_falls_back_to_py_cpuinfo(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="no /proc/cpuinfo on this host")
-def test_this_hosts_int8_features_are_the_ones_py_cpuinfo_reports():
+def test_this_hosts_int8_features_are_among_those_py_cpuinfo_reports():
+    """The kernel lists a feature only where the CPU has it (it may hide one the CPU has, e.g. clearcpuid), so what
+    /proc/cpuinfo gives is a subset of what py-cpuinfo reads with CPUID; on this project's hosts, the same."""
     pytest.importorskip("cpuinfo")
     info = environment._py_cpuinfo()
     flags = {flag.lower().replace("_", "") for flag in info["flags"]}
-    expected = [f for f in environment.INT8_FEATURES if f.replace("_", "") in flags]
-    assert environment.cpu()["int8_features"] == expected
+    found = environment.cpu()["int8_features"]
+    assert found is not None and set(found) <= {f for f in environment.INT8_FEATURES if f.replace("_", "") in flags}
     assert environment.cpu()["machine"] == platform.machine()
 
 

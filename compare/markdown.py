@@ -15,7 +15,7 @@ from .reproduce import reproduce_commands
 from .results import BackendStatus, Report
 
 # How numbers are printed (compare/tables.py): every printed number equals the JSON's rounded to this precision.
-COSINE, ERROR, MS, RATE, SPEEDUP = tables.COSINE, tables.ERROR, tables.MS, tables.RATE, tables.SPEEDUP
+COSINE, ERROR, MS, RATE = tables.COSINE, tables.ERROR, tables.MS, tables.RATE
 PRECISION_NOTE = (
     "Cosines have 7 decimals; max abs, mean abs and relative errors have 3 significant digits; "
     "latencies are milliseconds per call (the whole batch) with 2 decimals; images/s has 1 decimal; "

@@ -20,18 +20,20 @@ endif
 # its environment, where they are quoted ("$$IMAGES"); they are never pasted into the command line.
 # MODEL and PATTERN are lists of names: split on blanks, with globbing off (set -f), never run as code.
 # ARGS is the one variable that is shell text by design: extra options, as you would type them.
-PATH_VARIABLES := ARTIFACTS IMAGES SAVE AGAINST REPORT MODEL PATTERN
+PATH_VARIABLES := ARTIFACTS IMAGES SAVE AGAINST REPORT MODEL PATTERN WEIGHTS
 $(foreach v,$(PATH_VARIABLES),$(eval override $(v) := $$(value $(v))))
 export $(PATH_VARIABLES)
 
-# Optional make variables that turn into CLI flags.
+# Optional make variables that turn into CLI flags. WEIGHTS (a file or folder, or random) reaches every export step,
+# the one `make compare` runs first included.
+EXPORT_FLAGS := $(if $(WEIGHTS),--weights "$$WEIGHTS")
 COMPARE_FLAGS := $(if $(SAVE),--save-reference "$$SAVE") $(if $(AGAINST),--against "$$AGAINST") $(if $(REPORT),--report "$$REPORT") $(if $(IMAGES),--images "$$IMAGES")
 
 .PHONY: setup host-deps export compare bench sweep test clean help
 
 help:
 	@echo "make export  [MODEL=dinov2] [ARTIFACTS=DIR]      export and verify ONNX artifacts"
-	@echo "make compare [MODEL=dinov3] [ARTIFACTS=DIR] [IMAGES=DIR]  compare eager CPU, NPU and onnxruntime"
+	@echo "make compare [MODEL=dinov3] [WEIGHTS=DIR] [ARTIFACTS=DIR] [IMAGES=DIR]  export if missing, compare eager CPU, NPU and onnxruntime"
 	@echo "make bench   [MODEL=dinov3]                      latency sweep 1,2,4,8, int8 speed-ups, time to verdict vs its floor"
 	@echo "make sweep   PATTERN='vit_*small*'                export, compare and --layers for every matching timm model"
 	@echo "make test                                        run the test suite"
@@ -40,7 +42,11 @@ help:
 
 setup: $(SETUP_DEP)
 
+# On an Ascend host a new .venv would hold stock torch without torch_npu: the NPU rows could never run. Say so
+# before building it (VENV_ANYWAY=1 builds it all the same, for the CPU rows alone).
 $(VENV)/.installed: pyproject.toml
+	@if [ -z "$(VENV_ANYWAY)" ] && ls $${VIT_PARITY_DEVICE_ROOT:-/dev}/davinci[0-9]* >/dev/null 2>&1; then \
+	  echo "make: this host has an Ascend NPU, and a new $(VENV) would hold stock torch without torch_npu. Use the host's own: source /usr/local/Ascend/ascend-toolkit/set_env.sh; make host-deps PYTHON=python3 (once); make $(MAKECMDGOALS) PYTHON=python3. VENV_ANYWAY=1 builds $(VENV) for the CPU rows alone." >&2; exit 2; fi
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
@@ -57,11 +63,11 @@ host-deps:
 	$(PYTHON) -m pip install -c .host-constraints.txt -e ".[$$($(PYTHON) -m vitparity.environment extra)]"
 
 export: $(SETUP_DEP)
-	set -f; $(PYTHON) -m exporter --artifacts "$$ARTIFACTS" $(ARGS) -- $$MODEL
+	set -f; $(PYTHON) -m exporter --artifacts "$$ARTIFACTS" $(EXPORT_FLAGS) $(ARGS) -- $$MODEL
 
 # Both export first whatever artifact is missing; no MODEL means every registered model.
 compare: $(SETUP_DEP)
-	set -f; $(PYTHON) -m exporter --artifacts "$$ARTIFACTS" --if-missing -- $$MODEL
+	set -f; $(PYTHON) -m exporter --artifacts "$$ARTIFACTS" --if-missing $(EXPORT_FLAGS) -- $$MODEL
 	set -f; $(PYTHON) -m compare --artifacts "$$ARTIFACTS" $(COMPARE_FLAGS) $(ARGS) -- $$MODEL
 
 # Benchmarks (bench/): the latency sweep over batch sizes 1,2,4,8, the int8 variant's speed-ups and

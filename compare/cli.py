@@ -79,6 +79,8 @@ def parse(argv=None) -> argparse.Namespace:
                             "such error part by part (norm1, attn.qkv, attn.softmax, mlp.fc1...) and say what to try")
     group.add_argument("--truth", choices=("fp64",), default=None,
                        help="also run eager float64 on the CPU and give every backend's error against it, as a multiple of torch-cpu's")
+    group.add_argument("-v", "--verbose", action="store_true", help="print every table in full (the default view fits 100 "
+                       "columns: cosine, rel err and verdict per row; the JSON and --report hold everything)")
     group.add_argument("--json", default=None, metavar="PATH", help="write the full results as JSON")
     group.add_argument("--save-reference", default=None, metavar="FILE", help="save input and outputs (npz) to compare on another host")
     group.add_argument("--against", default=None, metavar="FILE", help="also compare against outputs saved with --save-reference")
@@ -206,7 +208,7 @@ def run(args: argparse.Namespace, out: Console, err: Console, argv) -> int:
     for model in models:
         with err.status(f"{model}: starting") as status:
             report, raw = compare(model, options, step=status.update)
-        for part in render(report):
+        for part in render(report, args.verbose):
             out.print(part)
 
         if args.save_reference:
@@ -228,6 +230,8 @@ def run(args: argparse.Namespace, out: Console, err: Console, argv) -> int:
     # Nothing compared is no PASS (saving the reference alone is a real use: the verdict says so).
     # Said last, once the tables, the JSON and the report are out, so the user sees what was skipped and why.
     for report in reports:
+        if report.devices_not_run and report.verdict.status == "NOT COMPARED":
+            raise UserError(f"{report.model}: " + " ".join(report.devices_not_run.values()))
         if report.verdict.status == "NOT COMPARED" and report.exit_code == 2:
             not_run = ", ".join(f"{b.name} ({b.status})" for b in report.backends if b.name != report.reference)
             raise UserError(

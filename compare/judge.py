@@ -14,12 +14,11 @@ Field meanings are the same in every mode: `cosine` and `rel_error` are those of
 """
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import numpy as np
 
-from vitparity import metrics, registry
+from vitparity import judging, metrics, registry
 from vitparity.artifact import OUTPUT_NAMES
 from vitparity.tolerances import Tolerance, tolerance_for
 
@@ -33,31 +32,10 @@ from .results import (
 
 OUTPUTS = OUTPUT_NAMES  # every artifact's graph: pixel_values -> pooled, tokens
 NEIGHBOURS_K = 10  # k of overlap@k, or fewer when there are fewer images
-SHAPE, REFERENCE_SHAPE = "shape", "reference_shape"  # per (output, group): one item's shape, the backend's and the reference's
-
-
-def parts(output: str, groups: dict | None) -> dict[str, slice]:
-    """The slices of one output the rows judge: the whole (""), and for tokens each token group of the layout."""
-    found = {"": slice(None)}
-    if output == "tokens":
-        found.update(registry.token_groups(groups))
-    return found
-
-
-def item_figures(got: dict, want: dict, groups: dict | None, outputs: tuple[str, ...] = OUTPUTS) -> dict[tuple[str, str], dict]:
-    """{(output, group): per-item figures of `got` against `want` (metrics.per_sample), with each item's shape}.
-    Shapes that differ give the shapes alone: the row says so."""
-    found = {}
-    for output in outputs:
-        a, b = np.asarray(got[output]), np.asarray(want[output])
-        for group, part in parts(output, groups).items():
-            if a.shape != b.shape:
-                if group == "":
-                    found[(output, group)] = {SHAPE: list(a.shape[1:]), REFERENCE_SHAPE: list(b.shape[1:]), "count": len(a)}
-                continue
-            x, y = a[:, part], b[:, part]
-            found[(output, group)] = {**metrics.per_sample(x, y), SHAPE: list(x.shape[1:]), REFERENCE_SHAPE: list(y.shape[1:])}
-    return found
+# The rows, their per-item figures and their judgement are the core's (vitparity/judging.py): the exporter judges
+# its graphs with the same functions.
+parts, item_figures, concatenate = judging.parts, judging.item_figures, judging.concatenate
+SHAPE, REFERENCE_SHAPE = judging.SHAPE, judging.REFERENCE_SHAPE
 
 
 def wire(against: str, figures: dict[tuple[str, str], dict]) -> dict[str, np.ndarray]:
@@ -77,27 +55,6 @@ def from_wire(arrays: dict[str, np.ndarray], against: str) -> dict[tuple[str, st
     return dict(sorted(found.items(), key=lambda item: (OUTPUTS.index(item[0][0]), order.get(item[0][1], len(order)))))
 
 
-def concatenate(chunks: list[dict[tuple[str, str], dict]]) -> dict[tuple[str, str], dict]:
-    """The figures of consecutive batches as one: per-item arrays joined, shapes kept from the first batch."""
-    lists: dict[tuple[str, str], dict] = {}
-    for chunk in chunks:
-        for key, found in chunk.items():
-            into = lists.setdefault(key, {SHAPE: found[SHAPE], REFERENCE_SHAPE: found[REFERENCE_SHAPE]})
-            for name, value in found.items():
-                if name not in (SHAPE, REFERENCE_SHAPE):
-                    into.setdefault(name, []).append(np.asarray(value))
-    return {key: {name: value if name in (SHAPE, REFERENCE_SHAPE) else np.concatenate(value) for name, value in found.items()}
-            for key, found in lists.items()}
-
-
-def _nan_min(*values: float) -> float:
-    return float("nan") if any(math.isnan(v) for v in values) else min(values)
-
-
-def _nan_max(*values: float) -> float:
-    return float("nan") if any(math.isnan(v) for v in values) else max(values)
-
-
 def accuracy_rows(backend: str, figures: dict[tuple[str, str], dict], tolerance: Tolerance, items: list[str]
                   ) -> list[OutputComparison]:
     """One row per output and token group, judged on the whole and on the worst item. `items` names the
@@ -108,18 +65,18 @@ def accuracy_rows(backend: str, figures: dict[tuple[str, str], dict], tolerance:
 def _row(backend: str, output: str, group: str, found: dict, tolerance: Tolerance, items: list[str]) -> OutputComparison:
     shape, reference_shape = [int(n) for n in found[SHAPE]], [int(n) for n in found[REFERENCE_SHAPE]]
     nan = float("nan")
-    if "cosine" not in found:  # the shapes differ: nothing to measure
+    judged = judging.judge_row(output, group, found, tolerance)  # the one judgement, the exporter's too
+    if not judged.shape_match:  # the shapes differ: nothing to measure
         count = int(found.get("count", 0))
         return OutputComparison(
             backend=backend, output=output, shape=[count, *shape], reference_shape=[count, *reference_shape],
             shape_match=False, cosine=nan, worst_sample_cosine=nan, max_abs=nan, mean_abs=nan, rel_error=nan, nonfinite=0,
             tolerance=tolerance.name, min_cosine=tolerance.min_cosine, max_rel=tolerance.max_rel,
-            passed=tolerance.judge(nan, nan, 0, shape_match=False).passed, group=group)
+            passed=judged.passed, group=group)
     cos, rel = np.asarray(found["cosine"]), np.asarray(found["rel_error"])
     count = len(cos)
-    total = metrics.over_samples(found)
-    judged_cos, judged_rel = _nan_min(total["cosine"], total["worst_cosine"]), _nan_max(total["rel_error"], total["worst_rel_error"])
-    would_cos, would_rel = metrics.loosest_passing(judged_cos, judged_rel)
+    total = judged.totals
+    would_cos, would_rel = metrics.loosest_passing(judged.cosine, judged.rel_error)
     finite = bool(np.isfinite(cos).all() and np.isfinite(rel).all())
     p50, p99 = np.asarray(found["p50"]), np.asarray(found["p99"])
     return OutputComparison(
@@ -127,7 +84,7 @@ def _row(backend: str, output: str, group: str, found: dict, tolerance: Toleranc
         cosine=total["cosine"], worst_sample_cosine=total["worst_cosine"], max_abs=total["max_abs"], mean_abs=total["mean_abs"],
         rel_error=total["rel_error"], nonfinite=total["nonfinite"], tolerance=tolerance.name,
         min_cosine=tolerance.min_cosine, max_rel=tolerance.max_rel,
-        passed=tolerance.judge(judged_cos, judged_rel, total["nonfinite"]).passed,
+        passed=judged.passed,
         error_p50=float(np.median(p50)) if count and np.isfinite(p50).all() else nan,
         error_p99=float(np.max(p99)) if count and np.isfinite(p99).all() else nan,
         would_pass_min_cosine=would_cos, would_pass_max_rel=would_rel, group=group,

@@ -31,7 +31,9 @@ def layer_rows(backend: str, got: dict, want: dict, tolerance, layout: dict | No
             per_group = {name: _figures(a[:, part], reference[:, part]) for name, part in groups.items()}
             for figures in per_group.values():
                 figures["passed"] = _passes(figures, tolerance)
-        rows.append(LayerComparison(backend=backend, layer=layer, passed=_passes(whole, tolerance), groups=per_group, **whole))
+        # A tap passes as an accuracy row does: the whole and every token group (a drifting register hides in the whole).
+        passed = _passes(whole, tolerance) and all(figures["passed"] for figures in per_group.values())
+        rows.append(LayerComparison(backend=backend, layer=layer, passed=passed, groups=per_group, **whole))
     return rows
 
 
@@ -56,7 +58,7 @@ def largest_step(rows: list[LayerComparison]) -> tuple[str, float] | None:
     return layer, increase
 
 
-def drift_line(backend: str, rows: list[LayerComparison], tolerance) -> str:
+def drift_line(backend: str, rows: list[LayerComparison], tolerance, failing: bool = False) -> str:
     """One sentence naming the first tap that breaks the thresholds, or saying none does, and which token
     group drifts first; for a drifting backend or a variant graph ("ort-cpu:int8"), the block that adds the
     most error too (the block quantization or fp16 hurts most)."""
@@ -70,16 +72,25 @@ def drift_line(backend: str, rows: list[LayerComparison], tolerance) -> str:
     step = largest_step(rows) if first is not None or ":" in backend else None
     if step and step[1] > 0:
         where_group += f"; largest step: {step[0].replace('_', ' ')} adds {step[1]:.1e} rel err"
+    if first is None and failing:  # never "no drift" beside a FAIL: the taps saw less than the outputs' rows
+        return (f"{backend}: every tap is within {tolerance.name} thresholds, yet its outputs fail: the error the verdict "
+                f"sees is added after the last tap (pooling, the head) or only on other inputs" + where_group)
     if first is None:
         return f"{backend}: no drift: every block within {tolerance.name} thresholds" + where_group
     where = first.layer.replace("_", " ")
     nan = f", {first.nonfinite} NaN/Inf" if first.nonfinite else ""
+    figures = first.groups.get(group[0]) if group and group[1] is first else None
+    if figures is not None and _passes({k: getattr(first, k) for k in ("cosine", "rel_error", "nonfinite")}, tolerance):
+        # the whole tap passes: say the group that fails there, with its own figures
+        return (f"{backend}: drift starts at {where} in the {group[0]} tokens (cos {figures['cosine']:.4f}, rel err "
+                f"{figures['rel_error']:.2e}{nan})" + where_group)
     return f"{backend}: drift starts at {where} (cos {first.cosine:.4f}, rel err {first.rel_error:.2e}{nan})" + where_group
 
 
-def compare_layers(taps: dict[str, dict], reference: str, tolerances: dict, layout: dict | None = None
-                   ) -> tuple[list[LayerComparison], dict[str, str]]:
-    """Every backend's taps against the reference's, each judged by its own tolerance. Returns (rows, drift lines)."""
+def compare_layers(taps: dict[str, dict], reference: str, tolerances: dict, layout: dict | None = None,
+                   failing: frozenset = frozenset()) -> tuple[list[LayerComparison], dict[str, str]]:
+    """Every backend's taps against the reference's, each judged by its own tolerance; `failing` names the backends
+    whose accuracy rows fail (their line never says "no drift"). Returns (rows, drift lines)."""
     want = taps[reference]
     rows, drift = [], {}
     for name, got in taps.items():
@@ -93,7 +104,7 @@ def compare_layers(taps: dict[str, dict], reference: str, tolerances: dict, layo
             continue
         backend_rows = layer_rows(name, got, want, tolerances[name], layout)
         rows += backend_rows
-        drift[name] = drift_line(name, backend_rows, tolerances[name])
+        drift[name] = drift_line(name, backend_rows, tolerances[name], name in failing)
     return rows, drift
 
 
@@ -148,6 +159,21 @@ def localise(rows: list[LayerComparison], replays: dict[str, dict], tolerances: 
 
 
 NORMS = ("norm1", "norm2", "norm", "q_norm", "k_norm")
+QUANTIZED = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # a block's weight matmuls: what int8 quantizes
+
+
+def _int8_advice(block: str, part: str, where: str, variant: str, ran: dict) -> str:
+    """A command that changes the int8 graph: keep the part's module in float (its block where the part is no
+    quantized module, or the module is already kept), the search adding what else the class needs. Never a
+    command that gives the same graph: with the block already in float there is nothing int8 to undo there."""
+    kept = list(ran.get("kept", []))
+    covered = lambda module: any(module == k or module.startswith(k + ".") for k in kept)  # noqa: E731
+    module = where if part in QUANTIZED and not covered(where) else block
+    if covered(module):
+        return (f"{block} is already kept in float in the {variant} graph: its error is not int8's; compare the fp32 graph's "
+                f"row (ort-cpu) and --truth fp64")
+    return (f"{where} loses the most in int8: keep {module} in float: "
+            f"{ran.get('export', 'python -m exporter MODEL --if-missing')} --variant {variant} --int8-keep {','.join([*kept, module])}")
 
 
 def advise(backend: str, block: str, part: str, figures: PartComparison | None, ran: dict) -> str:
@@ -157,13 +183,16 @@ def advise(backend: str, block: str, part: str, figures: PartComparison | None, 
     overflow = bool(figures and figures.nonfinite)
     variant, precision = ran.get("variant", ""), ran.get("precision", "fp32")
     if variant.startswith("int8"):
-        return (f"{where} loses the most in int8: export the variant again so that the int8 search leaves {block}'s "
-                f"modules in float (python -m exporter MODEL --variant {variant} on an artifact without it; the search "
-                f"runs when the plain recipe fails its class on the verify inputs, which --calibration-images widens)")
+        return _int8_advice(block, part, where, variant, ran)
     if variant == "fp16":
         keep = "Softmax" if part == "attn.softmax" else "LayerNormalization" if leaf in NORMS else "MatMul"
-        return (f"{where} {'overflows' if overflow else 'drifts'} in the fp16 graph: keep {keep} fp32 "
-                f"(--fp16-keep LayerNormalization,Pow,ReduceMean,Sqrt,{keep}), or let --search-precision find the list")
+        kept = ran.get("kept") or ["LayerNormalization", "Pow", "ReduceMean", "Sqrt"]
+        if keep in kept:
+            return (f"{where} {'overflows' if overflow else 'drifts'} in the fp16 graph though {keep} is already fp32: let the "
+                    f"search find the list: {ran.get('export', 'python -m exporter MODEL --if-missing')} --variant fp16 "
+                    f"--search-precision")
+        return (f"{where} {'overflows' if overflow else 'drifts'} in the fp16 graph: keep {keep} fp32: "
+                f"{ran.get('export', 'python -m exporter MODEL --if-missing')} --variant fp16 --fp16-keep {','.join([*kept, keep])}")
     if precision == "fp16":
         if overflow:
             return (f"{where} overflows fp16 (values past 65504): run --dtype bf16, which keeps fp32's range, "

@@ -141,16 +141,18 @@ def overall_verdict(reports: list[Report]) -> str:
 
 def verdict(report: Report) -> str:
     """One line: PASS/FAIL/NOT COMPARED, read from report.verdict, what was compared and what was not."""
-    from .render import overrides_text
+    from .render import overrides_text, random_text
 
     judged = report.verdict
     if judged.status == "FAIL":
         text = f"**FAIL**: {', '.join(judged.failed)} {_verb(judged.failed, 'disagree')} with {report.reference}"
     elif judged.status == "PASS":
         text = f"**PASS**: {', '.join(judged.compared)} {_verb(judged.compared, 'agree')} with {report.reference} within the thresholds"
+    elif report.devices_not_run:
+        text = "**NOT COMPARED**: " + " ".join(report.devices_not_run.values())
     else:
         text = f"**NOT COMPARED**: only the reference {report.reference} ran"
-    text += overrides_text(judged.overrides)
+    text += overrides_text(judged.overrides) + random_text(report)
     # A PASS that skipped the NPU says nothing about the NPU; the verdict line must say so.
     return text + (f"; not run here: {', '.join(judged.skipped)}." if judged.skipped else ".")
 
@@ -243,38 +245,9 @@ def _worst(values, lowest: bool = False) -> float:
 # Markdown helpers.
 
 
-def from_data(data: tables.Table) -> list[str]:
-    """One of compare/tables.py's tables as Markdown: a failing verdict and every marked cell in bold, numbers
-    right-aligned, the caption under it."""
-    def cell(row: int, column: int, text: str) -> str:
-        if data.columns[column] == tables.VERDICT:
-            return _passfail(text == "PASS") if text in ("PASS", "FAIL") else text
-        return f"**{text}**" if (row, column) in data.marks else text
-
-    rows = [[cell(r, c, text) for c, text in enumerate(row)] for r, row in enumerate(data.rows)]
-    align = ["---:" if data.numeric(column) else "---" for column in range(len(data.columns))]
-    return table(data.columns, rows, align) + (["", _inline(data.caption)] if data.caption else [])
-
-
-def table(header, rows, align: list[str] | None = None) -> list[str]:
-    """A GitHub-flavoured Markdown table; numeric-looking columns are right-aligned unless `align` says."""
-    rows = [[_cell(c) for c in row] for row in rows]
-    if align is None:
-        shown = tables.Table("", tuple(header), [tuple(row) for row in rows])
-        align = ["---:" if shown.numeric(column) else "---" for column in range(len(header))]
-    return [_row(header), _row(align)] + [_row(row) for row in rows]
-
-
-def _row(cells) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
-def _cell(value) -> str:
-    return _inline(str(value)).replace("|", "\\|")
-
-
-def _inline(text: str) -> str:
-    return " ".join(str(text).split())  # a newline would end the table row or the list item
+from_data = tables.markdown_table  # the core's drawing (vitparity/tables.py)
+table = tables.markdown
+_inline = tables.inline
 
 
 def _passfail(passed: bool) -> str:

@@ -68,7 +68,8 @@ def save(path, report: Report, run) -> None:
         backend, _ = split(status.name)
         backends[status.name] = {  # a variant row is judged by its variant's class, as here
             "details": status.details, "tolerance": status.details.get("variant_class") or backend.tolerance,
-            "precision": status.details.get("precision", "fp32"),
+            # A variant's precision label says what it computed ("fp16 (45 of 325 kernels in fp32)"); its class judges it.
+            "precision": "fp32" if status.details.get("variant_class") else status.details.get("precision", "fp32"),
         }
         for kind, found in (("outputs", run.outputs), ("taps", run.taps)):
             for name, array in found.get(status.name, {}).items():

@@ -8,29 +8,7 @@ from . import tables
 from .results import Report
 
 PASS, FAIL = Text("PASS", style="bold green"), Text("FAIL", style="bold red")
-MARKS = {tables.FAILS: "red", tables.FIRST: "bold red reverse"}
-STATUS = {"skipped": "yellow", "error": "bold red"}  # a backend that did not run, in the backends table
-
-
-def rich_table(data: tables.Table) -> Table:
-    """One of compare/tables.py's tables, drawn for the terminal: numbers right-aligned, verdicts and a backend's
-    status in colour, a failing cell red and the first failing one of its backend reversed."""
-    table = Table(title=data.title, title_justify="left", caption=data.caption or None, caption_justify="left")
-    for index, column in enumerate(data.columns):
-        table.add_column(column, justify="right" if data.numeric(index) else "left")
-    for index, row in enumerate(data.rows):
-        table.add_row(*[_cell(data, index, column, cell) for column, cell in enumerate(row)])
-    return table
-
-
-def _cell(data: tables.Table, row: int, column: int, cell: str):
-    name = data.columns[column]
-    if name == tables.VERDICT:
-        return {"PASS": PASS, "FAIL": FAIL}.get(cell, cell)
-    if name == "status" and cell in STATUS:
-        return Text(cell, style=STATUS[cell])
-    mark = data.marks.get((row, column))
-    return Text(cell, style=MARKS[mark]) if mark else cell
+rich_table = tables.rich_table  # the core's drawing (vitparity/tables.py)
 
 
 def header_table(report: Report) -> Table:
@@ -64,19 +42,50 @@ def verdict_text(report: Report) -> Text:
     """The verdict line, read from report.verdict (never judged here)."""
     judged = report.verdict
     skipped = f"; not run here: {', '.join(judged.skipped)}" if judged.skipped else ""
-    if judged.status == "NOT COMPARED":
+    if report.devices_not_run and not judged.failed:
+        text, style = f"{report.model}: NOT COMPARED: " + " ".join(report.devices_not_run.values()), "bold yellow"
+    elif judged.status == "NOT COMPARED":
         text, style = f"{report.model}: NOT COMPARED (only the reference {report.reference} ran{skipped})", "bold yellow"
     elif judged.status == "PASS":
         verb = "agrees" if len(judged.compared) == 1 else "agree"
         text, style = f"{report.model}: PASS ({', '.join(judged.compared)} {verb} with {report.reference}{skipped})", "bold green"
     else:
         text, style = f"{report.model}: FAIL ({', '.join(judged.failed)} disagree with {report.reference})", "bold red"
-    return Text(text + overrides_text(judged.overrides), style=style)
+    return Text(text + overrides_text(judged.overrides) + random_text(report), style=style)
 
 
-def render(report: Report) -> list:
-    """Every renderable of a report, in the order they are printed."""
-    parts = [header_table(report), rich_table(tables.backends(report)), rich_table(tables.accuracy(report))]
+def random_text(report: Report) -> str:
+    """Said in the verdict line, not only in a warning: random weights check the port, not the model."""
+    if "random" not in report.weights_source:
+        return ""
+    return (f"; weights: {report.weights_source}, not the model's own: export with --weights FILE (make compare "
+            f"WEIGHTS=FILE) for real ones")
+
+
+def compact_header(report: Report) -> Table:
+    """The default view's header: what was compared, on what input, with which weights; warnings in full."""
+    table = Table(title=f"{report.model}: {report.timm_name}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    input_ = report.input
+    table.add_row("input", f"{input_['kind']} {input_['source']}, shape {tuple(input_['shape'])}")
+    table.add_row("weights", report.weights_source)
+    for warning in report.warnings:
+        table.add_row(Text("warning", style="yellow"), Text(warning, style="yellow"))
+    return table
+
+
+def render(report: Report, verbose: bool = False) -> list:
+    """Every renderable of a report, in the order they are printed. The default view fits a 100-column terminal
+    without cutting a number: a short header, the backends that ran, one line per reason others did not, the
+    accuracy rows' cosine, rel err and verdict, the latency's medians and speed-ups, the verdict. `verbose`
+    (-v): every table in full, as the Markdown report has them."""
+    if verbose:
+        parts = [header_table(report), rich_table(tables.backends(report)), rich_table(tables.accuracy(report))]
+    else:
+        parts = [compact_header(report), rich_table(tables.compact_backends(report))]
+        parts += [Text(line, style="yellow") for line in tables.skipped_lines(report)]
+        parts.append(rich_table(tables.compact_accuracy(report)))
     # How far every failing output is from passing (Polygraphy's "minimum required tolerance").
     parts += [Text(f"{r.backend} {r.label}: FAIL, {r.how_far()}", style="red") for r in report.accuracy if not r.passed]
     if report.from_folder:
@@ -92,6 +101,6 @@ def render(report: Report) -> list:
         parts.append(rich_table(tables.parts(report)))
     parts += [Text(f"{backend}: try: {line}", style="bold cyan") for backend, line in report.advice.items()]
     if report.latency:
-        parts.append(rich_table(tables.latency(report)))
+        parts.append(rich_table(tables.latency(report) if verbose else tables.compact_latency(report)))
     parts.append(verdict_text(report))
     return parts

@@ -187,6 +187,8 @@ def verdict(report: "Report") -> Verdict:
     skipped = [b.name for b in report.backends if b.status == "skipped"]
     if failed:
         status, code = "FAIL", 1
+    elif report.devices_not_run:
+        status, code = "NOT COMPARED", 2
     elif compared:
         status, code = "PASS", 0
     else:
@@ -220,6 +222,9 @@ class Report:
     per_image: dict = field(default_factory=dict)  # --images: {backend: {"pooled": {"cosine": [...], ...}}}, in input order
     parts: list[PartComparison] = field(default_factory=list)  # --replay: inside the block each backend's error is largest in
     advice: dict = field(default_factory=dict)  # --replay: {backend: what to try}, from where its error was found and how it ran
+    # {"ascend": why}: an accelerator this host has (its device files) whose backends were asked for and none ran: no
+    # PASS then, whatever the CPU rows say (the user came to compare that device)
+    devices_not_run: dict = field(default_factory=dict)
 
     @property
     def verdict(self) -> Verdict:

@@ -5,6 +5,7 @@ and judgement in compare/judge.py; this module joins them and adds the report's 
 """
 from __future__ import annotations
 
+import shlex
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -114,14 +115,18 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
         [TruthComparison(**row) for row in stored.truth] if stored is not None else [])
     layer_rows, drift, parts, advice = [], {}, [], {}
     if options.layers and options.reference in run.taps:
-        layer_rows, drift = layers.compare_layers(run.taps, options.reference, judged, groups)
+        layer_rows, drift = layers.compare_layers(run.taps, options.reference, judged, groups,
+                                                  frozenset(row.backend for row in accuracy if not row.passed))
     replays = {s.name: s.details["replay"] for s in statuses if isinstance(s.details.get("replay"), dict)}
     if replays:
-        ran = {s.name: {"precision": s.details.get("precision", "fp32"), "variant": split(s.name)[1]} for s in statuses}
+        export = shlex.join(["python", "-m", "exporter", spec.key, "--artifacts", str(options.artifacts), "--if-missing"])
+        ran = {s.name: {"precision": s.details.get("precision", "fp32"), "variant": split(s.name)[1], "export": export,
+                        "kept": _kept(s.details.get("recipe"))} for s in statuses}
         layer_rows, parts, local, advice = layers.localise(layer_rows, replays, judged, ran)
         drift = {name: "; ".join(filter(None, [drift.get(name), local.get(name, "").removeprefix(f"{name}: ")]))
                  for name in {*drift, *local}}
     report = Report(
+        devices_not_run=devices_not_run(statuses),
         model=spec.key,
         timm_name=manifest["timm_name"],
         artifact=str(art.folder),
@@ -162,6 +167,32 @@ def _batch_figures(run: Run, options: CompareOptions, stored, groups: dict | Non
         if kind == "image":  # copies of one image: one item to find neighbours among
             found["embeddings"] = np.asarray(outputs["pooled"])[:1]
         run.images[name] = found
+
+
+DEVICE_NAMES = {"ascend": "Ascend NPU", "cuda": "NVIDIA GPU"}
+
+
+def devices_not_run(statuses: list[BackendStatus], present: dict | None = None) -> dict[str, str]:
+    """{accelerator: one line} for each accelerator of this host (its device files) whose backends are among the
+    rows and none of which ran: what stopped each, and the fix. A user who names --backends without them asks for
+    none, and gets none of these lines."""
+    present = environment.accelerators() if present is None else present
+    found = {}
+    for kind, files in present.items():
+        rows = [s for s in statuses if split(s.name)[0].accelerator == kind]
+        if rows and not any(s.status in ("ran", "stored") for s in rows):
+            why = "; ".join(dict.fromkeys(f"{s.name}: {s.reason}" for s in rows if not s.name.partition(":")[2]))
+            found[kind] = (f"this host's {DEVICE_NAMES[kind]} ({files[0]}) never ran ({why}); {environment.FIX[kind]}; "
+                           f"or compare without it: --backends torch-cpu,ort-cpu")
+    return found
+
+
+def _kept(recipe) -> list[str]:
+    """What a variant's recipe keeps in float: int8's modules, or fp16's op types."""
+    if not isinstance(recipe, dict):
+        return []
+    keep = recipe.get("keep_float") or {}
+    return list(keep.get("entries", [])) if "keep_float" in recipe else list((recipe.get("keep_fp32") or {}).get("op_types", []))
 
 
 def _with_speedups(timings: list[LatencyStats], reference: str) -> list[LatencyStats]:

@@ -1,53 +1,34 @@
 """Tables of a report built once, as data: a title, columns and rows of cells formatted by one formatter.
 
-The terminal (compare/render.py) and the Markdown report (compare/markdown.py) draw these same tables, and the
-sweep's coverage matrix (zoo/render.py) is one too, so their columns and numbers cannot drift apart. A cell of a
+The terminal (compare/render.py) and the Markdown report (compare/markdown.py) draw these same tables with the
+core's toolkit (vitparity/tables.py), as the sweep's coverage matrix (zoo/render.py) is drawn, so their columns and
+numbers cannot drift apart. A cell of a
 verdict column is "PASS", "FAIL" or a note ("not judged: ..."); a marked cell fails its thresholds (FAILS) or is
 the first of its backend to (FIRST). Each renderer styles them its own way.
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+from vitparity.tables import (  # noqa: F401  # the toolkit is the core's; these names are compare's tables' vocabulary
+    COSINE,
+    ERROR,
+    FAILS,
+    FIRST,
+    MS,
+    NUMBER,
+    RATE,
+    SPEEDUP,
+    VERDICT,
+    Table,
+    inline,
+    markdown,
+    markdown_table,
+    num,
+    ratio,
+    rich_table,
+    verdict,
+)
 
 from .results import Report
-
-# How numbers are printed. Every printed number equals the JSON's number rounded to this precision.
-COSINE = ".7f"  # 7 decimals: the thresholds go down to 0.99999, so two spare digits
-ERROR = ".2e"  # max abs, mean abs, relative error: 3 significant digits
-MS = ".2f"  # milliseconds per call: 10 µs steps
-RATE = ".1f"  # images per second
-SPEEDUP = ".2f"  # reference mean / this mean, shown as "1.08x"
-VERDICT = "verdict"
-FAILS, FIRST = "fails", "first"  # the marks of a cell: it fails its thresholds; it is the first of its backend to
-NUMBER = re.compile(r"[-+]?(\d[\d.]*(e[-+]?\d+)?|nan|inf)x?|-")  # a cell right-aligned by both renderers
-
-
-@dataclass(frozen=True)
-class Table:
-    title: str
-    columns: tuple[str, ...]
-    rows: list[tuple[str, ...]]
-    caption: str = ""
-    marks: dict[tuple[int, int], str] = field(default_factory=dict)  # (row, column) -> FAILS or FIRST
-
-    def numeric(self, column: int) -> bool:
-        """Whether every cell of a column is a number or "-", and one at least a number: right-aligned by both renderers."""
-        cells = [row[column] for row in self.rows]
-        return any(cell != "-" for cell in cells) and all(NUMBER.fullmatch(cell) for cell in cells)
-
-
-def num(value, spec: str) -> str:
-    """A number at its documented precision; "-" for none. format prints NaN and Inf as nan and inf."""
-    return "-" if value is None else format(value, spec)
-
-
-def ratio(value) -> str:
-    return "-" if value is None else f"{num(value, SPEEDUP)}x"
-
-
-def verdict(passed: bool | None, note: str = "") -> str:
-    return note if passed is None else "PASS" if passed else "FAIL"
 
 
 def accuracy(report: Report) -> Table:
@@ -115,22 +96,84 @@ SHOWN_DETAILS = {"device", "dtype", "device_name", "torch", "torch_npu", "onnxru
 
 def backends(report: Report) -> Table:
     """Every backend: whether it ran, and where and how as read back from its runtime (device, dtype, precision,
-    switches, node placement), then either its other settings or why it did not run."""
+    switches, node placement), then its other settings, or a note pointing to why it did not run: each reason is
+    written once, in the caption below the table ("(1) torch_npu is not installed..."), however many rows share it."""
     columns = ("backend", "status", "device", "dtype", "precision", "switches and provider options",
                "placement (nodes by provider)", "other settings or reason")
-    rows = []
+    rows, reasons = [], {}
     for status in report.backends:
         details = status.details
         device = " ".join(filter(None, [str(details.get("device", "-")),
                                         f"({details['device_name']})" if details.get("device_name") else ""]))
-        settings = "; ".join(f"{key}={_setting(value)}" for key, value in details.items() if key not in SHOWN_DETAILS)
+        if status.reason:
+            note = f"({reasons.setdefault(status.reason, len(reasons) + 1)})"
+        else:
+            note = settings(details) or "-"
         rows.append((status.name, status.status, device, str(details.get("dtype", "-")), str(details.get("precision", "-")),
-                     status.switches() or "-", status.placement(), status.reason or settings or "-"))
-    return Table("Backends (as read back from each runtime)", columns, rows)
+                     status.switches() or "-", status.placement(), note))
+    caption = "\n".join(f"({index}) {reason}" for reason, index in reasons.items())
+    return Table("Backends (as read back from each runtime)", columns, rows, caption)
 
 
-def _setting(value) -> str:
-    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+def settings(details: dict) -> str:
+    """A backend's other settings as "key=value; ...": plain values only. A mapping or a list of mappings (a
+    recipe, the replay figures) is data with its own table or the JSON, never a cell."""
+    shown = []
+    for key, value in details.items():
+        if key in SHOWN_DETAILS:
+            continue
+        text = _setting(value)
+        if text is not None:
+            shown.append(f"{key}={text}")
+    return "; ".join(shown)
+
+
+SETTING_WIDTH = 60  # a longer value (a path, a log) is the JSON's, not a cell's
+
+
+def _setting(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("call") if isinstance(value.get("call"), str) else None  # a recipe: the library call that made it
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(item, (str, int, float, bool)) for item in value):
+            return None
+        value = ", ".join(map(str, value))
+    text = str(value)
+    return text if len(text) <= SETTING_WIDTH and "\n" not in text else None
+
+
+def compact_backends(report: Report) -> Table:
+    """The default terminal view of the backends that ran (or were read, or broke): where and in what precision."""
+    columns = ("backend", "status", "precision", "placement (nodes by provider)")
+    rows = [(s.name, s.status, str(s.details.get("precision", "-")), s.details.get("placement_summary", "-"))
+            for s in report.backends if s.status != "skipped"]
+    return Table("Backends", columns, rows)
+
+
+def skipped_lines(report: Report) -> list[str]:
+    """One line per reason a backend did not run here, naming every backend it kept out."""
+    found: dict[str, list[str]] = {}
+    for status in report.backends:
+        if status.status == "skipped":
+            found.setdefault(status.reason, []).append(status.name)
+    return [f"not run: {', '.join(names)}: {reason}" for reason, names in found.items()]
+
+
+def compact_accuracy(report: Report) -> Table:
+    """The default terminal view of the accuracy rows: backend, output, cosine, rel err and verdict (-v: the rest)."""
+    columns = ("backend", "output", "cosine", "rel err", VERDICT)
+    rows = [(r.backend, r.label, num(r.cosine, COSINE), num(r.rel_error, ERROR), verdict(r.passed)) for r in report.accuracy]
+    return Table(f"Accuracy against {report.reference}", columns, rows)
+
+
+def compact_latency(report: Report) -> Table:
+    """The default terminal view of the latency rows: median and mean ms per call, throughput and speed-ups."""
+    variants = any(row.graph_speedup is not None for row in report.latency)
+    columns = ("backend", "batch", "p50 ms", "mean ms", "images/s", "speed-up") + (("vs fp32 graph",) if variants else ())
+    rows = [(r.backend, str(r.batch), num(r.p50_ms, MS), num(r.mean_ms, MS), num(r.images_per_s, RATE), ratio(r.speedup),
+             *((ratio(r.graph_speedup),) if variants else ()))
+            for r in sorted(report.latency, key=lambda r: r.batch)]
+    return Table(f"Latency (ms per call; speed-up against {report.reference})", columns, rows)
 
 
 def shape(dims) -> str:

@@ -47,6 +47,10 @@ def parse(argv=None) -> argparse.Namespace:
                         "them, and every variant is verified on them too (default: the seeded sample only)")
     parser.add_argument("--fp16-keep", default=",".join(FP16_KEEP), metavar="OPS",
                         help=f"op types the fp16 variant keeps fp32, comma-separated, or none (default: {','.join(FP16_KEEP)})")
+    parser.add_argument("--int8-keep", default="", metavar="MODULES",
+                        help="timm modules the int8 graphs keep in float, comma-separated (blocks.0, blocks.3.mlp.fc2); the "
+                             "search adds what else its class needs. With --if-missing, remakes an int8 variant that does "
+                             "not keep them yet")
     parser.add_argument("--search-precision", action="store_true",
                         help="fp16: search the smallest list of nodes, by block scope then op type, that must stay fp32 "
                              "for the variant to pass its class; prints the trials and records them in the manifest")
@@ -75,6 +79,9 @@ def parse(argv=None) -> argparse.Namespace:
         raise UserError(f"--fp16-keep takes ONNX op types such as LayerNormalization,Softmax (or none); {bad[0]!r} is not "
                         f"an ONNX operator")
     fp16 = FP16 in args.variant
+    args.int8_keep = tuple(dict.fromkeys(m.strip() for m in args.int8_keep.split(",") if m.strip()))
+    if args.int8_keep and not any(PRECISION_VARIANTS[v] == "int8" for v in args.variant):
+        raise UserError("--int8-keep applies to the int8 variants; add --variant int8 (or int8-qdq, int8-fused)")
     if args.search_precision and not fp16:
         raise UserError("--search-precision searches the fp16 variant's fp32 list; add --variant fp16")
     if args.fp16_keep != FP16_KEEP and not fp16:
@@ -131,8 +138,10 @@ def summary_table(results) -> Table:
 def variants_table(results) -> Table:
     """Each reduced-precision variant written: its file, class, verify figures and what stayed fp32."""
     table = Table(title="Reduced-precision variants (verified against eager fp32)")
-    for column in ("model", "variant", "file", "MB", "class", "cosine", "rel err", "recipe", "kept in float"):
-        table.add_column(column, justify="right" if column in ("MB", "cosine", "rel err") else "left")
+    numeric = ("MB", "worst row", "cosine", "rel err", "margin", "held-out cos")
+    for column in ("model", "variant", "file", "MB", "class", "worst row", "cosine", "rel err", "margin", "held-out cos",
+                   "recipe", "kept in float"):
+        table.add_column(column, justify="right" if column in numeric else "left")
     for r in results:
         for name, record in r.variants.items():
             recipe, verify = record["recipe"], record["verify"]
@@ -140,8 +149,10 @@ def variants_table(results) -> Table:
             kept = (", ".join(keep.get("entries", [])) or "nothing") + f" ({len(keep['nodes'])} nodes)" if "entries" in keep \
                 else ", ".join(keep.get("op_types", keep.get("nodes", []))) or ("-" if not keep else "nothing")
             table.add_row(r.model, record["variant"], name, f"{Path(r.folder, name).stat().st_size / 1e6:.1f}",
-                          record["class"], f"{verify['cosine']:.6f}", f"{verify['rel_error']:.2e}",
-                          f"{recipe['library']} {recipe['call']}", kept)
+                          record["class"], verify.get("worst_output", "-"), f"{verify['cosine']:.6f}",
+                          f"{verify['rel_error']:.2e}", f"{verify['margin']:.0%}" if "margin" in verify else "-",
+                          f"{verify['held_out']['cosine']:.6f}" if "held_out" in verify else "-",
+                          f"{recipe['call']}", kept)
     return table
 
 
@@ -184,7 +195,8 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
             present.append(spec.key)
             for warning in artifact.verify_warnings(found.manifest):
                 err.print(Text(f"warning: {warning}", style="yellow"))
-            missing = [v for v in args.variant if v not in precision_variants(found.manifest)]
+            missing = [v for v in args.variant if v not in precision_variants(found.manifest)
+                       or not _as_asked(precision_variants(found.manifest)[v], args)]
             if not missing:
                 err.print(f"{spec.key}: an artifact exists under {args.artifacts}/, not exporting it again")
                 continue
@@ -212,6 +224,22 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
             results.append(result)
     _print_results(args, added + results, out)
     return 0
+
+
+def _as_asked(record: dict, args) -> bool:
+    """Whether a variant already in the artifact is the graph these options ask for: an int8 graph that keeps every
+    --int8-keep module in float (a block kept whole counts for its modules); an fp16 graph with the --fp16-keep op
+    types given, or searched when --search-precision is. A variant that is not is made again, so that advice that
+    names one of these options always changes the graph."""
+    recipe = record.get("recipe", {})
+    if record.get("class") == "int8" and args.int8_keep:
+        kept = recipe.get("keep_float", {}).get("entries", [])
+        return all(any(module == entry or module.startswith(entry + ".") for entry in kept) for module in args.int8_keep)
+    if record.get("variant") == FP16 and args.search_precision:
+        return "search" in record
+    if record.get("variant") == FP16 and args.fp16_keep != FP16_KEEP:
+        return "search" not in record and set(recipe.get("keep_fp32", {}).get("op_types", [])) == set(args.fp16_keep)
+    return True
 
 
 def _repaired(root: str, key: str, why: UserError, err: Console):
@@ -259,7 +287,7 @@ def _options(args, kind, **changes):
     given = {"weights": args.weights, "seed": args.seed, "min_cosine": args.min_cosine,
              "max_abs": args.max_abs, "verbose": args.verbose, "decompose_layernorm": args.decompose_layernorm,
              "variants": tuple(args.variant), "fp16_keep": args.fp16_keep, "search_precision": args.search_precision,
-             "calibration_images": args.calibration_images, **({"opset": args.opset} if args.opset else {}), **changes}
+             "calibration_images": args.calibration_images, "int8_keep": args.int8_keep, **({"opset": args.opset} if args.opset else {}), **changes}
     return kind(**{f.name: given[f.name] for f in fields(kind) if f.name in given})
 
 

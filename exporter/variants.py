@@ -116,17 +116,19 @@ def _library(module: str) -> dict:
     return {"library": module, "version": environment.version("onnxruntime")}
 
 
-# MinMax calibration keeps every calibration input's intermediate outputs until it computes the ranges; with
-# this onnxruntime option it merges them every CALIBRATION_CHUNK inputs, so memory does not grow with the count.
-CALIBRATION_CHUNK = 8
 
 
 def write_int8(source: Path, target: Path, calibration=None, count: int = 0, exclude=(), reduce_range: bool = False) -> dict:
     """onnxruntime.quantization of `source` into `target`; return the recipe.
 
     Without `calibration`: quantize_dynamic (weights int8 per channel, activations quantized at run
-    time). With it (a function that returns an iterator over `count` NCHW float32 inputs of one row
-    each, streamed): quantize_static in QDQ format, MinMax-calibrated on them. The nodes `exclude` stay
+    time). With it (a function that returns an iterator over NCHW float32 batches, `count` rows in all,
+    streamed): quantize_static in QDQ format, MinMax-calibrated on them. Batches, not rows: MinMax keeps
+    one min and one max per tensor and call, so memory stays flat. onnxruntime's own way to bound it
+    (extra_options CalibMaxIntermediateOutputs) drops the collected ranges instead of merging them
+    (onnxruntime 1.32 calibrate.py, MinMaxCalibrater.collect_data calls clear_collected_data without
+    compute_data): a multiple of that many inputs ended in "No data is collected", any other count
+    calibrated on the last few inputs only. The nodes `exclude` stay
     in float (nodes_to_exclude: what the int8 search found); `reduce_range` uses 7-bit weights, for hosts
     without VNNI (environment.int8_reduce_range).
     """
@@ -162,7 +164,7 @@ def write_int8(source: Path, target: Path, calibration=None, count: int = 0, exc
 
         quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(INT8_OPS),
                         per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        use_external_data_format=external, extra_options={"CalibMaxIntermediateOutputs": CALIBRATION_CHUNK},
+                        use_external_data_format=external,
                         nodes_to_exclude=list(exclude), reduce_range=bool(reduce_range))
     return {**_library("onnxruntime.quantization"), "call": "quantize_static",
             "options": {**options, "quant_format": "QDQ", "activation_type": "QInt8", "calibrate_method": "MinMax",
@@ -182,6 +184,37 @@ def write_fused(source: Path, target: Path) -> dict:
         model.save_model_to_file(str(target), use_external_data_format=Path(str(source) + ".data").exists())
     return {**_library("onnxruntime.transformers.optimizer"), "call": "optimize_model",
             "options": {"model_type": "vit", "num_heads": 0, "hidden_size": 0, "use_gpu": False}, "fused": fused}
+
+
+def int8_modules(source: Path) -> dict[str, str]:
+    """{node name: its module} for the quantizable nodes (INT8_OPS) of the graph at `source`. A graph the
+    optimizer rewrote (model.fused.onnx) lost the exporter's scopes; its nodes keep their names, so their
+    modules are read from model.onnx beside it, and a keep list names modules for every variant."""
+    import onnx
+
+    graph = onnx.load(str(source), load_external_data=False).graph
+    origin = Path(source).with_name("model.onnx")
+    known = {}
+    if Path(source).name != "model.onnx" and origin.is_file():
+        known = {node.name: module_of(node) for node in onnx.load(str(origin), load_external_data=False).graph.node}
+    return {node.name: (module_of(node) if module_of(node) != node.name else known.get(node.name, node.name))
+            for node in graph.node if node.name and node.op_type in INT8_OPS}
+
+
+def nodes_of_modules(found: dict[str, str], modules) -> list[str]:
+    """The names of the nodes of `found` (int8_modules) inside any of `modules` (timm's module names: blocks.3
+    holds blocks.3.mlp.fc2). A module that holds none is a UserError that names some that do."""
+    from vitparity.errors import UserError
+
+    names = []
+    for module in modules:
+        inside = [name for name, owner in found.items() if owner == module or owner.startswith(module + ".")]
+        if not inside:
+            known = list(dict.fromkeys(found.values()))
+            raise UserError(f"--int8-keep {module}: no quantized node of the graph is in that module; name timm modules "
+                            f"such as {', '.join(known[:3])}, or a block such as blocks.0")
+        names += inside
+    return sorted(set(names))
 
 
 def module_of(node) -> str:

@@ -190,3 +190,25 @@ def int8_host_note(verified: dict | None, here: dict) -> str | None:
     shown = lambda host: ", ".join(host["int8_features"]) or "none of " + "/".join(INT8_FEATURES[:3])  # noqa: E731
     return (f"verified on {verified.get('model', 'another CPU')} ({shown(verified)}), but this host's "
             f"{here.get('model', 'CPU')} has {shown(here)}: int8 numerics depend on VNNI, so its verify figures do not carry over")
+
+
+# The device files each accelerator's driver makes: what says "this host has one", whatever Python has installed.
+DEVICE_FILES = {"ascend": "davinci[0-9]*", "cuda": "nvidia[0-9]*"}
+DEVICE_ROOT = "VIT_PARITY_DEVICE_ROOT"  # where they are looked for: /dev, or another folder (a container's, the tests')
+FIX = {
+    "ascend": "the host has an Ascend NPU: run with its own torch and torch_npu: source /usr/local/Ascend/ascend-toolkit/"
+              "set_env.sh, then make host-deps PYTHON=python3 once, then make compare PYTHON=python3",
+    "cuda": "the host has an NVIDIA GPU: install onnxruntime-gpu (make host-deps PYTHON=python3 with a CUDA torch) or use "
+            "a CUDA build of torch, then run again",
+}
+
+
+def accelerators() -> dict[str, list[str]]:
+    """{"ascend": ["/dev/davinci0", ...], "cuda": [...]}: the accelerators whose device files this host has."""
+    import glob
+    import os
+
+    root = os.environ.get(DEVICE_ROOT) or "/dev"
+    found = {kind: sorted(glob.glob(os.path.join(root, pattern))) for kind, pattern in DEVICE_FILES.items()}
+    return {kind: files for kind, files in found.items() if files}
+

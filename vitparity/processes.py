@@ -1,6 +1,6 @@
 """Child processes that never outlive their parent, and the temp folders a killed run leaves behind.
 
-A worker (compare/worker.py) or a sweep step (exporter/sweep.py) holds a device, gigabytes of
+A worker (compare/worker.py) or a sweep step (zoo/step.py) holds a device, gigabytes of
 memory and a temp folder. If its parent dies (SIGTERM from Slurm or systemd, kill -9, a closed
 terminal), the child must die too: on Linux the kernel sends it PR_SET_PDEATHSIG; elsewhere, and as
 a second line, the child watches its parent id. Folders named after a dead owner's pid are removed

@@ -4,9 +4,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from compare.markdown import from_data
-from compare.tables import Table
 from vitparity.errors import UserError
+from vitparity.tables import Table, markdown_table, rich_table
 
 from .step import Row, passed
 from .store import read_text
@@ -15,7 +14,7 @@ README_START, README_END = "<!-- coverage:start -->", "<!-- coverage:end -->"
 
 
 def matrix(rows: list[Row]) -> Table:
-    """The coverage matrix as data (compare/tables.py): one row per model, for coverage.md and the terminal."""
+    """The coverage matrix as data (vitparity/tables.py): one row per model, for coverage.md and the terminal."""
     columns = ("model", "module", "params", "input", "export s", "verify cosine", "attention", "compare", "layers", "error")
     cells = [(r.model, r.module, f"{r.params / 1e6:.1f}M", r.input, "-" if r.export_s is None else f"{r.export_s:.1f}",
               "-" if r.verify_cosine is None else f"{r.verify_cosine:.7f}", r.attention.split(" (")[0] or "-", r.compare,
@@ -36,7 +35,7 @@ def matrix_markdown(rows: list[Row], command: str, version: str, over: list | No
         f"{passing} of {len(ran)} models run export, verify and pass, {len(rows) - len(ran)} not run yet "
         f"(random weights, on the CPU: torch-cpu against ort-cpu, every block compared).",
         "",
-        *from_data(matrix(rows)),
+        *markdown_table(matrix(rows)),
     ]
     if over:
         names = ", ".join(f"`{name}` ({params / 1e6:.0f}M)" for name, _, params, _ in over)
@@ -72,7 +71,7 @@ def summary_markdown(rows: list[Row], command: str, version: str, matrix_path: s
         f"(random weights, on the CPU: torch-cpu against ort-cpu, every block compared). "
         f"Every model, with export seconds, verify cosine and attention path: [{matrix_path}]({matrix_path}).",
         "",
-        *from_data(modules(ran)),
+        *markdown_table(modules(ran)),
     ]
     notes = [r for r in ran if r.error or r.layers.startswith("skipped")]
     if notes:
@@ -89,8 +88,6 @@ def summary_markdown(rows: list[Row], command: str, version: str, matrix_path: s
 
 
 def matrix_table(rows: list[Row]):
-    from compare.render import rich_table
-
     return rich_table(matrix(rows))
 
 

@@ -4,7 +4,7 @@ It sits above both packages: it drives the exporter's and the comparator's comma
 their JSON. This module selects the models and runs the command line; one model's run is zoo/step.py, the
 results file zoo/store.py, the matrix zoo/render.py, and the Ray runner zoo/ray_runner.py (`--ray [ADDRESS]`).
 
-`python -m zoo 'vit_*small*' 'eva02_tiny*' --max-params 100M` (also `python -m exporter.sweep`, or `make sweep PATTERN=...`)
+`python -m zoo 'vit_*small*' 'eva02_tiny*' --max-params 100M` (or `make sweep PATTERN=...`)
 runs, for every matching timm architecture, `python -m exporter NAME --weights random` and then
 `python -m compare NAME --backends torch-cpu,ort-cpu --no-latency --layers --json`, with a time limit
 and a memory ceiling per model. Each finished model is one line appended to a JSONL file, so a

@@ -26,6 +26,7 @@ class Backend:
     name: str = ""
     tolerance: str = "accelerator"
     precisions: tuple[str, ...] = ()
+    accelerator = ""  # the accelerator it runs on ("ascend", "cuda": vitparity.environment.DEVICE_FILES); "" for the CPU
     runs_variants = False  # runs an artifact's reduced-precision graphs (model.int8.onnx...) as rows "<name>:<variant>"
     variant = ""
 

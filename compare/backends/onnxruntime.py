@@ -18,7 +18,7 @@ import numpy as np
 from vitparity.graphs import precision_variants, variant_file
 
 from .base import Backend, BackendUnavailable
-from .profile import CPU, placement_summary, prove_placement
+from .profile import CPU, computed_in, placement_summary, prove_placement
 
 # What onnxruntime prints when it gives up on a provider, most telling first: the missing library,
 # then the provider it did not create. The first line with such words is the reason shown.
@@ -114,6 +114,8 @@ class OnnxRuntime(Backend):
                 shutil.rmtree(profile_path.parent, ignore_errors=True)  # the folder open_session made for it
         if fell_back:
             raise BackendUnavailable(f"onnxruntime fell back to the CPU during the run: {_reason(said)}")
+        if session is getattr(self, "session", None):
+            self.computed = computed_in(profile)
         return (outputs, *prove_placement(profile, self.provider))
 
     def load(self, artifact, precision: str) -> dict[str, Any]:
@@ -121,6 +123,7 @@ class OnnxRuntime(Backend):
 
         self.probe()
         facts = self.variant_facts(artifact)
+        self.variant_class = facts.get("variant_class", "")
         # A variant is its own precision: the provider runs its graph as written (CANN: must_keep_origin_dtype).
         precision = "fp32" if self.variant else self.effective_precision(precision)
         requested = self.provider_options(precision)
@@ -181,7 +184,18 @@ class OnnxRuntime(Backend):
 
     def observed(self) -> dict[str, Any]:
         return {"placement": self.placement, "kernel_time_share": self.share,
-                "placement_summary": placement_summary(self.placement, self.provider, self.share), **self.layer_facts}
+                "placement_summary": placement_summary(self.placement, self.provider, self.share), **self.layer_facts,
+                **({"precision": self.precision_label(), "computed_in": self.computed} if self.variant and self.placement else {})}
+
+    def precision_label(self) -> str:
+        """What a variant row computed in, read back from its profiled run: int8 for an int8 graph; for an fp16 graph
+        "fp16", or "fp16 (45 of 300 kernels in fp32)" where the provider ran some of its nodes in fp32."""
+        kind = {"int8": "int8", "fp16": "fp16"}.get(self.variant_class, "fp32")
+        if kind != "fp16":
+            return kind
+        computed = getattr(self, "computed", {})
+        wide = computed.get("float", 0) + computed.get("double", 0)
+        return f"fp16 ({wide} of {sum(computed.values())} kernels in fp32)" if wide else "fp16"
 
     def timed(self) -> str:
         if self.copies_timed:
@@ -294,6 +308,7 @@ class OrtCpu(OnnxRuntime):
 
 class OrtCann(OnnxRuntime):
     name = "ort-cann"
+    accelerator = "ascend"
     provider = "CANNExecutionProvider"
     device_type = "cann"
     precisions = ("fp16", "fast-math")
@@ -320,6 +335,7 @@ class OrtCann(OnnxRuntime):
 
 class OrtCuda(OnnxRuntime):
     name = "ort-cuda"
+    accelerator = "cuda"
     provider = "CUDAExecutionProvider"
     device_type = "cuda"
     precisions = ("fast-math",)

@@ -47,6 +47,24 @@ def _kernel_events(profile: list[dict]):
             yield event
 
 
+FLOAT_TYPES = ("float16", "bfloat16", "float", "double")
+
+
+def computed_in(profile: list[dict]) -> dict[str, int]:
+    """How many compute kernels (casts aside) ran in each float type, by the type of their first float input as the
+    profile records it ({"float16": 180, "float": 45}). A provider with no fp16 kernel for an op runs it in fp32
+    behind casts it inserts (onnxruntime's InsertedPrecisionFreeCast): the graph says fp16, the run does not."""
+    found: Counter = Counter()
+    for event in _kernel_events(profile):
+        if event["args"].get("op_name") == "Cast":
+            continue
+        types = [next(iter(entry)) for entry in event["args"].get("input_type_shape", []) if isinstance(entry, dict) and entry]
+        first = next((kind for kind in types if kind in FLOAT_TYPES), None)
+        if first:
+            found[first] += 1
+    return dict(found.most_common())
+
+
 def prove_placement(profile: list[dict], provider: str) -> tuple[dict[str, dict[str, int]], dict[str, float]]:
     """(placement, kernel-time share) of a profiled run, or BackendUnavailable when `provider` did not do most of the work."""
     where, share = placement(profile), kernel_share(profile)

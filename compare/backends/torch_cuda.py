@@ -15,6 +15,7 @@ CUDA_LIBRARIES = ("libtorch_cuda.so", "torch_cuda.dll")
 
 class TorchCuda(TorchEager):
     name = "torch-cuda"
+    accelerator = "cuda"
     device = "cuda:0"
     precisions = ("fp16", "bf16", "fast-math")
 

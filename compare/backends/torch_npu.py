@@ -28,6 +28,7 @@ def _cann_version(torch_npu) -> str | None:
 
 class TorchNpu(TorchEager):
     name = "torch-npu"
+    accelerator = "ascend"
     device = "npu:0"
     precisions = ("fp16", "bf16", "fast-math")
 

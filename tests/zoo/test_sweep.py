@@ -149,7 +149,7 @@ def test_ctrl_c_stops_the_sweep_and_its_steps_and_the_model_in_flight_is_not_rec
     env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
     # SIGINT back to its default first: a shell's background job (make test &) starts with it ignored,
     # and a program started so rightly keeps ignoring it.
-    sweep = subprocess.Popen([sys.executable, "-m", "exporter.sweep", "test_vit", "--out", str(out), "--timeout", "300"],
+    sweep = subprocess.Popen([sys.executable, "-m", "zoo", "test_vit", "--out", str(out), "--timeout", "300"],
                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     step = wait_for(lambda: children(sweep.pid), 120)  # the export step is running

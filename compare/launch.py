@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -43,9 +42,7 @@ def run_backend(cls: type, job: Job, batch: np.ndarray, timeout_s: float, cwd: P
     interrupt or SIGTERM here stops it before the exception goes on; the temp folder is removed
     whatever happens, and folders left by a run that was killed outright are removed by the next.
     """
-    processes.remove_stale(TEMP_PREFIX)
-    with tempfile.TemporaryDirectory(prefix=processes.owned_prefix(TEMP_PREFIX)) as folder:
-        folder = Path(folder)
+    with processes.temp_folder(TEMP_PREFIX) as folder:
         plan = {**job.dataset, "progress": str(folder / PROGRESS)} if job.dataset else {}
         job = Job(**{**asdict(job), "backend": class_path(cls), "sys_path": tuple(sys.path), "dataset": plan})
         write_job(folder, job, batch)

@@ -55,11 +55,12 @@ def verdict_text(report: Report) -> Text:
 
 
 def random_text(report: Report) -> str:
-    """Said in the verdict line, not only in a warning: random weights check the port, not the model."""
-    if "random" not in report.weights_source:
+    """Said in the verdict line, not only in a warning, when `--weights auto` found no weights and fell back to random
+    ones: they check the port, not the model."""
+    if "auto fell back" not in report.weights_source:  # exporter/weights.py AUTO_FELL_BACK: random nobody asked for
         return ""
-    return (f"; weights: {report.weights_source}, not the model's own: export with --weights FILE (make compare "
-            f"WEIGHTS=FILE) for real ones")
+    return (f"; random weights: {report.weights_source}; export with --weights FILE (make compare WEIGHTS=FILE) for "
+            f"the model's own")
 
 
 def compact_header(report: Report) -> Table:
@@ -84,7 +85,7 @@ def render(report: Report, verbose: bool = False) -> list:
         parts = [header_table(report), rich_table(tables.backends(report)), rich_table(tables.accuracy(report))]
     else:
         parts = [compact_header(report), rich_table(tables.compact_backends(report))]
-        parts += [Text(line, style="yellow") for line in tables.skipped_lines(report)]
+        parts += [Text(line, style="bold red" if line.startswith("error") else "yellow") for line in tables.not_run_lines(report)]
         parts.append(rich_table(tables.compact_accuracy(report)))
     # How far every failing output is from passing (Polygraphy's "minimum required tolerance").
     parts += [Text(f"{r.backend} {r.label}: FAIL, {r.how_far()}", style="red") for r in report.accuracy if not r.passed]

@@ -150,13 +150,14 @@ def compact_backends(report: Report) -> Table:
     return Table("Backends", columns, rows)
 
 
-def skipped_lines(report: Report) -> list[str]:
-    """One line per reason a backend did not run here, naming every backend it kept out."""
-    found: dict[str, list[str]] = {}
+def not_run_lines(report: Report) -> list[str]:
+    """One line per reason a backend did not run here ("not run: ...") or broke ("error: ..."), naming every backend
+    it kept out: the reasons the compact backends table leaves out."""
+    found: dict[tuple[str, str], list[str]] = {}
     for status in report.backends:
-        if status.status == "skipped":
-            found.setdefault(status.reason, []).append(status.name)
-    return [f"not run: {', '.join(names)}: {reason}" for reason, names in found.items()]
+        if status.status in ("skipped", "error"):
+            found.setdefault((status.status, status.reason), []).append(status.name)
+    return [f"{'not run' if kind == 'skipped' else 'error'}: {', '.join(names)}: {reason}" for (kind, reason), names in found.items()]
 
 
 def compact_accuracy(report: Report) -> Table:

@@ -295,10 +295,17 @@ def _add_variants(args, key: str, missing: list[str], err: Console):
     """Add `missing` variants to the artifact `key` that is there; the result row of the summary."""
     from . import precision
 
+    def still_missing(manifest: dict) -> list[str]:  # read again under the artifact's lock
+        return [v for v in missing if v not in precision_variants(manifest) or not _as_asked(precision_variants(manifest)[v], args)]
+
     with err.status(f"{key}: adding {', '.join(missing)}") as status:
         records = precision.add_variants(args.artifacts, key, _options(args, precision.VariantOptions, variants=tuple(missing)),
-                                         step=lambda message: status.update(f"{key}: {message}"))
-    err.log(f"{key}: added and verified {', '.join(missing)} -> {artifact_folder(args.artifacts, key)}")
+                                         step=lambda message: status.update(f"{key}: {message}"), still_missing=still_missing)
+    made = [record["variant"] for record in records.values()]
+    if made:
+        err.log(f"{key}: added and verified {', '.join(made)} -> {artifact_folder(args.artifacts, key)}")
+    else:
+        err.print(f"{key}: another run added {', '.join(missing)} meanwhile; nothing to add")
     return precision.Added(model=key, folder=str(artifact_folder(args.artifacts, key)), variants=records)
 
 

@@ -294,7 +294,8 @@ def _stage_and_publish(spec, model, source, config, sample, folder, options, ste
             with processes.temp_folder(processes.IMAGES_PREFIX) as scratch:
                 inputs, described = precision.verify_inputs(sample, outputs, lambda batch: eager_outputs(model, batch),
                                                             config, options.calibration_images, said, scratch,
-                                                            layout=registry.token_layout(model, outputs["tokens"].shape))
+                                                            layout=registry.token_layout(model, outputs["tokens"].shape),
+                                                            minimum=options.minimum())
                 variants.update(precision.write_variants(stage, inputs, described, options, said))
         step(f"{spec.key}: writing the artifact")
         state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}

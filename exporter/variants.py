@@ -240,10 +240,50 @@ def write_fp16(source: Path, target: Path, keep_ops=FP16_KEEP, keep_nodes=()) ->
     with _quiet_logging():
         converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_ops),
                                              node_block_list=list(keep_nodes))
+    joined = join_fp32_runs(converted)
     onnx.save(converted, str(target))
     return {**_library("onnxruntime.transformers.float16"), "call": "convert_float_to_float16",
             "options": {"keep_io_types": True, "op_block_list": list(keep_ops)},
-            "keep_fp32": {"op_types": list(keep_ops), "nodes": list(keep_nodes)}}
+            "keep_fp32": {"op_types": list(keep_ops), "nodes": list(keep_nodes)}, "fp32_runs_joined": joined}
+
+
+def join_fp32_runs(model) -> int:
+    """Keep the tensors between two fp32 nodes in fp32; return how many fp16 round trips were removed.
+
+    onnxruntime.transformers.float16 keeps a blocked node's arithmetic in fp32 but stores every tensor between nodes
+    in fp16: it casts a blocked node's output to fp16 (`<tensor>_cast_to_fp16_node`) and back to fp32 for the next
+    blocked node (`..._cast_to_fp32_node`). A value past 65504 between two kept nodes then overflows anyway (an MLP
+    whose fc1 output passes it gave NaN with every node of the graph kept). Each such fp32 -> fp16 -> fp32 round trip
+    whose every reader is a cast back to fp32 is removed here, so that what is kept in fp32 is, tensors included."""
+    graph = model.graph
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    dropped, renamed = set(), {}
+    for node in graph.node:
+        if node.op_type != "Cast" or not node.name.endswith("_cast_to_fp16_node") or node.output[0] in outputs:
+            continue
+        back = readers.get(node.output[0], [])
+        if back and all(r.op_type == "Cast" and r.name.endswith("_cast_to_fp32_node") and r.output[0] not in outputs
+                        for r in back):
+            dropped.update(id(n) for n in (node, *back))
+            renamed.update({r.output[0]: node.input[0] for r in back})
+    kept = [node for node in graph.node if id(node) not in dropped]
+
+    def source(name: str) -> str:  # a round trip may start from another's end: follow the chain to its fp32 origin
+        while name in renamed:
+            name = renamed[name]
+        return name
+
+    for node in kept:
+        for index, name in enumerate(node.input):
+            if name in renamed:
+                node.input[index] = source(name)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return len(renamed)
 
 
 @contextlib.contextmanager

@@ -224,6 +224,7 @@ def load_weights(model, weights: str, seed: int = 0) -> str:
         apply_state_dict(model, read_state_dict(path))
         return f"file {path}"
     repo_id = (model.pretrained_cfg.get("hf_hub_id") or "").strip()
+    why = "timm names no hub repository for this model"
     if repo_id:
         cached = find_in_hf_cache(repo_id)
         if cached is not None:
@@ -233,8 +234,13 @@ def load_weights(model, weights: str, seed: int = 0) -> str:
         if downloaded is not None:
             apply_state_dict(model, read_state_dict(downloaded))
             return f"hub {repo_id} via {hub_endpoint()}"
+        why = (f"{repo_id} is not in the Hugging Face cache ({hf_cache_dir()}), and "
+               + ("HF_HUB_OFFLINE=1" if hub_offline() else f"{hub_endpoint()} gave no weights"))
     trained_like_init(model, seed)
-    return f"random-init (seed {seed})"
+    return f"random-init (seed {seed}; {AUTO_FELL_BACK}: {why})"
+
+
+AUTO_FELL_BACK = "--weights auto fell back"  # in a weights source: random weights nobody asked for, and why
 
 
 def is_random(source: str) -> bool:

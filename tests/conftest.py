@@ -93,6 +93,29 @@ def decomposed_root(tmp_path_factory, worker_id) -> Path:
     return shared(tmp_path_factory, worker_id, "decomposed", make)
 
 
+OUTLIER_BLOCK, OUTLIER_CHANNEL = 2, 3
+
+
+@pytest.fixture(scope="session")
+def outlier_weights(tmp_path_factory):
+    """test_vit with one outlier channel in block 2's MLP: fc1's output channel 3 scaled 100x. fc2's input then
+    has one channel 100x the others, and dynamic int8 quantizes that input per tensor, so every other channel
+    loses about 7 bits: the classic outlier failure of int8 transformers (LLM.int8, ViT PTQ papers)."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False).eval()
+    fc1 = model.blocks[OUTLIER_BLOCK].mlp.fc1
+    with torch.no_grad():
+        fc1.weight[OUTLIER_CHANNEL].mul_(100)
+        fc1.bias[OUTLIER_CHANNEL].mul_(100)
+    path = tmp_path_factory.mktemp("weights") / "outlier.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
 @pytest.fixture
 def ort_only(monkeypatch) -> list[str]:
     """The flags of a run with no torch process (tests/helpers.py ORT_ONLY), its second backend registered."""
@@ -112,6 +135,8 @@ LONG_FIRST = (
     "tests/compare/test_replay.py",
     "tests/compare/test_images.py::test_an_image_set",
     "tests/compare/test_images.py::test_the_parent",
+    "tests/exporter/test_every_variant.py::test_every_variant",  # five variants made, searched and compared
+    "tests/exporter/test_one_judge.py::test_a_failing_int8_row",  # a replay, an advised export, a compare
 )
 
 

@@ -487,3 +487,22 @@ with precision.linked_stage(art) as stage:
 def publisher(script: str, *args) -> list[str]:
     return [sys.executable, "-c", script, *map(str, args)]
 
+
+
+# Real photos for calibration and held-out checks: scikit-image's wheel carries them (the dev extra installs it); they
+# are read as files, never through `import skimage`.
+CALIBRATION_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "motorcycle_left.png", "rocket.jpg", "retina.jpg",
+                      "brick.png", "grass.png", "horse.png", "color.png")
+UNSEEN_PHOTOS = ("hubble_deep_field.jpg", "gravel.png", "ihc.png", "camera.png")
+
+
+def real_photos(folder: Path, names) -> Path:
+    """`folder` holding copies of scikit-image's bundled photos `names` (PNG and JPEG, colour and grey)."""
+    import importlib.util
+    import shutil
+
+    data = Path(importlib.util.find_spec("skimage").submodule_search_locations[0]) / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copyfile(data / name, folder / name)
+    return folder

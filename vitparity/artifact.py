@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .processes import alive as _alive
 
 MANIFEST = "manifest.json"
 INPUT_NAME = "pixel_values"  # every artifact's graph: pixel_values -> pooled, tokens
@@ -139,56 +138,83 @@ def write_json_atomic(path: Path, data: dict) -> None:
     write_atomic(path, (json.dumps(_strict(data), indent=2, allow_nan=False) + "\n").encode())
 
 
+_HELD: dict[str, int] = {}  # the artifact locks this process holds, by lock file, with their depth
+
+
 @contextmanager
 def _locked(folder: Path):
-    """Hold an exclusive lock on the artifact `folder`, so concurrent exports publish one at a time.
+    """Hold the exclusive lock of the artifact `folder`: every write to an artifact (an export from its staging to
+    its publish, adding variants from reading the manifest to publishing, a derived graph, recover) holds it, so
+    writers take turns and each builds on what the one before it published. Re-entrant within a process.
 
-    The lock file sits beside the folder, not in it: publishing swaps the folder itself.
+    The lock file sits beside the folder, not in it: publishing swaps the folder itself. flock holds across PID
+    namespaces and containers on one host; on NFS it holds where the server supports locks (NFSv4 does).
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}{LOCK}", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    path = str(folder.parent.resolve() / f".{folder.name}{LOCK}")
+    if _HELD.get(path):
+        _HELD[path] += 1
         try:
             yield
         finally:
+            _HELD[path] -= 1
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        _HELD[path] = 1
+        try:
+            yield
+        finally:
+            _HELD.pop(path, None)
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+writing = _locked  # the public name: `with artifact.writing(folder): ...` for a write that spans several steps
 
 
 @contextmanager
 def staging(folder: Path):
-    """A private folder beside the artifact `folder` for files being written; removed whatever happens.
+    """A private folder beside the artifact `folder` for files being written, under the artifact's lock for its
+    whole life; removed whatever happens.
 
-    It sits in the same parent, so a finished stage can replace the artifact with one rename.
-    """
+    It sits in the same parent, so a finished stage can replace the artifact with one rename. Under the lock, a
+    staging folder of this artifact that is there is one whose writer is gone (`recover`)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    recover(folder)
-    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}{STAGING_PREFIX}{os.getpid()}-", dir=folder.parent))
-    try:
-        yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-def recover(folder: Path) -> None:
-    """Undo what a killed export left behind: remove its staging folders and, if it died between the
-    two renames of a publish without an atomic exchange, move the previous artifact back."""
-    for leftover in folder.parent.glob(f".{folder.name}{STAGING_PREFIX}*"):
-        if _alive(_owner(leftover, f".{folder.name}{STAGING_PREFIX}")):
-            continue
-        if (leftover / PREVIOUS_MARK).is_file() and not (folder / MANIFEST).is_file():
-            shutil.rmtree(folder, ignore_errors=True)
-            os.rename(leftover, folder)
-            (folder / PREVIOUS_MARK).unlink()
-        else:
-            shutil.rmtree(leftover, ignore_errors=True)
-    for stage in folder.glob(f"{STAGING_PREFIX}*") if folder.is_dir() else ():  # left by older versions
-        if not _alive(_owner(stage, STAGING_PREFIX)):
+    with _locked(folder):
+        recover(folder)
+        stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}{STAGING_PREFIX}{os.getpid()}-", dir=folder.parent))
+        try:
+            yield stage
+        finally:
             shutil.rmtree(stage, ignore_errors=True)
 
 
-def _owner(path: Path, prefix: str) -> int:
-    pid = path.name[len(prefix):].split("-", 1)[0]
-    return int(pid) if pid.isdigit() else -1
+def recover(folder: Path) -> None:
+    """Undo what a killed writer left behind, under the artifact's lock (so no staging folder there is live): remove
+    its staging folders and, if it died between the two renames of a publish without an atomic exchange, move the
+    previous artifact back. Only real folders of this user are touched."""
+    with _locked(folder):
+        for leftover in folder.parent.glob(f".{folder.name}{STAGING_PREFIX}*"):
+            if not _ours(leftover):
+                continue
+            if (leftover / PREVIOUS_MARK).is_file() and not (folder / MANIFEST).is_file():
+                shutil.rmtree(folder, ignore_errors=True)
+                os.rename(leftover, folder)
+                (folder / PREVIOUS_MARK).unlink()
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
+        for stage in folder.glob(f"{STAGING_PREFIX}*") if folder.is_dir() else ():  # left by older versions
+            if _ours(stage):
+                shutil.rmtree(stage, ignore_errors=True)
+
+
+def _ours(path: Path) -> bool:
+    """A real folder (never a link) of this user."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
 
 
 def _exchange(a: Path, b: Path) -> bool:

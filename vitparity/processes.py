@@ -4,7 +4,7 @@ A worker (compare/worker.py) or a sweep step (zoo/step.py) holds a device, gigab
 memory and a temp folder. If its parent dies (SIGTERM from Slurm or systemd, kill -9, a closed
 terminal), the child must die too: on Linux the kernel sends it PR_SET_PDEATHSIG; elsewhere, and as
 a second line, the child watches its parent id. Folders named after a dead owner's pid are removed
-by the next run.
+by the next run once it can take their owner's lock (`stale`): a pid proves nothing across PID namespaces or hosts.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def watch_parent(parent: int, interval_s: float = 0.5, sig: int = signal.SIGKILL
 
 
 def owned_prefix(prefix: str) -> str:
-    """`prefix` with this process's pid, for temp folders that `remove_stale` may clean up once it is dead."""
+    """`prefix` with this process's pid: a name a person can read. Ownership is never read from it (see `stale`)."""
     return f"{prefix}{os.getpid()}-"
 
 
@@ -73,6 +73,70 @@ def alive(pid: int) -> bool:
     return True
 
 
+# A folder of ours holds this file, which its owner keeps locked (flock) for the folder's whole life. The lock is
+# released by the kernel when the owner dies, whatever killed it, and it means the same in every PID namespace and
+# container that shares the folder: a pid does not (another namespace's pid 7 is not ours; kill(pid, 0) lies).
+OWNER_LOCK = ".owner.lock"
+UNLOCKED_GRACE_S = 3600.0  # a folder with no owner lock (an older version's) is stale once untouched this long
+
+
+def hold(folder: Path, create: bool = True):
+    """Take the owner lock of `folder` (created there unless `create` is False, never through a link); the open file
+    holds it: close it to release. Raises OSError when another process holds it (FileNotFoundError: no lock file)."""
+    import fcntl
+
+    flags = os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | (os.O_CREAT if create else 0)
+    fd = os.open(Path(folder) / OWNER_LOCK, flags, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def stale(path: Path) -> bool:
+    """Whether `path` is a folder of ours that nobody owns any more: a real folder (a link is never followed), of
+    this user (root never removes another user's), whose owner lock can be taken (its owner is gone, on this host
+    or any other sharing the folder); with no owner lock, untouched for UNLOCKED_GRACE_S. Any name is fine."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        return False
+    try:
+        handle = hold(path, create=False)  # never made here: a folder without one is judged by its age
+    except FileNotFoundError:
+        return time.time() - info.st_mtime > UNLOCKED_GRACE_S
+    except OSError:  # held: its owner lives; or unreadable: not ours to judge
+        return False
+    handle.close()
+    return True
+
+
+@contextlib.contextmanager
+def owned_folder(prefix: str, parent: Path | str | None = None):
+    """A new folder `<prefix><pid>-...` in `parent` (the temp folder), owned: its owner lock is held from before the
+    folder carries the prefix (it is made under another name, locked, then renamed) until it is removed, so no
+    other run ever sees it unowned. Removed when the block ends; one left by a killed run is removed by the next."""
+    parent = Path(parent or tempfile.gettempdir())
+    making = Path(tempfile.mkdtemp(prefix=".vit-parity-new-", dir=parent))
+    handle = hold(making)
+    folder = Path(tempfile.mktemp(prefix=owned_prefix(prefix), dir=parent))  # noqa: S306 - the rename below fails if taken
+    try:
+        os.rename(making, folder)
+    except OSError:
+        handle.close()
+        shutil.rmtree(making, ignore_errors=True)
+        raise
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        handle.close()
+
+
 # The temp folders of this tool, each named <prefix><owner pid>-...: --images runs (decoded images, about
 # 1.2 MB an image for dinov3), workers, and sweep scratch artifacts. Every command removes those whose owner is dead.
 IMAGES_PREFIX = "vit-parity-images-"
@@ -83,31 +147,22 @@ STALE_PREFIXES = (IMAGES_PREFIX, WORKER_PREFIX, SWEEP_PREFIX, REPLAY_PREFIX)
 
 
 def remove_stale(prefix: str, folder: Path | str | None = None) -> list[Path]:
-    """Remove the folders `<prefix><pid>-*` in `folder` (the temp folder) whose owner pid is dead; return them.
-    Only real folders of that name: a link is never followed (shutil.rmtree refuses one)."""
+    """Remove the folders `<prefix>*` in `folder` (the temp folder) that are `stale`; return them."""
     root = Path(folder or tempfile.gettempdir())
     removed = []
     for path in root.glob(f"{prefix}*"):
-        pid = path.name[len(prefix):].split("-", 1)[0]
-        if not (pid.isdigit() and not alive(int(pid))):
-            continue
-        try:
-            if not stat.S_ISDIR(os.lstat(path).st_mode):
-                continue
-        except OSError:
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
+        if stale(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
     return removed
 
 
 @contextlib.contextmanager
 def temp_folder(prefix: str):
-    """A temp folder named after this process (`<prefix><pid>-...`), so that the next command removes it if this
-    one is killed; removed when the block ends."""
+    """An owned temp folder (`owned_folder`), after removing the stale ones of the same prefix."""
     remove_stale(prefix)
-    with tempfile.TemporaryDirectory(prefix=owned_prefix(prefix)) as folder:
-        yield Path(folder)
+    with owned_folder(prefix) as folder:
+        yield folder
 
 
 def remove_all_stale() -> None:

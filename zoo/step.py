@@ -7,18 +7,16 @@ import contextlib
 import json
 import os
 import resource
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vitparity import raise_pending_interrupt
-from vitparity.processes import SWEEP_PREFIX, die_with_parent, owned_prefix
+from vitparity.processes import SWEEP_PREFIX, die_with_parent, owned_folder
 
 COMPARE_ARGS = ("--no-latency", "--layers")  # and --backends: torch-cpu,ort-cpu, plus the card a Ray task holds
 
@@ -212,15 +210,13 @@ def run_local(entry: tuple, settings: Settings, backends: str = "torch-cpu,ort-c
     if module == UNKNOWN:
         return Row(name, module, params, size, error=f"sweep: {name} is not a timm model (timm.is_model); check the list file",
                    seconds=0.1, node=socket.gethostname())
-    root = settings.folder / "artifacts" if settings.keep else Path(tempfile.mkdtemp(prefix=owned_prefix(SCRATCH_PREFIX)))
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        return run_model(name, module, params, size, root.resolve(), settings.timeout, settings.memory, backends)
-    except StepStopped:
-        raise
-    except Exception as error:  # noqa: BLE001 - an unreadable result is this model's row, not the sweep's end
-        return Row(name, module, params, size, error=f"sweep: {type(error).__name__}: {str(error)[:200]}", seconds=0.1,
-                   node=socket.gethostname())
-    finally:
-        if not settings.keep:
-            shutil.rmtree(root, ignore_errors=True)
+    with contextlib.ExitStack() as scratch:  # an owned folder (vitparity.processes), removed at the end
+        root = settings.folder / "artifacts" if settings.keep else scratch.enter_context(owned_folder(SCRATCH_PREFIX))
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            return run_model(name, module, params, size, root.resolve(), settings.timeout, settings.memory, backends)
+        except StepStopped:
+            raise
+        except Exception as error:  # noqa: BLE001 - an unreadable result is this model's row, not the sweep's end
+            return Row(name, module, params, size, error=f"sweep: {type(error).__name__}: {str(error)[:200]}", seconds=0.1,
+                       node=socket.gethostname())

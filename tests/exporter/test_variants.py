@@ -12,6 +12,7 @@ import pytest
 from exporter import keep_fp32, variants
 from exporter.cli import main
 from exporter.precision import check_variant
+from tests.conftest import OUTLIER_BLOCK
 from tests.helpers import (
     PUBLISH_VARIANT,
     SLOW_FILESYSTEM,
@@ -27,10 +28,10 @@ from vitparity.tolerances import TOLERANCES
 OVERFLOW_BLOCK = 2
 
 
-def verify_set(art, folder, variant="int8"):
-    """What the exporter verifies the artifact's `variant` on, rebuilt here: for int8 the sample and the photo
-    variations, for fp16 the sample."""
-    from exporter.precision import verify_inputs
+def verify_set(art, folder, variant="int8", searched=False):
+    """What the exporter verifies the artifact's `variant` on, rebuilt here: the sample, the photo variations and
+    those held out of the searches; with `searched`, the rows a search judged on (the held-out ones left out)."""
+    from exporter.precision import SEARCHED, verify_inputs
     from vitparity.eager import eager_outputs, rebuild_model
 
     model = rebuild_model(art)
@@ -39,11 +40,20 @@ def verify_set(art, folder, variant="int8"):
     scratch = folder / "verify-set"
     scratch.mkdir(exist_ok=True)
     found, described = verify_inputs(inputs, reference, lambda batch: eager_outputs(model, batch), art.manifest["data_config"],
-                                     None, lambda message: None, scratch)
-    if variant != "int8":
-        found, described = found.without(found.photos), {"sample": described["sample"]}
-    assert described == variants.precision_variants(art.manifest)[variant]["verify"]["inputs"]
+                                     None, lambda message: None, scratch, layout=art.manifest["token_layout"])
+    record = variants.precision_variants(art.manifest)[variant]
+    assert described == record["verify"]["inputs"]
+    if searched:
+        found = found.only(*SEARCHED)
+        assert found.counts() == record["verify"]["searched_on"]
     return found
+
+
+def aim(record):
+    """The tolerance a search aimed for (a share of its class's budget), as the manifest records it."""
+    from dataclasses import replace
+
+    return replace(TOLERANCES[record["class"]], **record["search"]["aim"])
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +96,8 @@ def test_tiny_variants_are_made_by_the_libraries_hashed_and_verified_by_their_cl
     assert [i.type.tensor_type.elem_type for i in fp16.graph.input] == [onnx.TensorProto.FLOAT]  # keep_io_types
     assert found["fp16"]["recipe"]["keep_fp32"]["op_types"] == list(variants.FP16_KEEP)
     # The figures are real: an independent check of the published graph agrees with the manifest's.
-    assert found["int8"]["verify"]["inputs"] == {"sample": 2, "photos": 8}  # the seeded sample and real-photo statistics
+    # the seeded sample, real-photo statistics, and photos held out of any search
+    assert found["int8"]["verify"]["inputs"] == {"sample": 2, "photos": 8, "held_out_photos": 8}
     passed, figures = check_variant(art.path("model.int8.onnx"), verify_set(art, tmp_path), None, TOLERANCES["int8"])
     assert passed and figures["cosine"] == pytest.approx(found["int8"]["verify"]["cosine"])
 
@@ -116,12 +127,12 @@ def test_the_search_finds_the_overflowing_block_and_every_entry_is_needed(overfl
     # Rebuilt here from the entries, not read from the trials: the list passes, and each one-less list fails.
     graph = onnx.load(str(art.path("model.onnx"))).graph
     nodes = [(n.name, variants.scope_of(n), n.op_type) for n in graph.node]
-    inputs = verify_set(art, tmp_path, "fp16")
+    inputs = verify_set(art, tmp_path, "fp16", searched=True)
 
     def passes(kept):
         names = [name for name, scope, op in nodes if f"{scope}/{op}" in kept]
         variants.write_fp16(art.path("model.onnx"), tmp_path / "trial.onnx", keep_ops=(), keep_nodes=names)
-        return check_variant(tmp_path / "trial.onnx", inputs, None, TOLERANCES["fp16"])[0]
+        return check_variant(tmp_path / "trial.onnx", inputs, None, aim(record))[0]
 
     assert passes(set(entries))
     for entry in entries:
@@ -182,7 +193,7 @@ def test_a_verify_set_streamed_from_disk_gives_the_figures_of_the_whole_arrays(v
     extra = eager_outputs(rebuild_model(art), more)
     whole = np.concatenate([inputs, more]), {n: np.concatenate([reference[n], extra[n]]) for n in reference}
     on_disk = VerifySet(inputs, reference, tmp_path)
-    on_disk.append(more, extra)
+    on_disk.append(more, extra, "calibration_images")
     assert len(on_disk) == 20 and len(list(on_disk.chunks())) == 3
     for graph in ("model.int8.onnx", "model.fp16.onnx"):
         passed_a, a = check_variant(art.path(graph), *whole, TOLERANCES["int8"])
@@ -216,31 +227,10 @@ def test_calibration_images_stream_memory_does_not_grow_with_their_count(variant
                                          art.manifest["data_config"], str(images), lambda message: None, scratch)
         peaks[count] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        assert len(found) == len(inputs) + described["photos"] + count and described["calibration_images"] == count
+        held = described.get("held_out_images", 0)
+        assert len(found) == len(inputs) + 2 * described["photos"] + count and described["calibration_images"] + held == count
+        assert held == count // 4  # every 4th readable image is held out of the searches
     assert peaks[48] < 1.5 * peaks[16], peaks
-
-
-OUTLIER_BLOCK, OUTLIER_CHANNEL = 2, 3
-
-
-@pytest.fixture(scope="module")
-def outlier_weights(tmp_path_factory):
-    """test_vit with one outlier channel in block 2's MLP: fc1's output channel 3 scaled 100x. fc2's input then
-    has one channel 100x the others, and dynamic int8 quantizes that input per tensor, so every other channel
-    loses about 7 bits: the classic outlier failure of int8 transformers (LLM.int8, ViT PTQ papers)."""
-    import timm
-    import torch
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = timm.create_model("test_vit", pretrained=False).eval()
-    fc1 = model.blocks[OUTLIER_BLOCK].mlp.fc1
-    with torch.no_grad():
-        fc1.weight[OUTLIER_CHANNEL].mul_(100)
-        fc1.bias[OUTLIER_CHANNEL].mul_(100)
-    path = tmp_path_factory.mktemp("weights") / "outlier.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
 
 
 def test_the_int8_search_leaves_the_outlier_module_in_float_and_every_entry_is_needed(outlier_weights, tmp_path, capsys):
@@ -261,13 +251,13 @@ def test_the_int8_search_leaves_the_outlier_module_in_float_and_every_entry_is_n
     assert record["recipe"]["keep_float"]["entries"] == entries and "must stay in float in the int8 graph" in out
     graph = onnx.load(str(art.path("model.onnx"))).graph
     module = {n.name: variants.module_of(n) for n in graph.node if n.op_type in variants.INT8_OPS}
-    inputs = verify_set(art, tmp_path)
+    inputs = verify_set(art, tmp_path, searched=True)
 
     def passes(kept):
         names = sorted(name for name, found in module.items() if found in kept)
         write_int8(art.path("model.onnx"), tmp_path / "trial.onnx", exclude=names,
                    reduce_range=record["recipe"]["options"]["reduce_range"])
-        return check_variant(tmp_path / "trial.onnx", inputs, None, TOLERANCES["int8"])[0]
+        return check_variant(tmp_path / "trial.onnx", inputs, None, aim(record))[0]
 
     assert passes(set(entries))
     for entry in entries:

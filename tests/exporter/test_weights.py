@@ -110,7 +110,10 @@ def test_auto_falls_back_to_random_init_quickly_when_the_hub_is_unreachable(tmp_
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
     model = registry.create(registry.resolve(TINY))
     started = time.monotonic()
-    assert weights.load_weights(model, "auto", seed=4) == "random-init (seed 4)"
+    source = weights.load_weights(model, "auto", seed=4)
+    # random, and why: recorded in the manifest and said in compare's verdict line
+    assert source.startswith("random-init (seed 4; --weights auto fell back: ") and weights.is_random(source), source
+    assert "http://127.0.0.1:9 gave no weights" in source or "names no hub repository" in source, source
     # huggingface_hub alone would retry for about a minute; the probe decides in seconds.
     assert time.monotonic() - started < 10
 

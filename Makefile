@@ -77,7 +77,7 @@ bench: $(SETUP_DEP)
 	set -f; $(PYTHON) -m bench --artifacts "$$ARTIFACTS" $(ARGS) -- $$MODEL
 
 # One subprocess per model, results appended to sweep/results.jsonl (a rerun resumes); ARGS e.g.
-# '--max-params 100M --shard 1/4 --readme README.md'. PATTERN words reach it as data (see PATH_VARIABLES).
+# '--max-params 100M --shard 1/4 --readme docs/sweep.md'. PATTERN words reach it as data (see PATH_VARIABLES).
 sweep: $(SETUP_DEP)
 	set -f; $(PYTHON) -m zoo $(ARGS) -- $$PATTERN
 

@@ -40,9 +40,10 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--decompose-layernorm", action="store_true",
                         help="also write model.ln-decomposed.onnx, LayerNorms as primitive ops, verified; ort-cann runs it so every node can stay on the NPU")
     parser.add_argument("--variant", action="append", default=[], choices=list(PRECISION_VARIANTS), metavar="VARIANT",
-                        help="also write a reduced-precision graph, verified against eager fp32 by its own class: int8 "
-                             "(dynamic), int8-qdq (static QDQ, calibrated), fp16; repeatable. With --if-missing, adds "
-                             "missing variants to an existing artifact")
+                        help="also write a derived graph, verified against eager fp32 by its own class: int8 (dynamic), "
+                             "int8-qdq (static QDQ, calibrated on --calibration-images), fp16, fused (onnxruntime's "
+                             "optimizer, fp32), int8-fused (int8 of the fused graph; add fused too); repeatable. With "
+                             "--if-missing, adds missing variants to an existing artifact")
     parser.add_argument("--calibration-images", metavar="DIR", help="a folder or glob of images: int8-qdq calibrates on "
                         "them, and every variant is verified on them too (default: the seeded sample only)")
     parser.add_argument("--fp16-keep", default=",".join(FP16_KEEP), metavar="OPS",

@@ -10,7 +10,7 @@ runs, for every matching timm architecture, `python -m exporter NAME --weights r
 and a memory ceiling per model. Each finished model is one line appended to a JSONL file, so a
 killed sweep resumes where it stopped, and `--shard i/n` splits the list so that several hosts each
 take a slice (their JSONL files simply concatenate). At the end it prints a matrix and writes it as
-Markdown and JSON; `--readme README.md` puts the Markdown between the README's coverage markers.
+Markdown and JSON; `--readme docs/sweep.md` puts the Markdown between that file's coverage markers.
 """
 from __future__ import annotations
 

@@ -45,9 +45,13 @@ def _assert_default_run(code, out, err, report, model, tokens):
         assert "torch_npu is not installed" in skipped["torch-npu"] and "not run: torch-npu: torch_npu is not installed" in out
 
 
-def test_dinov2_compare_prints_both_tables_and_passes(dinov2_root, capsys, tmp_path):
+def test_dinov2_compare_prints_both_tables_and_passes_in_a_100_column_terminal(dinov2_root, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
     code, out, err = _main(capsys, "dinov2", "--artifacts", str(dinov2_root), *FAST, "--json", str(tmp_path / "r.json"))
     _assert_default_run(code, out, err, json.loads((tmp_path / "r.json").read_text())["reports"][0], "dinov2", [1374, 384])
+    # The default view fits: no line past 100 columns, no cut cell, no Python repr in a cell.
+    assert max(len(line) for line in out.splitlines()) <= 100 and "…" not in out, out
+    assert "{'" not in out and "['" not in out and "': " not in out, out  # a dict or a list printed as Python writes it
 
 
 def test_dinov3_passes_at_every_block_and_its_saved_reference_passes_on_the_way_back(artifacts_root, capsys, tmp_path):

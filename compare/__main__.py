@@ -1,4 +1,5 @@
-"""Entry point for `python -m compare`."""
+"""Entry point for `python -m compare` and the `vit-compare` console script: the same signal handling, exit codes
+and one-line errors either way."""
 from vitparity import entry_point
 
 
@@ -8,4 +9,10 @@ def _main():
     return main
 
 
-entry_point(_main, "interrupted")
+def console() -> None:
+    """The `vit-compare` console script (pyproject.toml)."""
+    entry_point(_main, "interrupted")
+
+
+if __name__ == "__main__":
+    console()

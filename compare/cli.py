@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from vitparity import registry
 from vitparity.artifact import write_json_atomic
@@ -204,10 +205,19 @@ def run(args: argparse.Namespace, out: Console, err: Console, argv) -> int:
     check_names(options)
     for model in models:
         registry.resolve(model, options.artifacts)
-    reports = []
+    reports, errors = [], {}
     for model in models:
-        with err.status(f"{model}: starting") as status:
-            report, raw = compare(model, options, step=status.update)
+        try:
+            with err.status(f"{model}: starting") as status:
+                report, raw = compare(model, options, step=status.update)
+        except UserError as error:
+            if len(models) == 1:
+                raise
+            # One model that cannot be compared does not lose the others' results: said now, in the JSON, and in
+            # the exit code (2, below a FAIL's 1).
+            errors[model] = str(error)
+            err.print(Text.assemble(("error:", "bold red"), f" {error}"), soft_wrap=True)
+            continue
         for part in render(report, args.verbose):
             out.print(part)
 
@@ -217,15 +227,17 @@ def run(args: argparse.Namespace, out: Console, err: Console, argv) -> int:
             reference.save(args.save_reference, report, raw)
             err.print(f"saved the input and every backend's outputs to {args.save_reference}")
         reports.append(report)
-    code = max(r.exit_code for r in reports)
+    codes = [r.exit_code for r in reports] + [2] * len(errors)
+    code = 1 if 1 in codes else max(codes)  # the worst: a FAIL above "could not compare"
     if args.json:
-        write_json_atomic(Path(args.json), {"exit_code": code, "reports": [r.to_dict() for r in reports]})
+        write_json_atomic(Path(args.json), {"exit_code": code, "reports": [r.to_dict() for r in reports],
+                                            "errors": [{"model": m, "error": e} for m, e in errors.items()]})
         err.print(f"wrote {args.json}")
     if args.report:
         from . import markdown
 
         command = shlex.join(["python", "-m", "compare", *argv])
-        written = markdown.write(Path(args.report), reports, command, make_compare(argv))
+        written = markdown.write(Path(args.report), reports, command, make_compare(argv), errors)
         err.print(f"wrote {', '.join(map(str, written))}")
     # Nothing compared is no PASS (saving the reference alone is a real use: the verdict says so).
     # Said last, once the tables, the JSON and the report are out, so the user sees what was skipped and why.

@@ -165,9 +165,8 @@ def judged_by(name: str, statuses: list[BackendStatus], stored, min_cosine: floa
     """The tolerance of a backend: its class, and the precision it really ran in (as it reported)."""
     if stored is None or name not in stored.outputs:
         status = next(s for s in statuses if s.name == name)
-        backend_class, precision = split(name)[0].tolerance, status.details.get("precision", "fp32")
-        if status.details.get("variant_class"):  # a reduced-precision graph: judged by its own class
-            backend_class, precision = status.details["variant_class"], "fp32"
+        # a variant graph is judged by its own class; anything else by its backend's, in the precision it ran in
+        backend_class, precision = (status.variant_class or split(name)[0].tolerance), status.ran_in
     else:
         backend_class, precision = stored.tolerance_class(name), stored.precision(name)
     return tolerance_for(backend_class, precision, min_cosine, max_rel)

@@ -25,11 +25,13 @@ PRECISION_NOTE = (
 PLOT_HINT = "Charts not drawn: matplotlib is not installed (install the plot extra: `pip install -e '.[plot]'`)."
 
 
-def write(path: Path, reports: list[Report], command: str, make_line: str | None = None) -> list[Path]:
+def write(path: Path, reports: list[Report], command: str, make_line: str | None = None,
+          errors: dict[str, str] | None = None) -> list[Path]:
     """Write the report to `path` and, with matplotlib, its PNG charts beside it. Returns every path written.
 
     `command` is the `python -m compare ...` command line of this run, shown verbatim for reproduction;
-    `make_line` the `make compare ...` line with the same effect, when there is one.
+    `make_line` the `make compare ...` line with the same effect, when there is one; `errors` the models that
+    could not be compared, with why.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +46,7 @@ def write(path: Path, reports: list[Report], command: str, make_line: str | None
             charts[model][kind] = chart.name
     generated = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     # The document goes last, so its links never point at a chart that is not there yet.
-    write_atomic(path, document(reports, command, charts, generated, make_line).encode("utf-8", "backslashreplace"))
+    write_atomic(path, document(reports, command, charts, generated, make_line, errors).encode("utf-8", "backslashreplace"))
     return [path, *written]
 
 
@@ -53,14 +55,16 @@ def write(path: Path, reports: list[Report], command: str, make_line: str | None
 
 
 def document(reports: list[Report], command: str, charts: dict | None = None, generated: str = "",
-             make_line: str | None = None) -> str:
+             make_line: str | None = None, errors: dict[str, str] | None = None) -> str:
     """The whole report as Markdown.
 
     `charts` maps a model to {"latency" | "blocks": file name relative to the document};
     None means matplotlib was not available, and the document says so.
     """
-    title = ", ".join(r.model for r in reports)
-    lines = [f"# Validation report: {title}", "", overall_verdict(reports), ""]
+    errors = errors or {}
+    title = ", ".join([*(r.model for r in reports), *errors])
+    lines = [f"# Validation report: {title}", "", overall_verdict(reports, errors), ""]
+    lines += [f"- **NOT COMPARED** {model}: {_inline(why)}" for model, why in errors.items()] + ([""] if errors else [])
     if generated:
         lines += [f"Generated {generated}.", ""]
     lines += ["## Reproduce", "", "```sh", *reproduce_commands(reports, command, make_line), "```", ""]
@@ -129,13 +133,13 @@ def _chart(charts: dict | None, kind: str, alt: str) -> list[str]:
     return [f"![{alt}]({quote(charts[kind])})", ""]
 
 
-def overall_verdict(reports: list[Report]) -> str:
+def overall_verdict(reports: list[Report], errors: dict | None = None) -> str:
     """One line for the whole document: the model's verdict, or how many models pass."""
-    if len(reports) == 1:
+    if len(reports) == 1 and not errors:
         return verdict(reports[0])
-    failed = [r.model for r in reports if r.verdict.status != "PASS"]
-    passed = len(reports) - len(failed)
-    summary = f"{passed} of {len(reports)} models pass"
+    failed = [r.model for r in reports if r.verdict.status != "PASS"] + list(errors or {})
+    passed = len(reports) + len(errors or {}) - len(failed)
+    summary = f"{passed} of {len(reports) + len(errors or {})} models pass"
     return f"**{'FAIL' if failed else 'PASS'}**: {summary}" + (f"; not passing: {', '.join(failed)}." if failed else ".")
 
 

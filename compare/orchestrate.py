@@ -114,7 +114,7 @@ def _run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.nda
 
     def made_input(outcome) -> np.ndarray:
         """The batch the first worker made from `image`; a file that is no usable image is the user's error."""
-        if outcome.details.get("input_error"):
+        if outcome.input_error:
             raise UserError(outcome.reason)
         return outcome.inputs["batch"] if "batch" in outcome.inputs else batch
 
@@ -128,7 +128,7 @@ def _run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.nda
         outcome = launch.run_backend(cls, truth_job, batch, options.timeout_s, compile_cache(art, options.truth), progress_of(cls.name))
         batch = run.batch = made_input(outcome)
         image = None
-        if outcome.details.get("input_error"):  # no readable image: the user's input, not the truth's fault
+        if outcome.input_error:  # no readable image: the user's input, not the truth's fault
             raise UserError(outcome.reason)
         if outcome.status != "ran":
             raise UserError(f"the {options.truth} truth ({cls.name}) did not run: {outcome.reason}")
@@ -164,7 +164,7 @@ def _run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.nda
             if first:
                 batch = run.batch = made_input(outcome)
                 image = None
-        statuses.append(BackendStatus(name, outcome.status, outcome.reason, outcome.details))
+        statuses.append(BackendStatus.of(name, outcome.status, outcome.reason, outcome.details))
         if outcome.status == "skipped" and not variant:
             unavailable[name] = outcome.reason
         if outcome.status == "ran":
@@ -177,8 +177,10 @@ def _run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.nda
                 batch = run.batch = decoded_batch()
             timings += [LatencyStats(**row) for row in outcome.latency]
         warnings += outcome.warnings
-        if name == options.reference and outcome.details.get("input_error"):  # the images, not the backend
+        if name == options.reference and outcome.input_error:  # the images, not the backend
             raise UserError(outcome.reason)
+        if outcome.status == "changed":  # an export landed during the run: nothing compared, not a FAIL
+            raise UserError(f"{art.key}: not compared: {outcome.reason}")
         if name == options.reference and outcome.status != "ran":
             raise UserError(f"the reference backend {name} cannot run here: {outcome.reason}; pick another with --reference")
         if name in options.require and outcome.status == "skipped":  # a row mostly on the CPU included

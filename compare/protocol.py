@@ -35,7 +35,8 @@ class Job:
 
 @dataclass
 class Outcome:
-    """What came back: status "ran", "skipped" or "error", facts, arrays, timings and one-line warnings."""
+    """What came back: status "ran", "skipped", "error" or "changed" (the artifact was replaced while the worker read it:
+    nothing was compared), facts, arrays, timings and one-line warnings."""
 
     status: str
     reason: str = ""
@@ -47,6 +48,7 @@ class Outcome:
     sizes: dict = field(default_factory=dict)  # --batch-sizes: {backend: {"3/pooled": array}}, outputs at each other size
     latency: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
+    input_error: bool = False  # the input (an image, a folder) is unusable: the user's error, not the backend's
 
 
 def class_path(cls: type) -> str:
@@ -88,7 +90,7 @@ def write_outcome(folder: Path, outcome: Outcome, arrays: dict[str, np.ndarray])
 def read_outcome(folder: Path) -> Outcome:
     """The Outcome a worker wrote into `folder` (result.json, and its arrays by "<kind>/<name>/<part>")."""
     result = json.loads((folder / RESULT).read_text())
-    outcome = Outcome(**{k: v for k, v in result.items() if k in ("status", "reason", "details", "latency", "warnings")})
+    outcome = Outcome(**{k: v for k, v in result.items() if k in ("status", "reason", "details", "latency", "warnings", "input_error")})
     if (folder / ARRAYS).is_file():
         with np.load(folder / ARRAYS, allow_pickle=False) as arrays:
             for key in arrays.files:

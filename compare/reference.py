@@ -42,8 +42,8 @@ class Stored:
     def statuses(self) -> list[BackendStatus]:
         """One "stored" status per saved backend, its saved details plus where and when it ran."""
         return [
-            BackendStatus(name, "stored", f"saved on {self.host} at {self.created} in {self.path}",
-                          {**saved["details"], "host": self.host, "file": self.path, "created_utc": self.created})
+            BackendStatus.of(name, "stored", f"saved on {self.host} at {self.created} in {self.path}",
+                             {**saved["details"], "host": self.host, "file": self.path, "created_utc": self.created})
             for name, saved in self.backends.items()
         ]
 
@@ -67,9 +67,8 @@ def save(path, report: Report, run) -> None:
             continue
         backend, _ = split(status.name)
         backends[status.name] = {  # a variant row is judged by its variant's class, as here
-            "details": status.details, "tolerance": status.details.get("variant_class") or backend.tolerance,
-            # A variant's precision label says what it computed ("fp16 (45 of 325 kernels in fp32)"); its class judges it.
-            "precision": "fp32" if status.details.get("variant_class") else status.details.get("precision", "fp32"),
+            "details": status.details, "tolerance": status.variant_class or backend.tolerance,
+            "precision": status.ran_in,  # a variant's label says what it computed; its class judges it
         }
         for kind, found in (("outputs", run.outputs), ("taps", run.taps)):
             for name, array in found.get(status.name, {}).items():

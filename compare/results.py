@@ -12,7 +12,21 @@ class BackendStatus:
     name: str
     status: str
     reason: str = ""
-    details: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)  # what is shown: flat facts as the runtime read them back
+    # What drives the judgement, typed: the precision mode it ran in ("fp32" for a variant graph, which runs as written),
+    # the class of its variant graph ("int8", "fp16", "same-host"; "" for model.onnx), and --replay's per-block figures.
+    ran_in: str = "fp32"
+    variant_class: str = ""
+    replay: dict | None = None
+
+    @classmethod
+    def of(cls, name: str, status: str, reason: str, details: dict) -> "BackendStatus":
+        """A status from what a worker (or a saved reference) reported: the typed fields taken out of its details."""
+        shown = dict(details)
+        replay = shown.pop("replay", None)
+        variant_class = str(shown.get("variant_class") or "")
+        ran_in = "fp32" if variant_class else str(shown.get("precision") or "fp32")
+        return cls(name, status, reason, shown, ran_in, variant_class, replay if isinstance(replay, dict) else None)
 
     def switches(self) -> str:
         """The precision switches and provider options in force, as the backend read them back."""

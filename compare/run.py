@@ -117,10 +117,11 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
     if options.layers and options.reference in run.taps:
         layer_rows, drift = layers.compare_layers(run.taps, options.reference, judged, groups,
                                                   frozenset(row.backend for row in accuracy if not row.passed))
-    replays = {s.name: s.details["replay"] for s in statuses if isinstance(s.details.get("replay"), dict)}
+    # This run's replays only: a stored row's were measured against its own host's reference, not this one's.
+    replays = {s.name: s.replay for s in statuses if s.status == "ran" and s.replay is not None}
     if replays:
         export = shlex.join(["python", "-m", "exporter", spec.key, "--artifacts", str(options.artifacts), "--if-missing"])
-        ran = {s.name: {"precision": s.details.get("precision", "fp32"), "variant": split(s.name)[1], "export": export,
+        ran = {s.name: {"precision": s.ran_in, "variant": split(s.name)[1], "export": export,
                         "kept": _kept(s.details.get("recipe"))} for s in statuses}
         layer_rows, parts, local, advice = layers.localise(layer_rows, replays, judged, ran)
         drift = {name: "; ".join(filter(None, [drift.get(name), local.get(name, "").removeprefix(f"{name}: ")]))
@@ -211,7 +212,7 @@ def _with_speedups(timings: list[LatencyStats], reference: str) -> list[LatencyS
 
 def int8_rows(statuses: list[BackendStatus]) -> list[str]:
     """The rows that ran an int8 graph of this artifact here (stored rows ran on their own host)."""
-    return [s.name for s in statuses if s.status == "ran" and s.details.get("variant_class") == "int8"]
+    return [s.name for s in statuses if s.status == "ran" and s.variant_class == "int8"]
 
 
 def host_warnings(manifest: dict, rows: list[str], here: dict | None = None) -> list[str]:

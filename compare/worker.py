@@ -89,14 +89,14 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
     outcome, arrays = Outcome("ran"), {}
     changed = _changed(art, job.artifact_id)
     if changed:
-        return Outcome("error", changed), arrays
+        return Outcome("changed", changed), arrays
     if job.image:  # the bundled photo or --image: the first worker, which imports timm anyway, transforms it
         from . import inputs
 
         try:
             batch = inputs.image_batch(Path(job.image["path"]), job.image["data_config"], job.image["batch_size"])
         except UserError as error:
-            return Outcome("error", str(error), {"input_error": True}), arrays
+            return Outcome("error", str(error), input_error=True), arrays
         arrays["inputs/batch"] = batch
     if job.dataset.get("decode"):  # --images: the first worker decodes them (it imports timm anyway; the parent need not)
         from . import dataset
@@ -104,7 +104,7 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
         images, skipped = dataset.decode(job.dataset)
         if not images:
             return Outcome("error", f"--images: none of the {len(skipped)} files is a readable image (first: {skipped[0]['path']}: "
-                                    f"{skipped[0]['reason']}); pass a folder of JPEG or PNG files", {"input_error": True}), arrays
+                                    f"{skipped[0]['reason']}); pass a folder of JPEG or PNG files", input_error=True), arrays
         batch = dataset.read_rows(Path(job.dataset["inputs"]), 0, min(job.dataset["batch"], len(images)), job.dataset["shape"])
     try:
         outcome.details = backend.load(art, job.precision)
@@ -116,7 +116,7 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
         return _failure("failed to load the artifact", error), arrays
     changed = _changed(art, job.artifact_id)  # swapped while the backend read its files?
     if changed:
-        return Outcome("error", changed), arrays
+        return Outcome("changed", changed), arrays
     try:
         started = time.perf_counter()
         outputs = backend.run(batch)

@@ -1,5 +1,8 @@
-"""Entry point for `python -m exporter`."""
+"""Entry point for `python -m exporter` and the `vit-export` console script: the same signal handling, exit codes
+and one-line errors either way."""
 from vitparity import entry_point
+
+INTERRUPTED = "interrupted: no artifact was changed"
 
 
 def _main():
@@ -8,4 +11,10 @@ def _main():
     return main
 
 
-entry_point(_main, "interrupted: no artifact was changed")
+def console() -> None:
+    """The `vit-export` console script (pyproject.toml)."""
+    entry_point(_main, INTERRUPTED)
+
+
+if __name__ == "__main__":
+    console()

@@ -131,12 +131,14 @@ class VerifySet:
 
 
 def check_variant(path: Path, inputs, reference: dict[str, np.ndarray] | None, tolerance,
-                  layout: dict | None = None) -> tuple[bool, dict]:
+                  layout: dict | None = None, stop_early: bool = False) -> tuple[bool, dict]:
     """Run the graph at `path` on `inputs` (an array, with `reference`, or a VerifySet) and judge it against the
     eager fp32 outputs with compare's judge (vitparity/judging.py): every output and every token group, on the
     whole and on the worst item, at the chunk's batch size and, for the photos, at batch 1 too (dynamic int8
     scales its activations over the whole batch, so batch 1 is another graph's numbers). Chunk by chunk: memory
-    holds one chunk. Returns (passed, figures): the worst row, every row by label, and the held-out rows apart."""
+    holds one chunk. Returns (passed, figures): the worst row, every row by label, and the held-out rows apart.
+    `stop_early` (the searches' trials): stop at the first chunk with an item that fails alone, which fails its row
+    whatever the rest holds; the figures are then those of the rows run so far."""
     from vitparity import judging
 
     verify_set = inputs if isinstance(inputs, VerifySet) else VerifySet(inputs, reference, layout=layout)
@@ -149,6 +151,10 @@ def check_variant(path: Path, inputs, reference: dict[str, np.ndarray] | None, t
         for batch, want in verify_set.chunks(size, rows):
             got = dict(zip(names, session.run(None, {INPUT_NAME: batch})))
             chunks.append(judging.item_figures({n: np.asarray(got[n], dtype=np.float32) for n in OUTPUT_NAMES}, want, layout))
+            if stop_early and not all(tolerance.judge(float(np.min(f["cosine"])), float(np.max(f["rel_error"])),
+                                                     int(np.sum(f["nonfinite"]))).passed
+                                      for f in chunks[-1].values() if "cosine" in f):
+                return _summary(judging.judge_rows(judging.concatenate(chunks), tolerance))
         items += [verify_set.roles[row] for row in rows]
     figures = judging.concatenate(chunks)
     passed, found = _summary(judging.judge_rows(figures, tolerance))
@@ -379,7 +385,7 @@ def _search(variant: str, source: Path, target: Path, inputs: VerifySet, toleran
 
     def judge(kept: frozenset) -> tuple[bool, dict]:
         write(kept)
-        passed, figures = check_variant(target, inputs, None, tolerance)
+        passed, figures = check_variant(target, inputs, None, tolerance, stop_early=True)
         return passed, {k: figures[k] for k in ("cosine", "rel_error", "worst_output")}
 
     found = keep_fp32.search(nodes, judge, step, label)

@@ -473,7 +473,9 @@ def external_data_problem(path: Path) -> str | None:
     records (no weights), so every graph of an artifact is checked before anything loads it, whatever
     the onnx version: each location must be a plain file name in the graph's folder, a regular file there.
     """
-    import onnx
+    if not _mentions(Path(path), b"location"):  # no external data record in the graph: nothing to check
+        return None
+    import onnx  # a second here (ml_dtypes): paid only by a graph that may refer to external data
 
     try:
         model = onnx.load(str(path), load_external_data=False)
@@ -493,6 +495,21 @@ def external_data_problem(path: Path) -> str | None:
         if problem:
             return f"refers to external data {location} that {problem}"
     return None
+
+
+def _mentions(path: Path, word: bytes) -> bool:
+    """Whether the file at `path` holds the bytes `word` anywhere (a protobuf keeps an external data record's key,
+    "location", as plain bytes); True when it cannot be read, so that the full check runs and says why."""
+    import mmap
+
+    try:
+        with open(path, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size == 0:
+                return False
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                return data.find(word) != -1
+    except (OSError, ValueError):
+        return True
 
 
 def _tensors(graph):

@@ -47,7 +47,9 @@ def block_outputs(graph) -> list[str]:
     owner = [_block_of(node) for node in graph.node]
     blocks = sorted({b for b in owner if b is not None})
     if not blocks:
-        raise UserError("model.onnx carries no block scopes; re-export it with this tool (python -m exporter)")
+        raise UserError("the graph carries no module scopes (fused by onnxruntime's optimizer, or not written by this "
+                        "tool's exporter): its blocks cannot be compared one by one; see the fp32 graph's row (ort-cpu) per "
+                        "block")
     shapes = {v.name: _shape(v) for v in [*graph.value_info, *graph.output]}
     token_shape = shapes.get("tokens")
     consumers: dict[str, set] = {}
@@ -168,7 +170,13 @@ def build(model_path: Path, out_path: Path, taps_from: Path | None = None) -> in
     graph = model.graph
     for i, name in enumerate(taps):
         if name not in made:
-            raise UserError(f"{Path(model_path).name} no longer has block {i}'s output ({name}); re-export the variant")
+            fused = any(node.domain == "com.microsoft" for node in graph.node)
+            raise UserError(
+                f"{Path(model_path).name} has no block boundaries to tap: onnxruntime's optimizer fused them away (block "
+                f"{i}'s output {name} is inside a fused node); its blocks cannot be compared one by one: see the "
+                f"fp32 graph's row (ort-cpu) per block" if fused else
+                f"{Path(model_path).name} no longer has block {i}'s output ({name}): its converter renamed the token "
+                f"stream, so its blocks cannot be compared one by one; see the graph it was made from per block")
         # A Cast gives each tap a stable name (block_i) whatever the exporter called the value.
         graph.node.append(onnx.helper.make_node("Cast", [name], [f"block_{i}"], name=f"tap_block_{i}", to=onnx.TensorProto.FLOAT))
         tap = onnx.ValueInfoProto()

@@ -42,6 +42,26 @@ def console(stderr: bool = False) -> Console:
                    log_path=False)
 
 
+def _first(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def os_error_line(error: OSError) -> str:
+    """What an OSError means, in one line: a full disk names the folder; a temp folder of this run that vanished is
+    ours to say (an internal error), not the user's path; anything else names the path to check."""
+    import errno
+    import tempfile
+
+    where = error.filename or ""
+    if error.errno == errno.ENOSPC:
+        return (f"no space left on the device that holds {where or 'a folder this run writes'}; free some space there "
+                f"(temp files go to TMPDIR, now {tempfile.gettempdir()}) and run again")
+    if where and "vit-parity-" in str(where) and str(where).startswith(tempfile.gettempdir()):
+        return (f"internal error: {where} of this run's temp folder is gone ({error.strerror}); another program removed "
+                f"it, or {tempfile.gettempdir()} is unusable: run again")
+    return f"{error}; check the path and the free space"
+
+
 def _error(message: str) -> Text:
     return Text.assemble(("error:", "bold red"), " ", message)
 
@@ -59,8 +79,13 @@ def guarded(body, err: Console, interrupted: str = "interrupted") -> int:
     except UserError as error:
         err.print(_error(str(error)), highlight=False, soft_wrap=True)
         return error.exit_code
-    except OSError as error:  # a path the user gave cannot be written or read: full disk, no permission
-        err.print(_error(f"{error}; check the path and the free space"), highlight=False, soft_wrap=True)
+    except OSError as error:  # a path cannot be written or read: full disk, no permission, a folder of ours gone
+        err.print(_error(os_error_line(error)), highlight=False, soft_wrap=True)
+        return 2
+    except (ImportError, SystemError) as error:  # a package that cannot be imported here (a NumPy/ml_dtypes mismatch)
+        err.print(_error(f"a package cannot be imported: {type(error).__name__}: {_first(error)}; reinstall it for this "
+                         f"Python, or on a host with its own torch run make host-deps PYTHON=python3 (it keeps NumPy's major "
+                         f"version): see docs/install.md"), highlight=False, soft_wrap=True)
         return 2
     except MemoryError:  # what a size check did not foresee: one line, never a traceback
         err.print(_error("out of memory; use a smaller batch, fewer images, or a host with more memory"), highlight=False)

@@ -163,8 +163,11 @@ def run_model(name: str, module: str, params: int, size: str, root: Path, timeou
     drift = "; ".join(report.get("drift", {}).values())
     no_taps = [w for w in report.get("warnings", []) if "per-block" in w]
     layers = "skipped: " + no_taps[0] if no_taps and not drift else (drift or "-")
-    # The report's own verdict, as compare printed it: PASS, FAIL or NOT COMPARED.
-    verdict = report.get("verdict") or ("PASS" if report.get("exit_code") == 0 else "FAIL")
+    # The report's own verdict, as compare printed it: PASS, FAIL or NOT COMPARED. A report without one is not a PASS.
+    verdict = report.get("verdict")
+    if verdict not in ("PASS", "FAIL", "NOT COMPARED"):
+        return _done(base, started, **exported, compare="ERROR", layers=layers,
+                     error=f"sweep: compare's report for {name} holds no verdict ({verdict!r}); its exit code was {code}")
     return _done(base, started, **exported, compare=verdict, layers=layers,
                  error="" if code in (0, 1) else _last_error(code, err, "compare", timeout))
 

@@ -160,15 +160,20 @@ def test_abandoned_image_folders_are_removed_by_any_command(tmp_path, monkeypatc
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     stale = tmp_path / f"{processes.IMAGES_PREFIX}{dead}-abc"
     (stale / "x").mkdir(parents=True)
-    mine = tmp_path / f"{processes.IMAGES_PREFIX}{os.getpid()}-abc"
-    mine.mkdir()
+    processes.hold(stale).close()  # its owner's lock, released: the owner is gone (kill -9 leaves it so)
+    older = tmp_path / f"{processes.IMAGES_PREFIX}{dead}-old"  # an older version's folder: no lock, untouched for hours
+    older.mkdir()
+    os.utime(older, (time.time() - 2 * processes.UNLOCKED_GRACE_S,) * 2)
+    mine_context = processes.owned_folder(processes.IMAGES_PREFIX, tmp_path)
+    mine = mine_context.__enter__()  # a live run's folder: its lock held
     outside = tmp_path / "outside"
     outside.mkdir()
     (tmp_path / f"{processes.IMAGES_PREFIX}{dead}-link").symlink_to(outside, target_is_directory=True)
     from exporter.cli import main as export_main
 
     assert call(export_main, capsys, "--list")[0] == 0
-    assert not stale.exists() and mine.exists() and outside.exists()
+    assert not stale.exists() and not older.exists() and mine.exists() and outside.exists()
+    mine_context.__exit__(None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------

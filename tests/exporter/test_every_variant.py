@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from compare.cli import main as compare_main
 from exporter.cli import main as export_main
 from tests.helpers import CALIBRATION_PHOTOS, TINY, UNSEEN_PHOTOS, call, one_line_error, real_photos
 from vitparity import artifact, blocks
+from vitparity.errors import UserError
 from vitparity.graphs import PRECISION_VARIANTS, precision_variants
 
 VARIANTS = ("int8", "int8-qdq", "fp16", "fused", "int8-fused")
@@ -37,6 +40,10 @@ def test_every_variant_is_made_from_real_photos_passes_compare_on_unseen_ones_an
     assert rows == {"ort-cpu", *(f"ort-cpu:{v}" for v in VARIANTS)}
     assert code == 0 and report["verdict"] == "PASS", [(r["backend"], r["label"] if "label" in r else r["output"], r["cosine"])
                                                         for r in report["accuracy"] if not r["passed"]]
+    # The fused graph's blocks cannot be tapped: said plainly, with no hint that cannot help.
+    with pytest.raises(UserError, match="fused them away") as found:
+        blocks.build(root / TINY / "model.fused.onnx", tmp_path / "taps.onnx", root / TINY / "model.onnx")
+    assert "re-export" not in str(found.value)
     # Removed by hand, with its derived per-block graph: made again by --if-missing, and the artifact loads.
     art = artifact.load(root, TINY)
     blocks.ensure(art, "model.int8.onnx")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 
 from rich.console import Console
 from rich.text import Text
@@ -35,11 +34,7 @@ def console(stderr: bool = False) -> Console:
     """
     # log_path=False: a log line ends with its time, not with the source line that printed it.
     probe = Console(stderr=stderr, markup=False, log_path=False)
-    if probe.is_terminal:
-        return probe
-    columns = os.environ.get("COLUMNS", "")  # piped: the width the user set, else wide enough for -v's tables
-    return Console(stderr=stderr, width=int(columns) if columns.isdigit() and int(columns) > 0 else 200, markup=False,
-                   log_path=False)
+    return probe if probe.is_terminal else Console(stderr=stderr, width=200, markup=False, log_path=False)
 
 
 def _first(error: BaseException) -> str:

@@ -46,7 +46,11 @@ def _assert_default_run(code, out, err, report, model, tokens):
 
 
 def test_dinov2_compare_prints_both_tables_and_passes_in_a_100_column_terminal(dinov2_root, capsys, tmp_path, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "100")
+    from rich.console import Console
+
+    # the terminal a person has: 100 columns (this CLI's own console factory, drawn at that width)
+    monkeypatch.setattr("compare.cli.console", lambda stderr=False: Console(width=100, stderr=stderr, markup=False,
+                                                                             log_path=False))
     code, out, err = _main(capsys, "dinov2", "--artifacts", str(dinov2_root), *FAST, "--json", str(tmp_path / "r.json"))
     _assert_default_run(code, out, err, json.loads((tmp_path / "r.json").read_text())["reports"][0], "dinov2", [1374, 384])
     # The default view fits: no line past 100 columns, no cut cell, no Python repr in a cell.

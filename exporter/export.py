@@ -169,14 +169,18 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def verify_onnx(path: Path, sample: np.ndarray, reference: dict[str, np.ndarray], options: ExportOptions) -> tuple[float, float]:
+def verify_onnx(path: Path, sample: np.ndarray, reference: dict[str, np.ndarray], options: ExportOptions,
+                layout: dict | None = None) -> tuple[float, float]:
     """Check the graph and its parity with the eager outputs `reference` of `sample`; return the worst (cosine, max abs diff).
 
+    Every row compare judges is checked (vitparity/judging.py: each output and each token group of `layout`, on the
+    whole and on the worst item) by the verify thresholds' cosine, and each whole output by their max abs diff.
     Raises CheckFailed on any failed check.
     """
     import onnx
 
-    from vitparity.metrics import cosine, max_abs_diff
+    from vitparity import judging
+    from vitparity.metrics import max_abs_diff
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
@@ -193,22 +197,30 @@ def verify_onnx(path: Path, sample: np.ndarray, reference: dict[str, np.ndarray]
             got = dict(zip(names, session.run(None, {INPUT_NAME: sample[rows]})))
         except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise CheckFailed(f"onnxruntime cannot run the graph at batch {batch_size}: {_first_line(error)}") from error
+        tolerance = verify_tolerance(options.min_cosine, options.max_abs)
+        want_all = {name: reference[name][rows] for name in OUTPUT_NAMES}
         for name in OUTPUT_NAMES:
-            want = reference[name][rows]
-            if got[name].shape != want.shape:
-                raise CheckFailed(f"output {name} at batch {batch_size} has shape {got[name].shape}, eager gives {want.shape}")
-            cos, diff = cosine(got[name], want), max_abs_diff(got[name], want)
-            worst_cos, worst_abs = min(worst_cos, cos), max(worst_abs, diff)
+            if got[name].shape != want_all[name].shape:
+                raise CheckFailed(f"output {name} at batch {batch_size} has shape {got[name].shape}, eager gives "
+                                  f"{want_all[name].shape}")
+        for row in judging.judge_rows(judging.item_figures(got, want_all, layout), tolerance):
+            worst_cos = min(worst_cos, row.cosine)
+            if not row.passed:
+                raise CheckFailed(f"ONNX output {row.label} at batch {batch_size} differs from eager: {row.reason}")
+        for name in OUTPUT_NAMES:
+            want = want_all[name]
+            diff = max_abs_diff(got[name], want)
+            worst_abs = max(worst_abs, diff)
             # fp32 rounding grows with the values: the bound is per unit of the output's peak |value|
             # (absolute for outputs within +-1), so a wide model's large activations are judged alike.
             peak = max(1.0, float(np.abs(want).max()) if want.size else 1.0)
-            judged = verify_tolerance(options.min_cosine, options.max_abs).judge(cos, max_abs=diff, peak=peak)
+            judged = tolerance.judge(1.0, max_abs=diff, peak=peak)  # the cosines were judged above, row by row
             if not judged.passed:
                 raise CheckFailed(f"ONNX output {name} at batch {batch_size} differs from eager: {judged.reason}")
     return worst_cos, worst_abs
 
 
-def _ln_variant(stage: Path, sample: np.ndarray, outputs: dict, options: ExportOptions) -> dict:
+def _ln_variant(stage: Path, sample: np.ndarray, outputs: dict, options: ExportOptions, layout: dict | None = None) -> dict:
     """Write model.onnx's LayerNorm-decomposed variant into `stage` and verify it like model.onnx itself."""
     import onnx
 
@@ -217,7 +229,7 @@ def _ln_variant(stage: Path, sample: np.ndarray, outputs: dict, options: ExportO
     left = sum(n.op_type == "LayerNormalization" for n in onnx.load(str(path), load_external_data=False).graph.node)
     if left:
         raise CheckFailed(f"{left} LayerNormalization nodes could not be decomposed (not over the last axis)")
-    cos, diff = verify_onnx(path, sample, outputs, options)
+    cos, diff = verify_onnx(path, sample, outputs, options, layout)
     return {"from": "model.onnx", "layernorms_decomposed": count, "verify": {"cosine": cos, "max_abs": diff}}
 
 
@@ -282,11 +294,12 @@ def _stage_and_publish(spec, model, source, config, sample, folder, options, ste
         step(f"{spec.key}: tracing at {input_size[1]}x{input_size[2]} with the dynamo exporter")
         attention = trace_to_onnx(model, input_size, stage / "model.onnx", options.opset, options.verbose)
         step(f"{spec.key}: verifying with onnx.checker and onnxruntime")
-        worst_cos, worst_abs = verify_onnx(stage / "model.onnx", sample, outputs, options)
+        layout = registry.token_layout(model, outputs["tokens"].shape)
+        worst_cos, worst_abs = verify_onnx(stage / "model.onnx", sample, outputs, options, layout)
         variants = {}
         if options.decompose_layernorm:
             step(f"{spec.key}: writing and verifying the LayerNorm-decomposed variant")
-            variants[LN_DECOMPOSED] = _ln_variant(stage, sample, outputs, options)
+            variants[LN_DECOMPOSED] = _ln_variant(stage, sample, outputs, options, layout)
         if options.variants:
             from . import precision
 
@@ -294,7 +307,7 @@ def _stage_and_publish(spec, model, source, config, sample, folder, options, ste
             with processes.temp_folder(processes.IMAGES_PREFIX) as scratch:
                 inputs, described = precision.verify_inputs(sample, outputs, lambda batch: eager_outputs(model, batch),
                                                             config, options.calibration_images, said, scratch,
-                                                            layout=registry.token_layout(model, outputs["tokens"].shape),
+                                                            layout=layout,
                                                             minimum=options.minimum())
                 variants.update(precision.write_variants(stage, inputs, described, options, said))
         step(f"{spec.key}: writing the artifact")

@@ -264,7 +264,7 @@ def write_variants(stage: Path, inputs: VerifySet, described: dict, options: Var
     held-out ones included. Each record holds the CPU that verified it: int8 numerics depend on it. A variant
     that fails its class raises CheckFailed: nothing of this export is published.
     """
-    from vitparity import environment, judging
+    from vitparity import environment
     from vitparity.tolerances import TOLERANCES
 
     from . import variants
@@ -334,14 +334,16 @@ def _int8(variant: str, source: Path, target: Path, inputs: VerifySet, tolerance
     modules = variants.int8_modules(source)
     forced = variants.nodes_of_modules(modules, options.int8_keep)
     step(f"writing the {variant} variant with onnxruntime.quantization" + (" (7-bit weights: no VNNI here)" if reduce_range else ""))
-    calibration = None
+    calibration, cache = None, None
     if variant == variants.INT8_QDQ:  # calibrated on the searched photos and images, never on noise or held-out rows
         real = inputs.only(PHOTOS, IMAGES)
         calibration = lambda: (batch for batch, _ in real.chunks())  # noqa: E731
+        if inputs.folder is not None:
+            cache = inputs.folder / f"{variant}.calibration.json"  # the scratch folder: calibrated once per export
 
     def write(exclude=()):
         return variants.write_int8(source, target, calibration, len(inputs.only(PHOTOS, IMAGES)),
-                                   sorted({*forced, *exclude}), reduce_range)
+                                   sorted({*forced, *exclude}), reduce_range, cache)
 
     searched, search = inputs.only(*SEARCHED), None
     for share in SEARCH_SHARES:

@@ -118,7 +118,8 @@ def _library(module: str) -> dict:
 
 
 
-def write_int8(source: Path, target: Path, calibration=None, count: int = 0, exclude=(), reduce_range: bool = False) -> dict:
+def write_int8(source: Path, target: Path, calibration=None, count: int = 0, exclude=(), reduce_range: bool = False,
+               cache: Path | None = None) -> dict:
     """onnxruntime.quantization of `source` into `target`; return the recipe.
 
     Without `calibration`: quantize_dynamic (weights int8 per channel, activations quantized at run
@@ -130,7 +131,9 @@ def write_int8(source: Path, target: Path, calibration=None, count: int = 0, exc
     compute_data): a multiple of that many inputs ended in "No data is collected", any other count
     calibrated on the last few inputs only. The nodes `exclude` stay
     in float (nodes_to_exclude: what the int8 search found); `reduce_range` uses 7-bit weights, for hosts
-    without VNNI (environment.int8_reduce_range).
+    without VNNI (environment.int8_reduce_range). `cache`: a file where onnxruntime keeps the calibrated ranges
+    (its calibration_cache_path, where this onnxruntime has it): the ranges are those of the float graph whatever
+    stays in float, so a search calibrates once, not once a trial.
     """
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -162,10 +165,14 @@ def write_int8(source: Path, target: Path, calibration=None, count: int = 0, exc
             def rewind(self):
                 self.rows = calibration()
 
+        import inspect
+
+        cached = {"calibration_cache_path": str(cache)} if cache is not None and "calibration_cache_path" in \
+            inspect.signature(quantize_static).parameters else {}  # onnxruntime >= 1.25 (a feature, not a version)
         quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(INT8_OPS),
                         per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         use_external_data_format=external,
-                        nodes_to_exclude=list(exclude), reduce_range=bool(reduce_range))
+                        nodes_to_exclude=list(exclude), reduce_range=bool(reduce_range), **cached)
     return {**_library("onnxruntime.quantization"), "call": "quantize_static",
             "options": {**options, "quant_format": "QDQ", "activation_type": "QInt8", "calibrate_method": "MinMax",
                         "calibration_inputs": int(count)}, **kept}

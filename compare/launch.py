@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitparity import processes, raise_pending_interrupt
+from vitparity import processes
 
 from .protocol import (
     LOG,
@@ -48,31 +48,12 @@ def run_backend(cls: type, job: Job, batch: np.ndarray, timeout_s: float, cwd: P
         write_job(folder, job, batch)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])),
                "VIT_PARITY_PARENT": str(os.getpid())}
-        with open(folder / LOG, "wb") as log:
-            child = subprocess.Popen(
-                [sys.executable, "-m", "compare.worker", str(folder)],
-                cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=processes.die_with_parent(),
-            )
-            deadline = time.monotonic() + timeout_s
-            try:
-                raise_pending_interrupt()  # a Ctrl-C during the fork lands in an at-fork callback, which swallows it
-                while True:
-                    try:
-                        code = child.wait(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
-                        break
-                    except subprocess.TimeoutExpired:
-                        if time.monotonic() >= deadline:
-                            raise
-                        _report_progress(folder / PROGRESS, progress)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-                return Outcome("error", f"no answer in {timeout_s:g} s; the worker was stopped (raise --timeout if the device is just slow)")
-            finally:
-                if child.poll() is None:  # interrupted (Ctrl-C, SIGTERM) while waiting: take the child down too
-                    child.kill()
-                    child.wait()
+        with open(folder / LOG, "wb") as log:  # the core's one launcher: own group, TERM then KILL, dies with us
+            code = processes.run_child([sys.executable, "-m", "compare.worker", str(folder)], cwd=cwd, env=env,
+                                       timeout_s=timeout_s, stdout=log, stderr=subprocess.STDOUT,
+                                       tick=lambda: _report_progress(folder / PROGRESS, progress))
+        if code is None:
+            return Outcome("error", f"no answer in {timeout_s:g} s; the worker was stopped (raise --timeout if the device is just slow)")
         last = _last_line(folder / LOG)
         if not (folder / RESULT).is_file():
             if code < 0:

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
 import tempfile
 import threading
 import time
@@ -41,6 +42,64 @@ def die_with_parent(sig: int = signal.SIGKILL, new_session: bool = False):
             os._exit(128 + int(sig))
 
     return apply
+
+
+GRACE_S = 5.0  # how long a stopped child may take to stop its own children and remove its folders before SIGKILL
+
+
+def stop(process: subprocess.Popen, grace_s: float = GRACE_S) -> None:
+    """SIGTERM to the child's process group (it may stop its own children and remove its temp folders), then
+    SIGKILL to the group after `grace_s`."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break
+        try:
+            process.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_s)
+
+
+def run_child(command: list[str], *, cwd, timeout_s: float, stdout=None, stderr=None, env: dict | None = None,
+              tick=None, parent_death: int = signal.SIGKILL, setup=None) -> int | None:
+    """The one way this tool runs a child (compare's workers, the sweep's steps): in a session and process group of
+    its own, dying with this process (`die_with_parent(parent_death)`), `setup` run in it before exec (a memory
+    ceiling); waited for up to `timeout_s`, with `tick()` every half second. On the timeout, or on any exception
+    here (Ctrl-C, SIGTERM turned into KeyboardInterrupt), it is stopped (`stop`: TERM, then KILL) and whatever it
+    left in its group is killed. Returns its exit code, or None when it ran out of time."""
+    from vitparity import raise_pending_interrupt
+
+    leash = die_with_parent(parent_death, new_session=True)
+
+    def prepare() -> None:
+        leash()
+        if setup is not None:
+            setup()
+
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                               preexec_fn=prepare)
+    deadline = time.monotonic() + timeout_s
+    try:
+        raise_pending_interrupt()  # a Ctrl-C during the fork lands in an at-fork callback, which swallows it
+        while True:
+            try:
+                return process.wait(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    stop(process)
+                    return None
+                if tick is not None:
+                    tick()
+    except BaseException:
+        stop(process)
+        raise
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # whatever the child left in its group
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def watch_parent(parent: int, interval_s: float = 0.5, sig: int = signal.SIGKILL) -> threading.Thread:

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import resource
 import signal
 import socket
-import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vitparity import raise_pending_interrupt
-from vitparity.processes import SWEEP_PREFIX, die_with_parent, owned_folder
+from vitparity.processes import SWEEP_PREFIX, owned_folder, run_child
 
 COMPARE_ARGS = ("--no-latency", "--layers")  # and --backends: torch-cpu,ort-cpu, plus the card a Ray task holds
 
@@ -45,12 +43,8 @@ UNKNOWN = "(not a timm model)"  # the module of a listed name timm does not know
 
 
 def _limits(memory: int | None):
-    # Its own session and process group: a timeout or an interrupt stops the worker processes it
-    # starts too. SIGTERM when the sweep dies, so that the step stops its own workers cleanly.
-    leash = die_with_parent(signal.SIGTERM, new_session=True)
-
+    """The memory ceiling, set in the step before it starts (processes.run_child's `setup`)."""
     def apply():
-        leash()
         if memory:
             resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     return apply
@@ -62,7 +56,6 @@ SCRATCH_PREFIX = SWEEP_PREFIX  # + the sweep's pid: each model's artifacts, unle
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-GRACE_S = 5.0  # how long a stopped step may take to stop its own workers before it is killed
 
 
 
@@ -71,45 +64,25 @@ class StepStopped(Exception):
 
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the step's process group (it stops its workers and removes its temp folders), then SIGKILL."""
-    for sig, wait in ((signal.SIGTERM, GRACE_S), (signal.SIGKILL, None)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-
 def _run(command: list[str], timeout: float, memory: int | None, cwd: Path) -> tuple[int | str, str, str]:
     """(exit code or "timeout", stdout, stderr) of `command` under the time limit and memory ceiling.
 
     An interrupt of the sweep (Ctrl-C, SIGTERM) stops the step's whole process group before it goes on.
     """
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               stdin=subprocess.DEVNULL, preexec_fn=_limits(memory))
-    try:
-        raise_pending_interrupt()  # a Ctrl-C during the fork lands in an at-fork callback, which swallows it
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
-        return "timeout", out, err
-    except BaseException:
-        _stop(process)
-        raise
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # whatever the step left in its group
-            os.killpg(process.pid, signal.SIGKILL)
-    if process.returncode in [-s for s in STOP_SIGNALS] + [128 + s for s in STOP_SIGNALS]:
+    # The core's one launcher (vitparity/processes.run_child): its own session and group, so a timeout or an
+    # interrupt stops the workers it starts too; SIGTERM when the sweep dies, so that it stops them cleanly.
+    with tempfile.TemporaryFile("w+", dir=cwd) as out, tempfile.TemporaryFile("w+", dir=cwd) as err:
+        code = run_child(command, cwd=cwd, timeout_s=timeout, stdout=out, stderr=err, parent_death=signal.SIGTERM,
+                         setup=_limits(memory))
+        out.seek(0)
+        err.seek(0)
+        said, complained = out.read(), err.read()
+    if code is None:
+        return "timeout", said, complained
+    if code in [-s for s in STOP_SIGNALS] + [128 + s for s in STOP_SIGNALS]:
         raise StepStopped(f"{Path(command[2]).name if len(command) > 2 else command[0]} was stopped by "
-                          f"{_signal_name(process.returncode)}")
-    return process.returncode, out, err
+                          f"{_signal_name(code)}")
+    return code, said, complained
 
 
 

@@ -41,7 +41,7 @@ def test_make_variables_reach_the_cli_as_single_arguments_and_never_run_as_code(
     and the `touch` inside IMAGES never runs (it did while values were pasted into the recipe's shell text)."""
     touched = tmp_path / "touched"
     hostile = {"IMAGES": f"x'; touch {touched}; '", "ARTIFACTS": "/tmp/a b", "SAVE": "s$HOME $(shell id).npz",
-               "AGAINST": "/x/John's photos/ref.npz", "REPORT": 'r "q" #.md'}
+               "AGAINST": "/x/John's photos/ref.npz", "REPORT": 'r "q" #.md', "WEIGHTS": "/w/my $run; ckpt"}
     runs = make_argv(tmp_path, "compare", "MODEL=dinov3 test_vit", *(f"{k}={v}" for k, v in hostile.items()),
                      "ARGS=--no-latency --budget 2")
     assert not touched.exists(), "a make variable ran as shell code"
@@ -51,6 +51,7 @@ def test_make_variables_reach_the_cli_as_single_arguments_and_never_run_as_code(
         assert compare[compare.index(flag) + 1] == hostile[variable], flag
     assert compare[-3:] == ["--", "dinov3", "test_vit"] and "--no-latency" in compare and "2" in compare
     assert runs[0][:3] == ["-m", "exporter", "--artifacts"] and runs[0][3] == "/tmp/a b"
+    assert runs[0][runs[0].index("--weights") + 1] == hostile["WEIGHTS"]  # WEIGHTS reaches compare's export step whole
 
 
 def test_sweep_patterns_are_names_never_globbed_by_the_shell(tmp_path):

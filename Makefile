@@ -65,10 +65,10 @@ host-deps:
 export: $(SETUP_DEP)
 	set -f; $(PYTHON) -m exporter --artifacts "$$ARTIFACTS" $(EXPORT_FLAGS) $(ARGS) -- $$MODEL
 
-# Both export first whatever artifact is missing; no MODEL means every registered model.
+# Both export first whatever artifact is missing; no MODEL means every registered model. compare does it itself
+# (--if-missing): one process, which starts the exporter only when an artifact is missing or damaged.
 compare: $(SETUP_DEP)
-	set -f; $(PYTHON) -m exporter --artifacts "$$ARTIFACTS" --if-missing $(EXPORT_FLAGS) -- $$MODEL
-	set -f; $(PYTHON) -m compare --artifacts "$$ARTIFACTS" $(COMPARE_FLAGS) $(ARGS) -- $$MODEL
+	set -f; $(PYTHON) -m compare --artifacts "$$ARTIFACTS" --if-missing $(EXPORT_FLAGS) $(COMPARE_FLAGS) $(ARGS) -- $$MODEL
 
 # Benchmarks (bench/): the latency sweep over batch sizes 1,2,4,8, the int8 variant's speed-ups and
 # cosine, and the time to verdict against its one-process floor; ARGS e.g. '--only floor --pairs 5'.

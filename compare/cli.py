@@ -20,7 +20,10 @@ from .backends import BACKENDS
 from .reproduce import make_variable
 
 # make variables that stand for a CLI option (see the Makefile's compare target).
-MAKE_VARIABLES = {"artifacts": "ARTIFACTS", "report": "REPORT", "save_reference": "SAVE", "against": "AGAINST", "images": "IMAGES"}
+MAKE_VARIABLES = {"artifacts": "ARTIFACTS", "report": "REPORT", "save_reference": "SAVE", "against": "AGAINST", "images": "IMAGES",
+                  "weights": "WEIGHTS"}
+# Options the make target always passes: `make compare` exports a missing artifact first.
+MAKE_ALWAYS = {"if_missing": True}
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -42,6 +45,11 @@ def parse(argv=None) -> argparse.Namespace:
     parser = Parser(prog="python -m compare", description="Run one input through eager CPU, eager accelerators and onnxruntime; report agreement and latency.")
     parser.add_argument("models", nargs="*", help=f"aliases ({', '.join(registry.ALIASES)}) or timm names; default: every alias")
     parser.add_argument("--artifacts", default="artifacts", help="artifacts root (default: artifacts)")
+    parser.add_argument("--if-missing", action="store_true",
+                        help="export an artifact that is missing or damaged first (python -m exporter --if-missing, in a "
+                             "process of its own; nothing is started when every artifact is present); make compare passes it")
+    parser.add_argument("--weights", default=None, metavar="PATH|random|auto",
+                        help="with --if-missing: the weights an export uses (python -m exporter --weights)")
     group = parser.add_argument_group("input")
     group.add_argument("--input", choices=("image", "random"), default=None, help="a preprocessed photo (default) or seeded normal noise")
     group.add_argument("--image", default=None, help="image file to use (default: the bundled grace_hopper.jpg)")
@@ -50,6 +58,9 @@ def parse(argv=None) -> argparse.Namespace:
     group.add_argument("--limit", type=int, default=None, help="with --images: only the first N readable images (in sorted order)")
     group.add_argument("--seed", type=int, default=None, help="seed for --input random (default: 0)")
     group.add_argument("--batch-size", type=int, default=None, help="batch size of the accuracy run (default: 1)")
+    group.add_argument("--size", default=None, metavar="SIZES",
+                       help="run every backend at this input size, H or HxW (e.g. 448 or 518x392); a comma-separated list "
+                            "compares at each in turn. Needs an artifact exported with --dynamic-size (default: its native size)")
     group = parser.add_argument_group("backends")
     group.add_argument("--backends", type=_names, default=tuple(BACKENDS), help=f"comma-separated (default: all of {','.join(BACKENDS)})")
     group.add_argument("--reference", default="torch-cpu", help="backend the others are compared against (default: torch-cpu)")
@@ -106,6 +117,9 @@ def parse(argv=None) -> argparse.Namespace:
         raise UserError("--images replaces --image, --input and --seed; drop those")
     if args.limit is not None and (not args.images or args.limit < 1):
         raise UserError(f"--limit takes a count of at least 1, and goes with --images; got {args.limit}")
+    if args.weights is not None and not args.if_missing:
+        raise UserError("--weights is for the export --if-missing may run; add --if-missing, or export first with "
+                        "python -m exporter --weights")
     chosen = set(args.backends) | {args.reference}
     for name in args.require:
         if name not in chosen:
@@ -122,6 +136,12 @@ def parse(argv=None) -> argparse.Namespace:
             raise UserError(f"--{flag.replace('_', '-')} {path}: folder {Path(path).parent} does not exist; create it first")
         if not os.access(Path(path).resolve().parent, os.W_OK):
             raise UserError(f"--{flag.replace('_', '-')} {path}: folder {Path(path).parent} is not writable; pick another")
+    if args.size is not None:
+        from vitparity import sizes
+
+        args.size = ",".join(sizes.label(s) for s in sizes.parse_list(args.size))
+    if args.size and "," in args.size and (args.save_reference or args.against):
+        raise UserError("--save-reference and --against work at one size at a time; give --size one size")
     if args.save_reference and args.against and Path(args.save_reference).resolve() == Path(args.against).resolve():
         raise UserError(
             f"--save-reference {args.save_reference} would overwrite the reference read with --against; save to another file"
@@ -139,6 +159,7 @@ def make_compare(argv: list[str]) -> str | None:
         args, defaults = vars(parse(argv)), vars(parse([]))
     except UserError:  # options the CLI refuses
         return None
+    args, defaults = {**args, **MAKE_ALWAYS}, {**defaults, **MAKE_ALWAYS}  # the target passes these whatever was asked
     variables, flags = [], []
     if args["models"]:
         variables.append(f"MODEL={shlex.quote(' '.join(args['models']))}")
@@ -152,8 +173,9 @@ def make_compare(argv: list[str]) -> str | None:
         else:
             flags += [_flag(dest), ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
     # What the Makefile's recipe runs with these variables.
-    rebuilt = [*args["models"], "--artifacts", args["artifacts"]]
-    rebuilt += [f for dest in ("save_reference", "against", "report", "images") if args[dest] for f in (_flag(dest), args[dest])]
+    rebuilt = [*args["models"], "--artifacts", args["artifacts"], *(_flag(dest) for dest in MAKE_ALWAYS)]
+    rebuilt += [f for dest in ("weights", "save_reference", "against", "report", "images") if args[dest]
+                for f in (_flag(dest), args[dest])]
     try:
         if vars(parse(rebuilt + flags)) != args:
             return None
@@ -205,17 +227,23 @@ def run(args: argparse.Namespace, out: Console, err: Console, argv) -> int:
     check_names(options)
     for model in models:
         registry.resolve(model, options.artifacts)
+    present = exported_if_missing(args, models, err) if args.if_missing else {}
     reports, errors = [], {}
-    for model in models:
+    from dataclasses import replace
+
+    from vitparity import sizes
+
+    runs = [(model, size) for model in models for size in (sizes.parse_list(args.size) if args.size else [None])]
+    for model, size in runs:
         try:
             with err.status(f"{model}: starting") as status:
-                report, raw = compare(model, options, step=status.update)
+                report, raw = compare(model, replace(options, size=size), step=status.update, art=present.get(model))
         except UserError as error:
-            if len(models) == 1:
+            if len(runs) == 1:
                 raise
             # One model that cannot be compared does not lose the others' results: said now, in the JSON, and in
             # the exit code (2, below a FAIL's 1).
-            errors[model] = str(error)
+            errors[model + (f" at {sizes.label(size)}" if size else "")] = str(error)
             err.print(Text.assemble(("error:", "bold red"), f" {error}"), soft_wrap=True)
             continue
         for part in render(report, args.verbose):
@@ -251,6 +279,44 @@ def run(args: argparse.Namespace, out: Console, err: Console, argv) -> int:
                 + (f"; not run: {not_run}" if not_run else "") + "; choose backends this host can run"
             )
     return code
+
+
+def exported_if_missing(args: argparse.Namespace, models: list[str], err: Console) -> dict:
+    """--if-missing: each model's artifact, loaded with every hash checked, the missing or damaged ones exported first.
+
+    Deciding needs no torch: an artifact that loads is present, and is handed to the comparison as loaded (its files
+    are not hashed twice). Only when one does not load is the exporter started, as `python -m exporter --if-missing`
+    in a process of its own (the one place that exports, repairs a damaged artifact, and never replaces the user's
+    weights); its exit code is this run's when it fails.
+    """
+    import signal
+
+    from vitparity import artifact, processes
+
+    present, missing = {}, []
+    for model in models:
+        try:
+            present[model] = artifact.load(args.artifacts, registry.resolve(model, args.artifacts).key)
+        except UserError:
+            missing.append(model)
+    if not missing:
+        return present
+    weights = ["--weights", args.weights] if args.weights is not None else []
+    err.print(f"exporting what is missing: {', '.join(missing)} (python -m exporter --if-missing)")
+    # The one launcher: Ctrl-C here stops it (TERM: it cleans its staging up), and it dies with this process.
+    code = processes.run_child([sys.executable, "-m", "exporter", "--artifacts", args.artifacts, "--if-missing", *weights,
+                                "--", *missing], cwd=None, timeout_s=math.inf, parent_death=signal.SIGTERM)
+    if code != 0:
+        raise ExportFailed(code)
+    return present
+
+
+class ExportFailed(UserError):
+    """The export --if-missing started failed; it has said why on stderr. Its exit code becomes this run's."""
+
+    def __init__(self, code: int):
+        super().__init__(f"the export of a missing artifact failed (exit {code}); its error is above")
+        self.exit_code = code
 
 
 def main(argv=None) -> int:

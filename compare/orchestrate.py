@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitparity import artifact, processes
+from vitparity import artifact, processes, sizes
 from vitparity.errors import UserError
 
 from . import dataset, launch, protocol
@@ -158,8 +158,10 @@ def _run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.nda
             elif replay is not None:  # said once per row, never silently absent
                 warnings.append(f"{name}: no local error per block: --replay needs an eager reference (torch-*) to record "
                                 f"the blocks' inputs")
+            # The reference of a graph for every size checks that graph's position-embedding resample on its own.
+            resample = name == options.reference and sizes.record(art.manifest)["dynamic"] and hasattr(cls, "resample")
             outcome = launch.run_backend(cls, replace(job, precision=precision, dataset=streamed, variant=variant, **first,
-                                                      **replayed), batch,
+                                                      **replayed, resample=resample), batch,
                                          options.timeout_s, compile_cache(art, precision), progress_of(name))
             if first:
                 batch = run.batch = made_input(outcome)

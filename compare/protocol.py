@@ -31,6 +31,7 @@ class Job:
     image: dict = field(default_factory=dict)  # {"path", "data_config", "batch_size"}: the first worker makes the input
     variant: str = ""  # a reduced-precision graph of the artifact instead of model.onnx (row "<backend>:<variant>")
     replay: dict = field(default_factory=dict)  # --replay: {"folder", "write"}, see backends.torch_eager.replay
+    resample: bool = False  # the reference of a dynamic graph: check its position-embedding resample (vitparity/resample.py)
 
 
 @dataclass

@@ -12,7 +12,7 @@ rich_table = tables.rich_table  # the core's drawing (vitparity/tables.py)
 
 
 def header_table(report: Report) -> Table:
-    table = Table(title=f"{report.model}: {report.timm_name}", show_header=False, title_justify="left")
+    table = Table(title=f"{report.name}: {report.timm_name}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     input_ = report.input
@@ -43,14 +43,14 @@ def verdict_text(report: Report) -> Text:
     judged = report.verdict
     skipped = f"; not run here: {', '.join(judged.skipped)}" if judged.skipped else ""
     if report.devices_not_run and not judged.failed:
-        text, style = f"{report.model}: NOT COMPARED: " + " ".join(report.devices_not_run.values()), "bold yellow"
+        text, style = f"{report.name}: NOT COMPARED: " + " ".join(report.devices_not_run.values()), "bold yellow"
     elif judged.status == "NOT COMPARED":
-        text, style = f"{report.model}: NOT COMPARED (only the reference {report.reference} ran{skipped})", "bold yellow"
+        text, style = f"{report.name}: NOT COMPARED (only the reference {report.reference} ran{skipped})", "bold yellow"
     elif judged.status == "PASS":
         verb = "agrees" if len(judged.compared) == 1 else "agree"
-        text, style = f"{report.model}: PASS ({', '.join(judged.compared)} {verb} with {report.reference}{skipped})", "bold green"
+        text, style = f"{report.name}: PASS ({', '.join(judged.compared)} {verb} with {report.reference}{skipped})", "bold green"
     else:
-        text, style = f"{report.model}: FAIL ({', '.join(judged.failed)} disagree with {report.reference})", "bold red"
+        text, style = f"{report.name}: FAIL ({', '.join(judged.failed)} disagree with {report.reference})", "bold red"
     return Text(text + overrides_text(judged.overrides) + random_text(report), style=style)
 
 
@@ -63,9 +63,18 @@ def random_text(report: Report) -> str:
             f"the model's own")
 
 
+def resample_text(report: Report) -> Text:
+    """The position-embedding resample of a graph for every size, on its own: its Resize against eager's."""
+    found = report.resample
+    if found["passed"]:
+        return Text(f"position-embedding resample at {report.size or 'the native size'}: Resize ({found['attributes']}) "
+                    f"as eager's, max abs {found['max_abs']:.1e}", style="green")
+    return Text(f"position-embedding resample: FAIL, {found['reason']}", style="bold red")
+
+
 def compact_header(report: Report) -> Table:
     """The default view's header: what was compared, on what input, with which weights; warnings in full."""
-    table = Table(title=f"{report.model}: {report.timm_name}", show_header=False, title_justify="left")
+    table = Table(title=f"{report.name}: {report.timm_name}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     input_ = report.input
@@ -101,6 +110,8 @@ def render(report: Report, verbose: bool = False) -> list:
     if report.parts:
         parts.append(rich_table(tables.parts(report)))
     parts += [Text(f"{backend}: try: {line}", style="bold cyan") for backend, line in report.advice.items()]
+    if report.resample:
+        parts.append(resample_text(report))
     if report.latency:
         parts.append(rich_table(tables.latency(report) if verbose else tables.compact_latency(report)))
     parts.append(verdict_text(report))

@@ -195,7 +195,8 @@ def verdict(report: "Report") -> Verdict:
     """The one verdict function: a PASS needs at least one compared backend, no failed row and no error."""
     failed = sorted({r.backend for r in report.accuracy if not r.passed}
                     | {r.backend for r in report.neighbours if r.passed is False}
-                    | {b.name for b in report.backends if b.status == "error"})
+                    | {b.name for b in report.backends if b.status == "error"}
+                | ({"model.onnx's position-embedding resample"} if report.resample and not report.resample["passed"] else set()))
     compared = [b.name for b in report.backends if b.status in ("ran", "stored") and b.name != report.reference
                 and any(r.backend == b.name for r in report.accuracy)]
     skipped = [b.name for b in report.backends if b.status == "skipped"]
@@ -236,6 +237,8 @@ class Report:
     per_image: dict = field(default_factory=dict)  # --images: {backend: {"pooled": {"cosine": [...], ...}}}, in input order
     parts: list[PartComparison] = field(default_factory=list)  # --replay: inside the block each backend's error is largest in
     advice: dict = field(default_factory=dict)  # --replay: {backend: what to try}, from where its error was found and how it ran
+    size: str = ""  # --size: the input size ("224x224") when it is not the artifact's native one
+    resample: dict | None = None  # a dynamic graph's position-embedding resample against eager's (vitparity/resample.py)
     # {"ascend": why}: an accelerator this host has (its device files) whose backends were asked for and none ran: no
     # PASS then, whatever the CPU rows say (the user came to compare that device)
     devices_not_run: dict = field(default_factory=dict)
@@ -243,6 +246,11 @@ class Report:
     @property
     def verdict(self) -> Verdict:
         return verdict(self)
+
+    @property
+    def name(self) -> str:
+        """The model, and the size when it is not the native one: "dinov2 at 448x448"."""
+        return f"{self.model} at {self.size}" if self.size else self.model
 
     @property
     def from_folder(self) -> bool:

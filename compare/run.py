@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from vitparity import artifact, environment, registry
+from vitparity import artifact, environment, registry, sizes
 from vitparity.errors import UserError
 from vitparity.graphs import precision_variants
 
@@ -50,13 +50,20 @@ def version_warnings(manifest: dict) -> list[str]:
     ]
 
 
-def compare(model: str, options: CompareOptions = CompareOptions(), step: Callable[[str], None] = lambda m: None) -> tuple[Report, Run]:
-    """Compare one model's artifact across backends. Returns the report and the raw arrays."""
+def compare(model: str, options: CompareOptions = CompareOptions(), step: Callable[[str], None] = lambda m: None,
+            art: artifact.Artifact | None = None) -> tuple[Report, Run]:
+    """Compare one model's artifact across backends. Returns the report and the raw arrays.
+
+    `art`: the artifact, already loaded with every hash checked (compare --if-missing did it); else it is loaded here.
+    """
     check_names(options)
     spec = registry.resolve(model, options.artifacts)
-    step(f"{spec.key}: verifying the artifact")
-    art = artifact.load(Path(options.artifacts), spec.key)
+    if art is None:
+        step(f"{spec.key}: verifying the artifact")
+        art = artifact.load(Path(options.artifacts), spec.key)
     manifest = art.manifest
+    if options.size is not None:  # every backend at another size: its input, data config and token layout
+        manifest = sizes.manifest_at(manifest, sizes.check(manifest, options.size))
     for size, flag in ((options.batch_size or 1, "--batch-size"), (max(options.batch_sizes or (1,)), "--batch-sizes")):
         check_batch_memory(size, manifest["data_config"]["input_size"], flag)
     stored = None
@@ -129,6 +136,8 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
     report = Report(
         devices_not_run=devices_not_run(statuses),
         model=spec.key,
+        size=sizes.label(options.size) if options.size and tuple(options.size) != sizes.native(art.manifest) else "",
+        resample=next((s.details["resample"] for s in statuses if s.name == options.reference and "resample" in s.details), None),
         timm_name=manifest["timm_name"],
         artifact=str(art.folder),
         weights_source=manifest.get("weights_source", "unknown"),

@@ -166,6 +166,16 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
                 bugs.append(_bug("per-block outputs", error))
             else:
                 outcome.warnings.append(f"{backend.name}: per-block outputs failed: {_first_line(error)}")
+    if job.resample and not bugs:
+        try:
+            found = backend.resample(art, batch.shape[2:])
+            if found is not None:
+                outcome.details["resample"] = found
+        except Exception as error:  # noqa: BLE001 - as for the per-block outputs
+            if is_bug(error):
+                bugs.append(_bug("resample", error))
+            else:
+                outcome.warnings.append(f"{backend.name}: the position-embedding resample could not be checked: {_first_line(error)}")
     if job.replay and not bugs:
         try:
             if not hasattr(backend, "replay"):

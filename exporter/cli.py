@@ -55,6 +55,12 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--search-precision", action="store_true",
                         help="fp16: search the smallest list of nodes, by block scope then op type, that must stay fp32 "
                              "for the variant to pass its class; prints the trials and records them in the manifest")
+    parser.add_argument("--dynamic-size", action="store_true",
+                        help="one graph for every height and width in multiples of the patch (timm's dynamic_img_size), "
+                             "verified at the native size and at a smaller, a larger and a non-square one; a model that "
+                             "cannot says why and is exported for its native size")
+    parser.add_argument("--verify-size", default="", metavar="SIZES",
+                        help="with --dynamic-size: also verify at these sizes, H or HxW, comma-separated (e.g. 224,448,518x392)")
     parser.add_argument("--if-missing", action="store_true", help="export only models that have no artifact yet")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the exporter's own log")
@@ -70,6 +76,11 @@ def parse(argv=None) -> argparse.Namespace:
             )
     if args.seed < 0:
         raise UserError(f"--seed must be at least 0, got {args.seed}")
+    if args.verify_size and not args.dynamic_size:
+        raise UserError("--verify-size verifies a dynamic graph at more sizes; add --dynamic-size")
+    from vitparity import sizes
+
+    args.verify_size = tuple(sizes.parse_list(args.verify_size, "--verify-size")) if args.verify_size else ()
     check_thresholds(args.min_cosine, args.max_abs, "--max-abs", "an absolute difference")
     args.variant = list(dict.fromkeys(args.variant))
     keep = [op.strip() for op in args.fp16_keep.split(",") if op.strip()]
@@ -136,6 +147,30 @@ def summary_table(results) -> Table:
     return table
 
 
+def sizes_table(results) -> Table:
+    """Each size a dynamic graph was verified at: its tokens, the graph against eager, and the position-embedding
+    resample on its own (vitparity/resample.py)."""
+    from vitparity import sizes
+
+    table = Table(title="One graph for every size: verified at (dynamic height and width)")
+    for column in ("model", "size", "patch grid", "cosine", "max abs", "resample max abs", "resample"):
+        table.add_column(column, justify="left" if column in ("model", "size", "resample") else "right")
+    for r in results:
+        record = r.sizes
+        if not record.get("dynamic"):
+            continue
+        for size in record["verified"]:
+            label = sizes.label(size)
+            check, grid = record["checks"].get(label, {}), [size[0] // record["patch"][0], size[1] // record["patch"][1]]
+            resampled = check.get("resample")
+            native = list(size) == list(record["native"])
+            table.add_row(r.model, label + (" (native)" if native else ""), f"{grid[0]}x{grid[1]}",
+                          f"{r.cosine if native else check['cosine']:.7f}", f"{r.max_abs if native else check['max_abs']:.2e}",
+                          f"{resampled['max_abs']:.2e}" if resampled else "-",
+                          "no table (rotary)" if not resampled else "Resize as eager" if resampled["passed"] else "WRONG")
+    return table
+
+
 def variants_table(results) -> Table:
     """Each reduced-precision variant written: its file, class, verify figures and what stayed fp32."""
     table = Table(title="Reduced-precision variants (verified against eager fp32)")
@@ -178,6 +213,8 @@ RANDOM_WARNING = (
 
 
 def run(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from vitparity import sizes
+
     names = args.models or list(registry.ALIASES)
     specs = [registry.resolve(name) for name in names]  # fail on a bad name before minutes of work
     added = []
@@ -193,6 +230,10 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
                 found = _repaired(args.artifacts, spec.key, why, err)
                 if found is None:
                     continue
+            if args.dynamic_size and not sizes.record(found.manifest)["dynamic"]:
+                raise UserError(f"{spec.key}: the artifact under {args.artifacts}/ takes {sizes.label(sizes.native(found.manifest))} "
+                                f"only; --if-missing never replaces it: export it again with python -m exporter {spec.key} "
+                                f"--dynamic-size (and the --weights it was made from)")
             present.append(spec.key)
             for warning in artifact.verify_warnings(found.manifest):
                 err.print(Text(f"warning: {warning}", style="yellow"))
@@ -288,7 +329,8 @@ def _options(args, kind, **changes):
     given = {"weights": args.weights, "seed": args.seed, "min_cosine": args.min_cosine,
              "max_abs": args.max_abs, "verbose": args.verbose, "decompose_layernorm": args.decompose_layernorm,
              "variants": tuple(args.variant), "fp16_keep": args.fp16_keep, "search_precision": args.search_precision,
-             "calibration_images": args.calibration_images, "int8_keep": args.int8_keep, **({"opset": args.opset} if args.opset else {}), **changes}
+             "calibration_images": args.calibration_images, "int8_keep": args.int8_keep,
+             "dynamic_size": args.dynamic_size, "verify_sizes": args.verify_size, **({"opset": args.opset} if args.opset else {}), **changes}
     return kind(**{f.name: given[f.name] for f in fields(kind) if f.name in given})
 
 
@@ -317,6 +359,11 @@ def _print_results(args, results, out: Console) -> None:
     exported = [r for r in results if hasattr(r, "nodes")]
     if exported:
         out.print(summary_table(exported))
+    if any(getattr(r, "sizes", {}).get("dynamic") for r in exported):
+        out.print(sizes_table(exported))
+    for r in exported:
+        if getattr(r, "sizes", {}).get("why"):
+            out.print(Text(f"{r.model}: exported for {r.input_size[1]}x{r.input_size[2]} only: {r.sizes['why']}", style="yellow"))
     if any(r.variants for r in results):
         out.print(variants_table(results))
         for r in results:

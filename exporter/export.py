@@ -45,6 +45,8 @@ class ExportOptions(VariantOptions):
     max_abs: float = artifact.VERIFY_DEFAULTS["max_abs"]
     verbose: bool = False
     decompose_layernorm: bool = False  # also write model.ln-decomposed.onnx (for the CANN provider)
+    dynamic_size: bool = False  # one graph for every height and width in multiples of the patch (vitparity/sizes.py)
+    verify_sizes: tuple = ()  # with dynamic_size: sizes (h, w) verified besides the native, smaller, larger and non-square
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class ExportResult:
     max_abs: float
     weights_source: str
     variants: dict = field(default_factory=dict)  # reduced-precision variants written: {file: manifest record}
+    sizes: dict = field(default_factory=dict)  # the manifest's size record (vitparity/sizes.py)
 
 
 def sample_batch(input_size, seed: int = SAMPLE_SEED, batch: int = TRACE_BATCH) -> np.ndarray:
@@ -71,13 +74,23 @@ def sample_batch(input_size, seed: int = SAMPLE_SEED, batch: int = TRACE_BATCH) 
     return np.random.default_rng(seed).standard_normal((batch, *input_size), dtype=np.float32)
 
 
-def build_model(spec: registry.ModelSpec, weights_arg: str, seed: int):
-    """The eval-mode timm model with its weights, and where the weights came from."""
+def build_model(spec: registry.ModelSpec, weights_arg: str, seed: int, dynamic: bool = False):
+    """The eval-mode timm model with its weights, and where the weights came from. `dynamic`: built with timm's
+    dynamic_img_size (any height and width); a model whose timm class has no such option is built for its native
+    size, and the third value says why (else "")."""
+    why = ""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = registry.create(spec)
+        try:
+            model = registry.create(spec, **({"dynamic_img_size": True} if dynamic else {}))
+        except TypeError as error:  # the architecture's constructor has no dynamic_img_size
+            if not dynamic or "dynamic_img_size" not in str(error):
+                raise
+            why = f"timm's {spec.timm_name.partition('.')[0]} has no dynamic_img_size option"
+            torch.manual_seed(seed)
+            model = registry.create(spec)
     source = weights.load_weights(model, weights_arg, seed)
-    return model, source
+    return model, source, why
 
 
 @contextlib.contextmanager
@@ -105,15 +118,16 @@ class TraceFailed(CheckFailed):
         self.cause = cause
 
 
-def trace_to_onnx(model, input_size, path: Path, opset: int, verbose: bool) -> str:
-    """Write `model` as ONNX with one dynamic-batch input and the outputs pooled and tokens.
+def trace_to_onnx(model, input_size, path: Path, opset: int, verbose: bool, patch=None) -> str:
+    """Write `model` as ONNX with one dynamic-batch input and the outputs pooled and tokens; with `patch` (h, w), the
+    height and width are dynamic too, in multiples of the patch.
 
     Returns the attention path that was traced: "fused", or, where the exporter cannot trace the
     fused attention (relative-position biases, SAM's 3-D attention), "non-fused" with the reason.
     The model itself is left on its fused path: the caller checks the graph against that.
     """
     try:
-        _trace(model, input_size, path, opset, verbose)
+        _trace(model, input_size, path, opset, verbose, patch)
         return "fused"
     except TraceFailed as fused_error:
         fused = [m for m in model.modules() if getattr(m, "fused_attn", None) is True]
@@ -122,7 +136,7 @@ def trace_to_onnx(model, input_size, path: Path, opset: int, verbose: bool) -> s
         for module in fused:  # timm's own switch to its explicit softmax(q @ k^T) @ v path
             module.fused_attn = False
         try:
-            _trace(model, input_size, path, opset, verbose)
+            _trace(model, input_size, path, opset, verbose, patch)
         except TraceFailed:
             raise fused_error from None
         finally:
@@ -131,12 +145,16 @@ def trace_to_onnx(model, input_size, path: Path, opset: int, verbose: bool) -> s
         return f"non-fused (the fused path could not be traced: {fused_error.cause})"
 
 
-def _trace(model, input_size, path: Path, opset: int, verbose: bool) -> None:
+def _trace(model, input_size, path: Path, opset: int, verbose: bool, patch=None) -> None:
     parameters = inspect.signature(torch.onnx.export).parameters
     if "dynamo" not in parameters:  # the dynamo exporter arrived in torch 2.5
         raise UserError(f"torch {torch.__version__} has no dynamo ONNX exporter; install torch >= 2.5")
     example = torch.from_numpy(sample_batch(input_size))
     batch = torch.export.Dim("batch", min=1, max=4096)
+    axes = {0: batch}
+    if patch:  # height and width as whole numbers of patches: the graph takes no size its patch grid cannot cover
+        axes[2] = patch[0] * torch.export.Dim("patch_rows", min=1, max=1024)
+        axes[3] = patch[1] * torch.export.Dim("patch_columns", min=1, max=1024)
     try:
         with _quiet(verbose):
             program = torch.onnx.export(
@@ -145,7 +163,7 @@ def _trace(model, input_size, path: Path, opset: int, verbose: bool) -> None:
                 dynamo=True,
                 input_names=[INPUT_NAME],
                 output_names=list(OUTPUT_NAMES),
-                dynamic_shapes=({0: batch},),
+                dynamic_shapes=(axes,),
                 opset_version=opset,
                 verbose=verbose,
             )
@@ -170,7 +188,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def verify_onnx(path: Path, sample: np.ndarray, reference: dict[str, np.ndarray], options: ExportOptions,
-                layout: dict | None = None) -> tuple[float, float]:
+                layout: dict | None = None, batches=VERIFY_BATCHES) -> tuple[float, float]:
     """Check the graph and its parity with the eager outputs `reference` of `sample`; return the worst (cosine, max abs diff).
 
     Every row compare judges is checked (vitparity/judging.py: each output and each token group of `layout`, on the
@@ -191,7 +209,7 @@ def verify_onnx(path: Path, sample: np.ndarray, reference: dict[str, np.ndarray]
     if [i.name for i in session.get_inputs()] != [INPUT_NAME] or names != list(OUTPUT_NAMES):
         raise CheckFailed(f"graph has inputs/outputs {names}, expected {INPUT_NAME} -> {list(OUTPUT_NAMES)}")
     worst_cos, worst_abs = 1.0, 0.0
-    for batch_size in (sample.shape[0], *VERIFY_BATCHES):
+    for batch_size in (sample.shape[0], *batches):
         rows = np.resize(np.arange(sample.shape[0]), batch_size)  # cycle the sample rows
         try:
             got = dict(zip(names, session.run(None, {INPUT_NAME: sample[rows]})))
@@ -220,6 +238,34 @@ def verify_onnx(path: Path, sample: np.ndarray, reference: dict[str, np.ndarray]
     return worst_cos, worst_abs
 
 
+def _verify_sizes(model, path: Path, input_size, patch, layout, options: ExportOptions, record: dict, scratch: Path,
+                  step) -> None:
+    """Verify a dynamic graph at its other sizes (vitparity/sizes.py: smaller, larger, non-square, and
+    --verify-size), like at its native size and with the same thresholds, on a seeded sample of that size; and its
+    position-embedding resample at every size on its own (vitparity/resample.py), so that a Resize built with other
+    attributes than eager's is named. Fills `record`; raises CheckFailed at the first size that fails."""
+    from vitparity import resample, sizes
+
+    for size in sizes.checked_sizes(input_size[1:], patch, options.verify_sizes):
+        label = sizes.label(size)
+        resampled = resample.check(model, path, size, scratch)
+        check = {"resample": resampled} if resampled else {}
+        if size != tuple(input_size[1:]):
+            step(f"verifying at {label}")
+            sample = sample_batch([input_size[0], *size])
+            try:
+                cos, diff = verify_onnx(path, sample, eager_outputs(model, sample), options,
+                                        sizes.layout_at(layout, size, patch), batches=())
+            except CheckFailed as failed:
+                why = f"; {resampled['reason']}" if resampled and not resampled["passed"] else ""
+                raise CheckFailed(f"at {label}: {failed}{why}") from failed
+            check.update(cosine=cos, max_abs=diff)
+            record["verified"].append(list(size))
+        if resampled and not resampled["passed"]:
+            raise CheckFailed(resampled["reason"])
+        record["checks"][label] = check
+
+
 def _ln_variant(stage: Path, sample: np.ndarray, outputs: dict, options: ExportOptions, layout: dict | None = None) -> dict:
     """Write model.onnx's LayerNorm-decomposed variant into `stage` and verify it like model.onnx itself."""
     import onnx
@@ -243,13 +289,16 @@ def export(
     started = time.perf_counter()
     spec = registry.resolve(name)
     step(f"{spec.key}: building {spec.timm_name}")
-    model, source = build_model(spec, options.weights, options.seed)
+    model, source, not_dynamic = build_model(spec, options.weights, options.seed, options.dynamic_size)
+    if not_dynamic:
+        step(f"{spec.key}: exported for its native size only: {not_dynamic}")
     config = registry.data_config(model)
     input_size = list(config["input_size"])
     sample = sample_batch(input_size)
     folder = artifact.artifact_folder(root, spec.key)
     try:
-        manifest, onnx_bytes = _stage_and_publish(spec, model, source, config, sample, folder, options, step, started)
+        manifest, onnx_bytes = _stage_and_publish(spec, model, source, config, sample, folder, options, step, started,
+                                                  not_dynamic)
     except Exception as error:
         if _disk_full(error):
             raise UserError(
@@ -271,6 +320,7 @@ def export(
         max_abs=manifest["verify"]["max_abs"],
         weights_source=source,
         variants={name: record for name, record in manifest["variants"].items() if "variant" in record},
+        sizes=manifest["sizes"],
     )
 
 
@@ -283,7 +333,7 @@ def _disk_full(error: BaseException | None) -> bool:
     return False
 
 
-def _stage_and_publish(spec, model, source, config, sample, folder, options, step, started) -> tuple[dict, int]:
+def _stage_and_publish(spec, model, source, config, sample, folder, options, step, started, not_dynamic="") -> tuple[dict, int]:
     """Trace, verify and write everything into a staging folder, then publish it; return (manifest, model.onnx bytes)."""
     import onnx
     from safetensors.torch import save_file
@@ -291,11 +341,29 @@ def _stage_and_publish(spec, model, source, config, sample, folder, options, ste
     input_size = list(config["input_size"])
     with artifact.staging(folder) as stage:
         outputs = eager_outputs(model, sample)  # the model as users run it: fused attention where it has one
-        step(f"{spec.key}: tracing at {input_size[1]}x{input_size[2]} with the dynamo exporter")
-        attention = trace_to_onnx(model, input_size, stage / "model.onnx", options.opset, options.verbose)
+        patch = tuple(int(p) for p in model.patch_embed.patch_size) if hasattr(model, "patch_embed") else None
+        dynamic = patch if options.dynamic_size and not not_dynamic and patch else None
+        step(f"{spec.key}: tracing at {input_size[1]}x{input_size[2]} with the dynamo exporter"
+             + (", height and width dynamic" if dynamic else ""))
+        try:
+            attention = trace_to_onnx(model, input_size, stage / "model.onnx", options.opset, options.verbose, dynamic)
+        except TraceFailed as failed:
+            if not dynamic:
+                raise
+            not_dynamic, dynamic = f"the dynamic-size trace failed: {failed.cause}", None
+            step(f"{spec.key}: exported for its native size only: {not_dynamic}")
+            attention = trace_to_onnx(model, input_size, stage / "model.onnx", options.opset, options.verbose)
         step(f"{spec.key}: verifying with onnx.checker and onnxruntime")
         layout = registry.token_layout(model, outputs["tokens"].shape)
         worst_cos, worst_abs = verify_onnx(stage / "model.onnx", sample, outputs, options, layout)
+        size_record = {"dynamic": bool(dynamic), "native": input_size[1:], "patch": list(patch) if patch else None,
+                       "verified": [input_size[1:]], "checks": {}}
+        if options.dynamic_size and not dynamic:
+            size_record["why"] = not_dynamic or "the model has no patch embedding"
+        if dynamic:
+            with processes.temp_folder(processes.IMAGES_PREFIX) as scratch:
+                _verify_sizes(model, stage / "model.onnx", input_size, dynamic, layout, options, size_record, scratch,
+                              lambda message: step(f"{spec.key}: {message}"))
         variants = {}
         if options.decompose_layernorm:
             step(f"{spec.key}: writing and verifying the LayerNorm-decomposed variant")
@@ -310,6 +378,8 @@ def _stage_and_publish(spec, model, source, config, sample, folder, options, ste
                                                             layout=layout,
                                                             minimum=options.minimum())
                 variants.update(precision.write_variants(stage, inputs, described, options, said))
+                if dynamic:  # a variant of a dynamic graph is dynamic too: verified at the same sizes, by its class
+                    precision.verify_at_sizes(stage, variants, model, config, size_record, layout, said, sample_batch)
         step(f"{spec.key}: writing the artifact")
         state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(stage / "weights.safetensors"))
@@ -334,6 +404,7 @@ def _stage_and_publish(spec, model, source, config, sample, folder, options, ste
             "nodes": len(graph.graph.node),
             "verify": {"cosine": worst_cos, "max_abs": worst_abs, "batches": [TRACE_BATCH, *VERIFY_BATCHES],
                        "thresholds": {"min_cosine": options.min_cosine, "max_abs": options.max_abs}},
+            "sizes": size_record,
             "variants": variants,
             "export_seconds": round(seconds, 1),
             "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -476,3 +476,39 @@ def _link(source: Path, target: Path) -> None:
         shutil.copyfile(source, target, follow_symlinks=False)
 
 
+
+
+# Photo variations per size a dynamic graph's variants are verified at (besides the seeded sample of that size).
+SIZE_PHOTOS = 4
+
+
+def verify_at_sizes(stage: Path, records: dict, model, config: dict, size_record: dict, layout: dict | None, step,
+                    sample) -> None:
+    """Each variant of a dynamic graph at every other size its model.onnx was verified at, judged by its class against
+    eager fp32 at that size, on the seeded sample and SIZE_PHOTOS variations of the bundled photo through the eval
+    transform scaled to the size (`sample(input_size)`: the exporter's seeded sample). Adds verify.sizes to each record; raises CheckFailed at the first that fails."""
+    from vitparity import sizes
+    from vitparity.eager import eager_outputs
+    from vitparity.images import eval_transform, photo_variations
+    from vitparity.tolerances import TOLERANCES
+
+    from . import variants
+
+    native = tuple(size_record["native"])
+    for size in [tuple(s) for s in size_record["verified"] if tuple(s) != native]:
+        label = sizes.label(size)
+        at = {**config, "input_size": [config["input_size"][0], *size]}
+        transform = eval_transform(at)
+        photos = np.stack([transform(image).numpy().astype(np.float32) for image in photo_variations(SIZE_PHOTOS, VERIFY_PHOTOS_SEED)])
+        batch = np.concatenate([sample([config["input_size"][0], *size]), photos])
+        want = eager_outputs(model, batch)
+        for name, record in records.items():
+            if "variant" not in record:
+                continue
+            tolerance = TOLERANCES[variants.PRECISION_VARIANTS[record["variant"]]]
+            step(f"verifying the {record['variant']} variant at {label}")
+            passed, figures = check_variant(stage / name, batch, want, tolerance, sizes.layout_at(layout, size, size_record["patch"]))
+            if not passed:
+                raise _fails(record["variant"], tolerance, figures, f"at {label} (it passed at {sizes.label(native)}); "
+                             f"export without --dynamic-size, or verify the sizes you run with --verify-size")
+            record["verify"].setdefault("sizes", {})[label] = {k: figures[k] for k in ("cosine", "rel_error", "worst_output")}

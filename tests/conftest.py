@@ -142,3 +142,4 @@ LONG_FIRST = (
 
 def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: not item.nodeid.startswith(LONG_FIRST))  # stable: the order within each part stays
+

@@ -16,7 +16,7 @@ def _dry_run(*args: str) -> str:
     return result.stdout
 
 
-@pytest.mark.parametrize("target,module", [("export", "exporter"), ("compare", "exporter"), ("bench", "exporter"), ("test", "pytest")])
+@pytest.mark.parametrize("target,module", [("export", "exporter"), ("compare", "compare"), ("bench", "exporter"), ("test", "pytest")])
 def test_each_target_sets_up_a_fresh_venv_first(target, module, tmp_path):
     venv = tmp_path / "venv"
     plan = _dry_run(target, f"VENV={venv}")
@@ -32,8 +32,8 @@ def test_python_override_installs_nothing(target):
 
 def test_compare_passes_model_and_two_host_variables(tmp_path):
     runs = make_argv(tmp_path, "compare", "MODEL=dinov3", "SAVE=npu.npz", "ARTIFACTS=/data/a")
-    assert runs == [["-m", "exporter", "--artifacts", "/data/a", "--if-missing", "--", "dinov3"],
-                    ["-m", "compare", "--artifacts", "/data/a", "--save-reference", "npu.npz", "--", "dinov3"]]
+    # One process: compare exports a missing artifact itself (--if-missing), no exporter started to find it present.
+    assert runs == [["-m", "compare", "--artifacts", "/data/a", "--if-missing", "--save-reference", "npu.npz", "--", "dinov3"]]
 
 
 def test_make_variables_reach_the_cli_as_single_arguments_and_never_run_as_code(tmp_path):
@@ -45,13 +45,12 @@ def test_make_variables_reach_the_cli_as_single_arguments_and_never_run_as_code(
     runs = make_argv(tmp_path, "compare", "MODEL=dinov3 test_vit", *(f"{k}={v}" for k, v in hostile.items()),
                      "ARGS=--no-latency --budget 2")
     assert not touched.exists(), "a make variable ran as shell code"
-    compare = runs[1]
+    [compare] = runs
     for flag, variable in (("--images", "IMAGES"), ("--artifacts", "ARTIFACTS"), ("--save-reference", "SAVE"),
                            ("--against", "AGAINST"), ("--report", "REPORT")):
         assert compare[compare.index(flag) + 1] == hostile[variable], flag
     assert compare[-3:] == ["--", "dinov3", "test_vit"] and "--no-latency" in compare and "2" in compare
-    assert runs[0][:3] == ["-m", "exporter", "--artifacts"] and runs[0][3] == "/tmp/a b"
-    assert runs[0][runs[0].index("--weights") + 1] == hostile["WEIGHTS"]  # WEIGHTS reaches compare's export step whole
+    assert compare[compare.index("--weights") + 1] == hostile["WEIGHTS"]  # WEIGHTS reaches compare's export step whole
 
 
 def test_sweep_patterns_are_names_never_globbed_by_the_shell(tmp_path):
@@ -104,5 +103,5 @@ def test_a_reproduce_line_for_paths_with_quotes_and_spaces_runs_the_same_command
     line = make_compare(argv)
     assert line is not None and line.startswith("make compare")
     words = shlex.split(line)
-    runs = make_argv(tmp_path, "compare", *words[2:])
-    assert vars(parse(runs[1][2:])) == vars(parse(argv))
+    [run] = make_argv(tmp_path, "compare", *words[2:])
+    assert vars(parse(run[2:])) == vars(parse([*argv, "--if-missing"]))  # the target always exports what is missing

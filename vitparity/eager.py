@@ -33,8 +33,11 @@ def rebuild_model(art: artifact.Artifact):
     """The eager model of an artifact, rebuilt from its weights.safetensors with a strict load."""
     from safetensors.torch import load_file
 
+    from . import sizes
+
     spec = registry.ModelSpec(alias=art.manifest.get("alias"), timm_name=art.manifest["timm_name"])
-    model = registry.create(spec)
+    # A graph for every size was traced from timm's dynamic-size model: the eager model runs at any size too.
+    model = registry.create(spec, **({"dynamic_img_size": True} if sizes.record(art.manifest)["dynamic"] else {}))
     try:
         model.load_state_dict(load_file(str(art.path("weights.safetensors"))), strict=True)
     except RuntimeError as error:

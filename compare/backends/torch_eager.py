@@ -70,6 +70,16 @@ class TorchEager(Backend):
         self.synchronize()
         return result
 
+    def resample(self, artifact, size) -> dict | None:
+        """model.onnx's position-embedding resample at `size` against this model's own (vitparity/resample.py); None
+        when the model has no table to resample. onnxruntime runs the graph's Resize alone, after every timing."""
+        import tempfile
+
+        from vitparity import resample
+
+        with tempfile.TemporaryDirectory() as folder:
+            return resample.check(self.module.model, artifact.path("model.onnx"), size, Path(folder))
+
     def layers(self, artifact, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Each block's output as the model's own forward computes it (a forward hook on every entry of
         `model.blocks`), then the final norm's, which is `tokens`. Hooks need no per-family API: prefix

@@ -55,3 +55,18 @@ def test_a_package_that_cannot_be_imported_is_one_line(capsys):
     assert guarded(body, console(stderr=True)) == 2
     line = one_line_error(capsys.readouterr().err)
     assert "a package cannot be imported: SystemError" in line and "make host-deps" in line
+
+
+def test_compare_if_missing_exports_a_missing_artifact_in_a_process_of_its_own_and_nothing_when_present(
+        artifacts_root, tmp_path, capsys, ort_only):
+    """make compare is one process: compare --if-missing starts the exporter only for an artifact that is not there."""
+    from vitparity import artifact
+
+    code, _, err = call(main, capsys, TINY, "--artifacts", str(tmp_path), "--if-missing", "--weights", "random", *ort_only,
+                        "--no-latency")
+    assert code == 0 and "exporting what is missing: test_vit" in err, err
+    assert artifact.load(tmp_path, TINY).manifest["weights_source"] == "random-init (seed 0)"
+    code, _, err = call(main, capsys, TINY, "--artifacts", str(artifacts_root), "--if-missing", *ort_only, "--no-latency")
+    assert code == 0 and "exporting" not in err
+    code, _, err = call(main, capsys, TINY, "--artifacts", str(tmp_path), "--weights", "random", "--no-latency")
+    assert code == 2 and "--weights is for the export --if-missing may run" in one_line_error(err)

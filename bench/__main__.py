@@ -103,7 +103,7 @@ def run(args: argparse.Namespace, out, err) -> int:
             failed += [f"variants of {model}: {why}" for why in found["failed"]]
     if "floor" in parts:
         table = Table(title="Time to verdict: warm make compare against the same work in one process (A B A B)")
-        for column in ("model", "make compare s", "floor s", "ratios", "median ratio [<=1.15]"):
+        for column in ("model", "make compare s", "floor s", "ratios", "median ratio [<=1.10]"):
             table.add_column(column, justify="left" if column == "model" else "right")
         for model in models:
             try:

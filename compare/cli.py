@@ -89,6 +89,9 @@ def parse(argv=None) -> argparse.Namespace:
                        help="with --layers (implied): run each block of every eager backend on the reference's input to it, "
                             "so its own error shows apart from the error it was given; open the block with the largest "
                             "such error part by part (norm1, attn.qkv, attn.softmax, mlp.fc1...) and say what to try")
+    group.add_argument("--stability", action="store_true",
+                       help="each backend against itself: the batch run twice (bit-identical or by how much not), and its "
+                            "first item alone against the same item in a batch of 4 at each position (batch invariance)")
     group.add_argument("--truth", choices=("fp64",), default=None,
                        help="also run eager float64 on the CPU and give every backend's error against it, as a multiple of torch-cpu's")
     group.add_argument("-v", "--verbose", action="store_true", help="print every table in full (the default view fits 100 "
@@ -199,7 +202,7 @@ def options_from(args: argparse.Namespace):
         batch_sizes=args.batch_sizes, warmup=args.warmup, iters=args.iters, budget_s=args.budget,
         latency=not args.no_latency, min_cosine=args.min_cosine, max_rel=args.max_rel,
         layers=args.layers or args.replay, replay=args.replay, against=args.against, save_reference=bool(args.save_reference), truth=args.truth,
-        images=args.images, limit=args.limit, variants=_variants(args.variants),
+        images=args.images, limit=args.limit, variants=_variants(args.variants), stability=args.stability,
     )
 
 

@@ -27,6 +27,7 @@ from .results import (
     BackendStatus,
     NeighbourComparison,
     OutputComparison,
+    StabilityComparison,
     TruthComparison,
 )
 
@@ -115,16 +116,62 @@ def per_image_figures(figures: dict[tuple[str, str], dict]) -> dict[str, dict[st
             for (output, group), found in figures.items() if "cosine" in found}
 
 
-def neighbour_row(backend: str, reference: np.ndarray, embeddings: np.ndarray, tolerance: Tolerance) -> NeighbourComparison:
-    """Neighbour agreement of one backend's pooled embeddings with the reference's, judged by its class."""
+def neighbour_row(backend: str, reference: np.ndarray, embeddings: np.ndarray, tolerance: Tolerance,
+                  items: list[str] | None = None) -> NeighbourComparison:
+    """Neighbour agreement of one backend's pooled embeddings with the reference's (recall@k: `overlap`), judged by
+    its class; and how many of the reference's rankings this backend's error could flip (`items` name the queries)."""
     found = metrics.neighbours(reference, embeddings, NEIGHBOURS_K)
+    margins = metrics.neighbour_margins(reference, embeddings, NEIGHBOURS_K)
+    closest = margins["min_margin_query"]
+    named = "" if closest is None else (items[closest] if items and closest < len(items) else f"sample {closest}")
     if found["k"] < 1:  # nothing to judge: never a PASS on nothing
         passed, note = None, f"not judged: {len(reference)} image{'s' if len(reference) != 1 else ''}, neighbours need at least 2"
     else:
         passed, note = tolerance.judge_neighbours(found["overlap"], found["nearest_unchanged"]).passed, ""
     return NeighbourComparison(backend=backend, k=found["k"], overlap=found["overlap"], nearest_unchanged=found["nearest_unchanged"],
                                tolerance=tolerance.name, min_overlap=tolerance.min_overlap, min_nearest=tolerance.min_nearest,
-                               passed=passed, note=note)
+                               passed=passed, note=note, flippable=margins["flippable"], min_margin=margins["min_margin"],
+                               min_margin_error=margins["min_margin_error"], min_margin_query=named,
+                               median_margin=margins["median_margin"], median_error=margins["median_error"])
+
+
+def stability_rows(found: dict[str, dict[str, np.ndarray]], outputs: dict[str, dict], judged: dict[str, Tolerance],
+                   layout: dict | None) -> list[StabilityComparison]:
+    """--stability (compare/worker.py stability): each backend against itself, judged by its own class. "repeat": the
+    batch run again against its first run; "batch": its first item alone against the same item among companions, at
+    each position, the position that changed it most kept. A row per check and backend: its worst row (output or
+    token group); passed when every row passes."""
+    rows = []
+    for name, arrays in found.items():
+        if name not in judged or name not in outputs:
+            continue
+        tolerance = judged[name]
+
+        def worst_of(got: dict, want: dict):
+            figures = judging.judge_rows(judging.item_figures(got, want, layout), tolerance)
+            identical = all(np.array_equal(np.asarray(got[o]), np.asarray(want[o])) for o in got)
+            diff = max(float(np.max(np.abs(np.asarray(got[o], np.float64) - np.asarray(want[o], np.float64)))) for o in got)
+            return judging.worst(figures), all(r.passed for r in figures), identical, diff
+
+        again = {o: arrays[f"again/{o}"] for o in OUTPUTS if f"again/{o}" in arrays}
+        if set(again) == set(OUTPUTS):
+            worst, passed, identical, diff = worst_of(again, {o: outputs[name][o] for o in OUTPUTS})
+            rows.append(StabilityComparison(name, "repeat", worst.label, identical, diff, worst.cosine, worst.rel_error,
+                                            tolerance.name, passed, reason=worst.reason))
+        alone = {o: arrays[f"alone/{o}"] for o in OUTPUTS if f"alone/{o}" in arrays}
+        positions = sorted({int(k.split("/")[0][2:]) for k in arrays if k.startswith("at")})
+        if set(alone) == set(OUTPUTS) and positions:
+            found_at = [(p, *worst_of({o: arrays[f"at{p}/{o}"] for o in OUTPUTS}, alone)) for p in positions]
+            position, worst, _, _, diff = max(found_at, key=lambda f: (f[4], 1 - f[1].cosine))
+            copies = {o: np.asarray(arrays[f"copies/{o}"], np.float64) for o in OUTPUTS if f"copies/{o}" in arrays}
+            companions = max((float(np.max(np.abs(np.asarray(arrays[f"at{p}/{o}"], np.float64) - copies[o][p:p + 1])))
+                              for p in positions for o in copies), default=None)
+            rows.append(StabilityComparison(name, "batch", worst.label, all(f[3] for f in found_at),
+                                            max(f[4] for f in found_at), min(f[1].cosine for f in found_at),
+                                            max(f[1].rel_error for f in found_at), tolerance.name,
+                                            all(f[2] for f in found_at), position=position, reason=worst.reason,
+                                            companions_max_abs=companions))
+    return rows
 
 
 def truth_rows(images: dict[str, dict[str, np.ndarray]], reference: str, truth: str) -> list[TruthComparison]:

@@ -33,6 +33,7 @@ class Run:
     truth: dict[str, np.ndarray] = field(default_factory=dict)  # --truth: the float64 outputs
     images: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # --images: per-image figures by backend
     sizes: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # --batch-sizes: {backend: {"3/pooled": array}}
+    stability: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # --stability: see compare/worker.py
 
 
 def compile_cache(art: artifact.Artifact, precision: str) -> Path:
@@ -161,7 +162,7 @@ def _run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.nda
             # The reference of a graph for every size checks that graph's position-embedding resample on its own.
             resample = name == options.reference and sizes.record(art.manifest)["dynamic"] and hasattr(cls, "resample")
             outcome = launch.run_backend(cls, replace(job, precision=precision, dataset=streamed, variant=variant, **first,
-                                                      **replayed, resample=resample), batch,
+                                                      **replayed, resample=resample, stability=options.stability), batch,
                                          options.timeout_s, compile_cache(art, precision), progress_of(name))
             if first:
                 batch = run.batch = made_input(outcome)
@@ -174,6 +175,7 @@ def _run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.nda
             run.taps.update(outcome.taps)
             run.images.update(outcome.images)
             run.sizes.update(outcome.sizes)
+            run.stability.update(outcome.stability)
             if plan and name == options.reference:
                 written["reference"] = {"prefix": plans["reference"]["write"]}
                 batch = run.batch = decoded_batch()

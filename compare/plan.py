@@ -56,6 +56,7 @@ class CompareOptions:
     limit: int | None = None  # with images: the first N readable images only
     variants: tuple[str, ...] | None = None  # reduced-precision graphs run as rows of every onnxruntime backend; None: all the artifact has
     timeout_s: float = 600.0
+    stability: bool = False  # --stability: each backend's batch run twice, and an item alone against among companions
     size: tuple[int, int] | None = None  # --size: every backend at this (height, width); None: the artifact's native size
 
 

@@ -31,6 +31,7 @@ class Job:
     image: dict = field(default_factory=dict)  # {"path", "data_config", "batch_size"}: the first worker makes the input
     variant: str = ""  # a reduced-precision graph of the artifact instead of model.onnx (row "<backend>:<variant>")
     replay: dict = field(default_factory=dict)  # --replay: {"folder", "write"}, see backends.torch_eager.replay
+    stability: bool = False  # --stability: the batch run twice, and its first item alone and among companions
     resample: bool = False  # the reference of a dynamic graph: check its position-embedding resample (vitparity/resample.py)
 
 
@@ -47,6 +48,7 @@ class Outcome:
     images: dict = field(default_factory=dict)  # --images: per-image figures and embeddings, by backend
     inputs: dict = field(default_factory=dict)  # {"batch": array}: the input this worker made from job.image
     sizes: dict = field(default_factory=dict)  # --batch-sizes: {backend: {"3/pooled": array}}, outputs at each other size
+    stability: dict = field(default_factory=dict)  # --stability: {backend: {"again/pooled", "alone/pooled", "at2/pooled"...}}
     latency: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
     input_error: bool = False  # the input (an image, a folder) is unusable: the user's error, not the backend's
@@ -83,7 +85,7 @@ def write_outcome(folder: Path, outcome: Outcome, arrays: dict[str, np.ndarray])
     if arrays:
         np.savez(folder / ARRAYS, **arrays)
     payload = asdict(outcome)
-    for kind in ("outputs", "taps", "images", "inputs", "sizes"):
+    for kind in ("outputs", "taps", "images", "inputs", "sizes", "stability"):
         payload.pop(kind)
     write_json_atomic(folder / RESULT, payload)
 

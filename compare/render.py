@@ -102,6 +102,9 @@ def render(report: Report, verbose: bool = False) -> list:
         parts.append(rich_table(tables.per_image(report)))
     if report.shown_neighbours:
         parts.append(rich_table(tables.neighbours(report)))
+    if report.stability:
+        parts.append(rich_table(tables.stability(report)))
+        parts += [Text(line, style="yellow") for line in tables.stability_lines(report)]
     if report.truth:
         parts.append(rich_table(tables.truth(report)))
     if report.layers:

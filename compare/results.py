@@ -108,6 +108,36 @@ class NeighbourComparison:
     min_nearest: float
     passed: bool | None  # None: not judged (fewer than 2 images have no neighbours), `note` says so
     note: str = ""
+    # How close the reference's rankings are to flipping (vitparity/metrics.py neighbour_margins): the queries whose
+    # gap between their k-th and (k+1)-th neighbour is at most twice this backend's similarity error on them.
+    flippable: int = 0
+    min_margin: float | None = None  # the smallest such gap, its query (an image) and that query's similarity error
+    min_margin_error: float | None = None
+    min_margin_query: str = ""
+    median_margin: float | None = None
+    median_error: float | None = None
+
+
+@dataclass(frozen=True)
+class StabilityComparison:
+    """--stability: one backend against itself. check "repeat": the same batch run twice (bit-identical, or by how
+    much not); check "batch": its first item alone against the same item in a batch with others, at the position
+    where it changed most. Judged by the backend's class, on the worst of its rows (each output and token group)."""
+
+    backend: str
+    check: str  # "repeat" | "batch"
+    label: str  # the row that changed most: "pooled", "tokens[registers]"...
+    identical: bool  # bit for bit, every output
+    max_abs: float
+    cosine: float
+    rel_error: float
+    tolerance: str
+    passed: bool
+    position: int | None = None  # batch: where the item sat in the batch of 1 + companions when it changed most
+    # batch: the largest change the companions alone make (the item among them against among its own copies, same
+    # position, same batch size); 0 when only the batch size changes it (rounding), not what else is in the batch
+    companions_max_abs: float | None = None
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -196,6 +226,7 @@ def verdict(report: "Report") -> Verdict:
     failed = sorted({r.backend for r in report.accuracy if not r.passed}
                     | {r.backend for r in report.neighbours if r.passed is False}
                     | {b.name for b in report.backends if b.status == "error"}
+                | {r.backend for r in report.stability if not r.passed}
                 | ({"model.onnx's position-embedding resample"} if report.resample and not report.resample["passed"] else set()))
     compared = [b.name for b in report.backends if b.status in ("ran", "stored") and b.name != report.reference
                 and any(r.backend == b.name for r in report.accuracy)]
@@ -237,6 +268,7 @@ class Report:
     per_image: dict = field(default_factory=dict)  # --images: {backend: {"pooled": {"cosine": [...], ...}}}, in input order
     parts: list[PartComparison] = field(default_factory=list)  # --replay: inside the block each backend's error is largest in
     advice: dict = field(default_factory=dict)  # --replay: {backend: what to try}, from where its error was found and how it ran
+    stability: list[StabilityComparison] = field(default_factory=list)  # --stability
     size: str = ""  # --size: the input size ("224x224") when it is not the artifact's native one
     resample: dict | None = None  # a dynamic graph's position-embedding resample against eager's (vitparity/resample.py)
     # {"ascend": why}: an accelerator this host has (its device files) whose backends were asked for and none ran: no

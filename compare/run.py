@@ -115,8 +115,9 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
     if not options.images:
         accuracy += judge.size_rows(run.sizes, run.outputs[options.reference], options.reference, accuracy, judged, groups)
     embeddings = run.images[options.reference].get("embeddings")
-    neighbour_rows = [judge.neighbour_row(name, embeddings, run.images[name]["embeddings"], judged[name])
+    neighbour_rows = [judge.neighbour_row(name, embeddings, run.images[name]["embeddings"], judged[name], items)
                       for name in others if embeddings is not None and "embeddings" in run.images[name]]
+    stability = judge.stability_rows(run.stability, run.outputs, judged, groups)  # the reference's own too
     per_image = {name: judge.per_image_figures(judge.from_wire(run.images[name], "reference")) for name in others}
     truth = (judge.truth_rows(run.images, options.reference, options.truth) if options.truth else []) + (
         [TruthComparison(**row) for row in stored.truth] if stored is not None else [])
@@ -157,6 +158,7 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
         saved_reference=options.save_reference,
         truth=truth,
         neighbours=neighbour_rows,
+        stability=stability,
         per_image=per_image,
         parts=parts,
         advice=advice,

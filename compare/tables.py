@@ -212,11 +212,47 @@ def per_image(report: Report) -> Table:
 
 def neighbours(report: Report) -> Table:
     """Whether each backend's pooled embeddings keep the reference's nearest neighbours."""
-    columns = ("backend", "k", "mean overlap@k", "nearest unchanged", "thresholds", VERDICT)
+    columns = ("backend", "k", "recall@k", "nearest same", "can flip", "closest gap / error", "needs", VERDICT)
+    count = report.input.get("count") or len(report.input.get("images", [])) or ""
     rows = [(r.backend, str(r.k), num(r.overlap, ".4f"), num(r.nearest_unchanged, ".4f"),
-             f"{r.tolerance}: overlap>={r.min_overlap:g}, nearest>={r.min_nearest:g}", verdict(r.passed, r.note))
+             f"{r.flippable}/{count}" if r.k else "-",
+             f"{r.min_margin:.1e} / {r.min_margin_error:.1e}" if r.min_margin is not None else "-",
+             f">={r.min_overlap:g}, >={r.min_nearest:g}", verdict(r.passed, r.note))
             for r in report.shown_neighbours]
-    return Table(f"Neighbour agreement of pooled embeddings with {report.reference} (k nearest by cosine)", columns, rows)
+    return Table(f"Neighbour agreement of pooled embeddings with {report.reference} (k nearest by cosine); can flip: "
+                 f"queries whose gap between the k-th and (k+1)-th neighbour is at most twice the backend's similarity "
+                 f"error on them", columns, rows)
+
+
+def stability(report: Report) -> Table:
+    """--stability: each backend against itself, judged by its class: run twice, and alone against among others."""
+    columns = ("backend", "check", "bit-identical", "worst row", "cosine", "rel err", "max abs", VERDICT)
+    checks = {"repeat": "run twice", "batch": "alone vs batch"}
+    rows = [(r.backend, checks[r.check] + (f" (at {r.position})" if r.position is not None and not r.identical else ""),
+             "yes" if r.identical else "no", r.label, num(r.cosine, COSINE), num(r.rel_error, ERROR), num(r.max_abs, ERROR),
+             verdict(r.passed, "")) for r in report.stability]
+    return Table("Against itself: the batch run twice, and its first item alone against the same item among 3 others "
+                 "(at the position that changed it most, of 4)", columns, rows)
+
+
+def stability_lines(report: Report) -> list[str]:
+    """A line for each backend whose outputs are not bit-identical when run twice, or that depend on the other inputs
+    of their batch: the size of the effect, said in words, next to what its class allows."""
+    lines = []
+    for r in report.stability:
+        if r.identical:
+            continue
+        if r.check == "repeat":
+            what = "is not deterministic: the same batch run twice differs"
+        elif r.companions_max_abs:
+            what = (f"depends on the other inputs of its batch (by max abs {r.companions_max_abs:.2e} against a batch of "
+                    f"its own copies): alone against at position {r.position} of 4 its first item changes")
+        else:
+            what = ("changes with the batch size only (the same with any companions: kernel rounding): alone against "
+                    f"at position {r.position} of 4 its first item changes")
+        lines.append(f"{r.backend} {what} by max abs {r.max_abs:.2e} ({r.label}, cosine {r.cosine:.7f}, rel err "
+                     f"{r.rel_error:.2e}; {'within' if r.passed else 'OUTSIDE'} its {r.tolerance} class)")
+    return lines
 
 
 def truth(report: Report) -> Table:

@@ -129,6 +129,13 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
         failure.details = {**outcome.details, **failure.details}
         return failure, arrays
     arrays.update({f"outputs/{backend.name}/{k}": v for k, v in outputs.items()})
+    if job.stability:
+        try:
+            arrays.update({f"stability/{backend.name}/{k}": v for k, v in stability(backend, batch).items()})
+        except Exception as error:  # noqa: BLE001 - as for the latency: a finding, unless it is a bug of ours
+            if is_bug(error):
+                raise
+            outcome.warnings.append(f"{backend.name}: the stability runs failed: {_first_line(error)}")
     if job.dataset:
         try:
             found, seconds = _stream(backend, job.dataset, (outputs, first_s))
@@ -197,6 +204,33 @@ def work(job: Job, batch: np.ndarray) -> tuple[Outcome, dict[str, np.ndarray]]:
         outcome.reason = f"internal error in the {bugs[0]['part']} step (a bug, not a device finding): {bugs[0]['error']}"
         outcome.details["bugs"] = bugs
     return outcome, arrays
+
+
+COMPANIONS = 3  # --stability: the first item is also run in a batch of 1 + COMPANIONS, at every position
+
+
+def companions(item: np.ndarray) -> list[np.ndarray]:
+    """Inputs unlike `item` (C, H, W) to share a batch with it: mirrored, at half contrast, and rolled by half its
+    height. Made here, in numpy: every backend gets the same, and no worker needs torch to make them."""
+    return [np.ascontiguousarray(item[:, :, ::-1]), np.ascontiguousarray(item * 0.5),
+            np.ascontiguousarray(np.roll(item, item.shape[1] // 2, axis=1))][:COMPANIONS]
+
+
+def stability(backend, batch: np.ndarray) -> dict[str, np.ndarray]:
+    """--stability: the batch run again ("again/<output>", for determinism), its first item alone ("alone/<output>"),
+    that item among COMPANIONS others at each position ("at<p>/<output>", its rows only), and in a batch of its own
+    copies as large ("copies/<output>"): what changes with the batch size alone (rounding of other kernel blocks) is
+    told apart from what changes with the companions (dynamic int8's one activation scale over the whole batch)."""
+    found = {f"again/{k}": v for k, v in backend.run(batch).items()}
+    item = np.ascontiguousarray(batch[:1])
+    found.update({f"alone/{k}": v for k, v in backend.run(item).items()})
+    copies = np.ascontiguousarray(np.repeat(item, COMPANIONS + 1, axis=0))
+    found.update({f"copies/{k}": v for k, v in backend.run(copies).items()})
+    others = companions(batch[0])
+    for position in range(len(others) + 1):
+        stacked = np.ascontiguousarray(np.stack([*others[:position], batch[0], *others[position:]]))
+        found.update({f"at{position}/{k}": np.asarray(v)[position:position + 1] for k, v in backend.run(stacked).items()})
+    return found
 
 
 def _stream(backend, plan: dict, first: tuple):

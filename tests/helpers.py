@@ -227,6 +227,18 @@ class SecondOrtCpu(OrtCpu):
 ORT_ONLY = ("--backends", "ort-cpu,ort-cpu-2", "--reference", "ort-cpu", "--input", "random")
 
 
+class RestlessOrtCpu(OrtCpu):
+    """ort-cpu on a device whose kernels are not deterministic: each call adds a little noise of its own (a new seed
+    per call), as an accumulation in another order does on some NPUs, at a scale past fp32 rounding."""
+
+    name = "ort-restless"
+
+    def run(self, batch):
+        self.calls = getattr(self, "calls", 0) + 1
+        noise = __import__("numpy").random.default_rng(self.calls)
+        return {k: v + (1e-3 * noise.standard_normal(v.shape)).astype(v.dtype) * abs(v).max() for k, v in super().run(batch).items()}
+
+
 class FaultyCpu(TorchCpu):
     """torch-cpu on a device with one faulty kernel: one part of one block computes a few percent off (its weights
     scaled), as a wrong kernel for that op would. Which block and part, and by how much, come from the environment

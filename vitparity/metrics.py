@@ -244,6 +244,38 @@ def neighbours(reference, other, k: int, chunk: int = 64) -> dict[str, float]:
             "nearest_unchanged": float(np.concatenate(same_nearest).mean())}
 
 
+def neighbour_margins(reference, other, k: int, chunk: int = 64) -> dict:
+    """How close each query's ranking is to flipping, against how far `other` is from the reference.
+
+    For each row (a query, among the others): its margin, the gap between the reference's similarity to its k-th and
+    to its (k+1)-th neighbour; its error, the largest change of its similarities in `other` (|cos_other - cos_ref|
+    over every other row). A ranking the error can flip is one whose margin is at most twice its error (the k-th
+    may fall by the error while the (k+1)-th rises by it). Returns k, the count of queries, of flippable rankings,
+    the smallest margin and its query's error, and the median margin and error. Needs k + 2 rows (else k 0).
+    """
+    ref, got = _unit(reference), _unit(other)
+    count = ref.shape[0]
+    k = min(k, count - 2)
+    if k < 1:
+        return {"k": 0, "queries": int(count), "flippable": 0, "min_margin": None, "min_margin_error": None,
+                "min_margin_query": None, "median_margin": None, "median_error": None}
+    margins, errors = [], []
+    for start in range(0, count, chunk):
+        rows = np.arange(start, min(start + chunk, count))
+        ref_sim, got_sim = ref[rows] @ ref.T, got[rows] @ got.T
+        error = np.abs(got_sim - ref_sim)
+        error[np.arange(len(rows)), rows] = 0.0
+        ref_sim[np.arange(len(rows)), rows] = -np.inf  # a row is not its own neighbour
+        ordered = -np.partition(-ref_sim, (k - 1, k), axis=1)  # [:, k-1] the k-th nearest, [:, k] the (k+1)-th
+        margins.append(ordered[:, k - 1] - ordered[:, k])
+        errors.append(error.max(axis=1))
+    margin, error = np.concatenate(margins), np.concatenate(errors)
+    closest = int(np.argmin(margin))
+    return {"k": int(k), "queries": int(count), "flippable": int((margin <= 2 * error).sum()),
+            "min_margin": float(margin[closest]), "min_margin_error": float(error[closest]), "min_margin_query": closest,
+            "median_margin": float(np.median(margin)), "median_error": float(np.median(error))}
+
+
 def _unit(x) -> np.ndarray:
     x = _as_float(x).reshape(np.shape(x)[0], -1)
     norms = np.linalg.norm(x, axis=1, keepdims=True)

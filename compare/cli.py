@@ -55,6 +55,12 @@ def parse(argv=None) -> argparse.Namespace:
     group.add_argument("--image", default=None, help="image file to use (default: the bundled grace_hopper.jpg)")
     group.add_argument("--images", default=None, metavar="PATH",
                        help="a folder (recursive) or a glob of images: stream them all, per-image results and neighbour agreement")
+    group.add_argument("--hunt", default=None, metavar="PATH",
+                       help="search a folder (or glob) of images and seeded variations of each (crop, resize, mirror, dark, "
+                            "bright, JPEG) for the input each backend disagrees on most; writes it as PNG with the command "
+                            "that reproduces it with --image")
+    group.add_argument("--hunt-out", default="worst-inputs", metavar="DIR",
+                       help="with --hunt: the folder the worst inputs are written to (default: worst-inputs)")
     group.add_argument("--limit", type=int, default=None, help="with --images: only the first N readable images (in sorted order)")
     group.add_argument("--seed", type=int, default=None, help="seed for --input random (default: 0)")
     group.add_argument("--batch-size", type=int, default=None, help="batch size of the accuracy run (default: 1)")
@@ -118,6 +124,11 @@ def parse(argv=None) -> argparse.Namespace:
         raise UserError("--image and --input random exclude each other; drop one")
     if args.images and (args.image or args.input or args.seed is not None):
         raise UserError("--images replaces --image, --input and --seed; drop those")
+    if args.hunt and (args.images or args.image or args.input or args.seed is not None or args.batch_size):
+        raise UserError("--hunt makes its own inputs from the folder, one per batch; drop --images, --image, --input, "
+                        "--seed and --batch-size")
+    if args.hunt_out != "worst-inputs" and not args.hunt:
+        raise UserError("--hunt-out says where --hunt writes; add --hunt PATH")
     if args.limit is not None and (not args.images or args.limit < 1):
         raise UserError(f"--limit takes a count of at least 1, and goes with --images; got {args.limit}")
     if args.weights is not None and not args.if_missing:
@@ -240,7 +251,10 @@ def run(args: argparse.Namespace, out: Console, err: Console, argv) -> int:
     for model, size in runs:
         try:
             with err.status(f"{model}: starting") as status:
-                report, raw = compare(model, replace(options, size=size), step=status.update, art=present.get(model))
+                if args.hunt:
+                    report, raw = hunted(args, model, replace(options, size=size), status.update, present.get(model))
+                else:
+                    report, raw = compare(model, replace(options, size=size), step=status.update, art=present.get(model))
         except UserError as error:
             if len(runs) == 1:
                 raise
@@ -250,7 +264,7 @@ def run(args: argparse.Namespace, out: Console, err: Console, argv) -> int:
             err.print(Text.assemble(("error:", "bold red"), f" {error}"), soft_wrap=True)
             continue
         for part in render(report, args.verbose):
-            out.print(part)
+            out.print(part, soft_wrap=bool(getattr(part, "no_wrap", False)))  # a command to copy: one line, unbroken
 
         if args.save_reference:
             from . import reference
@@ -282,6 +296,33 @@ def run(args: argparse.Namespace, out: Console, err: Console, argv) -> int:
                 + (f"; not run: {not_run}" if not_run else "") + "; choose backends this host can run"
             )
     return code
+
+
+def hunted(args: argparse.Namespace, model: str, options, step, art):
+    """--hunt: the folder's images and their variations as one --images run (batch 1), and each backend's worst input
+    written to --hunt-out with the command that reproduces it (compare/hunt.py)."""
+    from dataclasses import replace
+
+    from vitparity import artifact, processes, sizes
+
+    from . import hunt
+    from .run import compare
+
+    art = art or artifact.load(args.artifacts, registry.resolve(model, args.artifacts).key)
+    out = hunt.output_folder(args.hunt_out)
+    with processes.temp_folder(processes.IMAGES_PREFIX) as folder:
+        made = hunt.prepare(args.hunt, folder, art.manifest["data_config"], 0, step)
+        report, raw = compare(model, replace(options, images=str(folder), batch_size=1), step=step, art=art)
+        base = ["python", "-m", "compare", report.model, "--artifacts", args.artifacts]
+        if options.size is not None:
+            base += ["--size", sizes.label(options.size)]
+        found = []
+        for worst in hunt.worst_inputs(report, made, out):
+            backend, _, variant = worst.backend.partition(":")
+            command = [*base, "--backends", ",".join(dict.fromkeys([options.reference, backend])), "--variants",
+                       variant or "none", "--reference", options.reference]
+            found.append(replace(worst, command=shlex.join([*command, "--image", worst.path, "--no-latency"])))
+    return replace(report, hunt=found), raw
 
 
 def exported_if_missing(args: argparse.Namespace, models: list[str], err: Console) -> dict:

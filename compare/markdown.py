@@ -98,6 +98,18 @@ def model_section(report: Report, charts: dict | None, with_verdict: bool = True
         lines += ["### Neighbour agreement", "",
                   f"The k nearest neighbours of each image by cosine of `pooled`, on `{report.reference}` and on each backend.", ""]
         lines += [*from_data(tables.neighbours(report)), ""]
+    if report.stability:
+        lines += ["### Against itself", "", "Each backend's batch run twice, and its first item alone against the same "
+                  "item among 3 other inputs at each position and among its own copies (`--stability`).", ""]
+        lines += [*from_data(tables.stability(report)), ""]
+        lines += [f"- {_inline(line)}" for line in tables.stability_lines(report)] + [""]
+    if report.hunt:
+        lines += ["### The worst input", "", "Each backend's worst input among the folder's images and their seeded "
+                  "variations (`--hunt`), and the command that reproduces it.", ""]
+        lines += [*from_data(tables.hunt(report)), ""]
+        lines += [f"- {w.backend}: `{w.command}`" for w in report.hunt] + [""]
+    if report.resample:
+        lines += ["### Position-embedding resample", "", f"- {_inline(tables.resample_line(report))}", ""]
     if report.truth:
         lines += [f"### Against the {report.truth[0].truth} truth", "",
                   f"Relative error of each backend against eager float64 on the CPU, and that error as a multiple of "

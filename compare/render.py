@@ -65,11 +65,7 @@ def random_text(report: Report) -> str:
 
 def resample_text(report: Report) -> Text:
     """The position-embedding resample of a graph for every size, on its own: its Resize against eager's."""
-    found = report.resample
-    if found["passed"]:
-        return Text(f"position-embedding resample at {report.size or 'the native size'}: Resize ({found['attributes']}) "
-                    f"as eager's, max abs {found['max_abs']:.1e}", style="green")
-    return Text(f"position-embedding resample: FAIL, {found['reason']}", style="bold red")
+    return Text(tables.resample_line(report), style="green" if report.resample["passed"] else "bold red")
 
 
 def compact_header(report: Report) -> Table:
@@ -105,6 +101,11 @@ def render(report: Report, verbose: bool = False) -> list:
     if report.stability:
         parts.append(rich_table(tables.stability(report)))
         parts += [Text(line, style="yellow") for line in tables.stability_lines(report)]
+    if report.hunt:
+        parts.append(rich_table(tables.hunt(report)))
+        # One line each, never wrapped: a command to copy.
+        parts += [Text(f"reproduce {w.backend}'s: {w.command}", style="cyan", no_wrap=True, overflow="ignore")
+                  for w in report.hunt]
     if report.truth:
         parts.append(rich_table(tables.truth(report)))
     if report.layers:

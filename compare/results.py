@@ -141,6 +141,21 @@ class StabilityComparison:
 
 
 @dataclass(frozen=True)
+class WorstInput:
+    """--hunt: one backend's worst input of a hunt: the file written, what it was made from, and its worst row."""
+
+    backend: str
+    path: str  # the PNG written, which --image reproduces the figure with
+    source: str  # the image of the folder it was made from
+    variation: str
+    label: str  # its worst row, "tokens[cls]"
+    cosine: float
+    rel_error: float
+    passed: bool
+    command: str
+
+
+@dataclass(frozen=True)
 class TruthComparison:
     """One output of one backend against the fp64 truth (--truth fp64): its relative error, and that error
     as a multiple of the fp32 CPU reference's own (`ratio`; None where the reference's error is zero)."""
@@ -269,6 +284,7 @@ class Report:
     parts: list[PartComparison] = field(default_factory=list)  # --replay: inside the block each backend's error is largest in
     advice: dict = field(default_factory=dict)  # --replay: {backend: what to try}, from where its error was found and how it ran
     stability: list[StabilityComparison] = field(default_factory=list)  # --stability
+    hunt: list[WorstInput] = field(default_factory=list)  # --hunt: each backend's worst input, written with its command
     size: str = ""  # --size: the input size ("224x224") when it is not the artifact's native one
     resample: dict | None = None  # a dynamic graph's position-embedding resample against eager's (vitparity/resample.py)
     # {"ascend": why}: an accelerator this host has (its device files) whose backends were asked for and none ran: no

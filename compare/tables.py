@@ -8,6 +8,8 @@ the first of its backend to (FIRST). Each renderer styles them its own way.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from vitparity.tables import (  # noqa: F401  # the toolkit is the core's; these names are compare's tables' vocabulary
     COSINE,
     ERROR,
@@ -253,6 +255,25 @@ def stability_lines(report: Report) -> list[str]:
         lines.append(f"{r.backend} {what} by max abs {r.max_abs:.2e} ({r.label}, cosine {r.cosine:.7f}, rel err "
                      f"{r.rel_error:.2e}; {'within' if r.passed else 'OUTSIDE'} its {r.tolerance} class)")
     return lines
+
+
+def hunt(report: Report) -> Table:
+    """--hunt: each backend's worst input among the folder's images and their variations."""
+    columns = ("backend", "made from", "variation", "worst row", "cosine", "rel err", VERDICT)
+    rows = [(w.backend, Path(w.source).name, w.variation, w.label, num(w.cosine, COSINE), num(w.rel_error, ERROR),
+             verdict(w.passed, "")) for w in report.hunt]
+    count = report.input.get("count", "")
+    return Table(f"The worst input of each backend, of {count} (--hunt: every image and its variations), written to "
+                 f"{Path(report.hunt[0].path).parent if report.hunt else '-'}", columns, rows)
+
+
+def resample_line(report: Report) -> str:
+    """A graph for every size: its position-embedding Resize run alone against eager's resample (vitparity/resample.py)."""
+    found = report.resample
+    if found["passed"]:
+        return (f"position-embedding resample at {report.size or 'the native size'}: Resize ({found['attributes']}) as "
+                f"eager's, max abs {found['max_abs']:.1e}")
+    return f"position-embedding resample: FAIL, {found['reason']}"
 
 
 def truth(report: Report) -> Table:

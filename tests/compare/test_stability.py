@@ -62,3 +62,32 @@ def test_neighbour_margins_count_the_rankings_an_error_can_flip_on_a_known_near_
     slight = reference.copy()
     slight[2] = reference[2] + 1e-6 * np.array([1, 0, 0, 0])
     assert metrics.neighbour_margins(reference, slight, k=1)["flippable"] == 0
+
+
+def test_the_hunt_finds_a_planted_bad_image_and_its_written_file_reproduces_the_figure(artifacts_root, tmp_path, capsys,
+                                                                                      monkeypatch):
+    import shlex
+
+    from PIL import Image
+
+    from compare.backends import BACKENDS
+    from tests.helpers import GlareOrtCpu, real_photos
+
+    monkeypatch.setitem(BACKENDS, GlareOrtCpu.name, GlareOrtCpu)
+    photos = real_photos(tmp_path / "photos", ("camera.png", "coffee.png"))
+    Image.new("RGB", (200, 150), (235, 235, 228)).save(photos / "white-wall.png")  # the planted one
+    code, out, _ = call(main, capsys, TINY, "--artifacts", str(artifacts_root), "--backends", f"ort-cpu,{GlareOrtCpu.name}",
+                        "--reference", "ort-cpu", "--hunt", str(photos), "--hunt-out", str(tmp_path / "worst"),
+                        "--no-latency", "--json", str(tmp_path / "r.json"))
+    report = json.loads((tmp_path / "r.json").read_text())["reports"][0]
+    assert code == 1 and report["input"]["count"] == 3 * 7  # every image and its 6 variations
+    worst = next(w for w in report["hunt"] if w["backend"] == GlareOrtCpu.name)
+    assert worst["source"].endswith("white-wall.png") and not worst["passed"], worst
+    assert (tmp_path / "worst" / f"worst-{TINY}-{GlareOrtCpu.name}.png").is_file() and worst["command"] in out
+    # The written file, given with --image as the printed command says, gives the same figure.
+    argv = shlex.split(worst["command"])[3:]
+    code, _, _ = call(main, capsys, *argv, "--json", str(tmp_path / "again.json"))
+    again = json.loads((tmp_path / "again.json").read_text())["reports"][0]
+    row = next(r for r in again["accuracy"] if r["backend"] == GlareOrtCpu.name
+               and (f"{r['output']}[{r['group']}]" if r["group"] else r["output"]) == worst["label"])
+    assert code == 1 and abs(row["cosine"] - worst["cosine"]) < 1e-6, (row["cosine"], worst["cosine"])

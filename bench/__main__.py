@@ -1,9 +1,11 @@
-"""make bench: `python -m bench [MODEL ...] [--artifacts DIR] [--only latency,variants,floor] [--pairs N]`.
+"""make bench: `python -m bench [MODEL ...] [--artifacts DIR] [--only latency,variants,floor,sizes] [--pairs N]`.
 
 latency  the comparison with a latency sweep over batch sizes 1, 2, 4, 8 (every backend this host has);
 variants every derived graph (fused, int8, int8-fused, fp16) against ort-cpu and eager at batch 1 and 8, its pooled cosine
          over the photos, and the fastest graph verified on this host (bench/variants.py);
 floor    warm `make compare` against the same work in one process (bench/floor.py), A B A B.
+sizes    an artifact exported with --dynamic-size at each --sizes: latency, images/s, tokens/s and peak memory per
+         size, and latency against tokens (bench/sizes.py; a PNG with the plot extra). Not in the default parts.
 """
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ from vitparity import registry
 from vitparity.cli import Parser, console, guarded
 from vitparity.errors import UserError
 
-from . import floor, variants
+from . import floor, sizes, variants
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("latency", "variants", "floor")
+PARTS = ("latency", "variants", "floor", "sizes")
+DEFAULT_PARTS = ("latency", "variants", "floor")  # sizes needs an artifact exported with --dynamic-size
 
 
 def _make_compare(model: str, artifacts: str) -> float:
@@ -56,7 +59,9 @@ def parse(argv=None) -> argparse.Namespace:
     parser = Parser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", help=f"aliases or timm names (default: {', '.join(registry.ALIASES)})")
     parser.add_argument("--artifacts", default="artifacts")
-    parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts: {', '.join(PARTS)}")
+    parser.add_argument("--only", default=",".join(DEFAULT_PARTS), help=f"comma-separated parts: {', '.join(PARTS)} "
+                        f"(default: {','.join(DEFAULT_PARTS)})")
+    parser.add_argument("--sizes", default=sizes.DEFAULT_SIZES, help=f"sizes: the input sizes (default: {sizes.DEFAULT_SIZES})")
     parser.add_argument("--pairs", type=int, default=3, help="floor: A B pairs (default: 3)")
     args = parser.parse_args(argv)
     args.parts = [part.strip() for part in args.only.split(",") if part.strip()]
@@ -101,6 +106,18 @@ def run(args: argparse.Namespace, out, err) -> int:
                           f"({row['ms'][size]:.1f} ms, {row['vs torch-cpu'].get(size, float('nan')):.2f}x eager, "
                           f"{row['vs ort-cpu'].get(size, float('nan')):.2f}x ort-cpu)")
             failed += [f"variants of {model}: {why}" for why in found["failed"]]
+    if "sizes" in parts:
+        for model in models:
+            try:
+                found = sizes.measure(model, args.artifacts, args.sizes)
+            except UserError as why:
+                failed.append(f"sizes of {model}: {why}")
+                continue
+            out.print(sizes_table(found))
+            drawn = sizes.plot(found, Path(args.artifacts) / f"bench-sizes-{found['model']}.png")
+            out.print(f"{found['model']}: latency against tokens: " + (f"{drawn}" if drawn else "no plot: matplotlib is "
+                      "not installed (the plot extra)"))
+            failed += found["failed"]
     if "floor" in parts:
         table = Table(title="Time to verdict: warm make compare against the same work in one process (A B A B)")
         for column in ("model", "make compare s", "floor s", "ratios", "median ratio [<=1.10]"):
@@ -117,6 +134,21 @@ def run(args: argparse.Namespace, out, err) -> int:
     for line in failed:
         err.print(f"error: {line}")
     return 1 if failed else 0
+
+
+def sizes_table(found: dict) -> Table:
+    """One model at each size: tokens, p50 latency, images/s, tokens/s and the worker's peak memory, per backend."""
+    table = Table(title=f"{found['model']} at each size, batch {found['batch']}, one runtime per process "
+                        f"(latency slope against tokens: " + ", ".join(
+                            f"{b} {sizes.slope(found['rows'], b):.2f}" for b in dict.fromkeys(r['backend'] for r in found['rows'])
+                            if sizes.slope(found['rows'], b) is not None) + ")")
+    for column in ("size", "tokens", "backend", "p50 ms", "images/s", "tokens/s", "peak MB", "verdict"):
+        table.add_column(column, justify="left" if column in ("size", "backend", "verdict") else "right")
+    for row in found["rows"]:
+        table.add_row(row["size"], str(row["tokens"]), row["backend"], f"{row['p50_ms']:.1f}", f"{row['images_per_s']:.2f}",
+                      f"{row['tokens_per_s']:.0f}", f"{row['peak_rss_mb']:.0f}" if row["peak_rss_mb"] else "-",
+                      "PASS" if row["passed"] else "FAIL")
+    return table
 
 
 def variants_table(found: dict, host: dict) -> Table:

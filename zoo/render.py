@@ -15,8 +15,9 @@ README_START, README_END = "<!-- coverage:start -->", "<!-- coverage:end -->"
 
 def matrix(rows: list[Row]) -> Table:
     """The coverage matrix as data (vitparity/tables.py): one row per model, for coverage.md and the terminal."""
-    columns = ("model", "module", "params", "input", "export s", "verify cosine", "attention", "compare", "layers", "error")
-    cells = [(r.model, r.module, f"{r.params / 1e6:.1f}M", r.input, "-" if r.export_s is None else f"{r.export_s:.1f}",
+    columns = ("model", "module", "params", "input", "sizes", "export s", "verify cosine", "attention", "compare", "layers",
+               "error")
+    cells = [(r.model, r.module, f"{r.params / 1e6:.1f}M", r.input, r.sizes or "-", "-" if r.export_s is None else f"{r.export_s:.1f}",
               "-" if r.verify_cosine is None else f"{r.verify_cosine:.7f}", r.attention.split(" (")[0] or "-", r.compare,
               r.layers, r.error or "-") for r in rows]
     return Table("Coverage", columns, cells)

@@ -36,6 +36,9 @@ class Row:
     error: str = ""
     seconds: float = 0.0
     node: str = ""  # the host that ran it (its hostname; a Ray node's IP address and hostname)
+    # The sizes its graph was verified at: "dynamic (x16): 160x160, 80x80, ..." (--dynamic-size), "fixed 160x160", or
+    # "fixed 224x224: why" when it was asked for every size and cannot (vitparity/sizes.py)
+    sizes: str = ""
 
 
 UNKNOWN = "(not a timm model)"  # the module of a listed name timm does not know
@@ -109,7 +112,7 @@ def _last_error(code, err: str, what: str, timeout: float) -> str:
 
 
 def run_model(name: str, module: str, params: int, size: str, root: Path, timeout: float, memory: int | None,
-              backends: str = "torch-cpu,ort-cpu") -> Row:
+              backends: str = "torch-cpu,ort-cpu", dynamic: bool = False) -> Row:
     """Export, compare and --layers for one model in subprocesses; every failure becomes the row's error.
 
     Both runners call this, and nothing else, for a model: the local loop below and each Ray task."""
@@ -117,13 +120,14 @@ def run_model(name: str, module: str, params: int, size: str, root: Path, timeou
     base = Row(model=name, module=module, params=params, input=size, node=socket.gethostname())
     python = [sys.executable, "-m"]
     # The name after "--": a list line such as "-v" is a model name to the step, never one of its options.
-    code, out, err = _run([*python, "exporter", "--weights", "random", "--artifacts", str(root), "--json", "--", name],
+    code, out, err = _run([*python, "exporter", "--weights", "random", "--artifacts", str(root), "--json",
+                           *(["--dynamic-size"] if dynamic else []), "--", name],
                           timeout, memory, root)
     if code != 0:
         return _done(base, started, error=_last_error(code, err, "export", timeout))
     manifest = json.loads((root / name / "manifest.json").read_text())
     exported = dict(export_s=manifest.get("export_seconds"), verify_cosine=manifest["verify"]["cosine"],
-                    attention=manifest.get("attention", ""))
+                    attention=manifest.get("attention", ""), sizes=_sizes(manifest))
     # Each model's own report, removed first: a compare that dies before writing it never gets another's.
     report_path = root / f"{name.replace('/', '_')}.report.json"
     report_path.unlink(missing_ok=True)
@@ -144,6 +148,16 @@ def run_model(name: str, module: str, params: int, size: str, root: Path, timeou
     return _done(base, started, **exported, compare=verdict, layers=layers,
                  error="" if code in (0, 1) else _last_error(code, err, "compare", timeout))
 
+
+
+def _sizes(manifest: dict) -> str:
+    """The sizes a model's graph takes and was verified at, in one cell."""
+    from vitparity import sizes
+
+    record = sizes.record(manifest)
+    if record.get("dynamic"):
+        return f"dynamic (x{record['patch'][0]}): " + ", ".join(sizes.label(s) for s in record["verified"])
+    return f"fixed {sizes.label(record['native'])}" + (f": {record['why']}" if record.get("why") else "")
 
 
 def _report_of(path: Path, name: str) -> dict | None:
@@ -176,6 +190,7 @@ class Settings:
     keep: bool
     timeout: float
     memory: int | None
+    dynamic: bool = False  # --dynamic-size: export each model with dynamic height and width, record the sizes verified
 
 
 
@@ -190,7 +205,8 @@ def run_local(entry: tuple, settings: Settings, backends: str = "torch-cpu,ort-c
         root = settings.folder / "artifacts" if settings.keep else scratch.enter_context(owned_folder(SCRATCH_PREFIX))
         root.mkdir(parents=True, exist_ok=True)
         try:
-            return run_model(name, module, params, size, root.resolve(), settings.timeout, settings.memory, backends)
+            return run_model(name, module, params, size, root.resolve(), settings.timeout, settings.memory, backends,
+                             settings.dynamic)
         except StepStopped:
             raise
         except Exception as error:  # noqa: BLE001 - an unreadable result is this model's row, not the sweep's end

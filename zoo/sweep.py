@@ -145,6 +145,9 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--cpus", type=float, default=1.0, help="with --ray: CPUs each model's task asks for (default: 1)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds each of a model's steps may take (default: 1800)")
     parser.add_argument("--memory", default="16G", help="address-space ceiling of each step, e.g. 16G; 0 for none (default: 16G)")
+    parser.add_argument("--dynamic-size", action="store_true",
+                        help="export each model with dynamic height and width (python -m exporter --dynamic-size) and "
+                             "record whether it could and the sizes verified (the sizes column)")
     parser.add_argument("--keep", action="store_true", help="keep each model's artifact under OUT/artifacts (default: delete it)")
     parser.add_argument("--readme", default=None, help="also write the matrix between the coverage markers of this README")
     args = parser.parse_args(argv)
@@ -257,7 +260,7 @@ def main(argv=None) -> int:
                 progress.console.print(f"{name}: {row.error or f'{row.compare}, layers {row.layers}'} ({row.seconds:.0f} s"
                                        + (f", on {row.node}" if args.ray else "") + ")")
 
-            settings = Settings(folder=folder, keep=args.keep, timeout=args.timeout, memory=memory)
+            settings = Settings(folder=folder, keep=args.keep, timeout=args.timeout, memory=memory, dynamic=args.dynamic_size)
             if args.ray and todo:
                 from .ray_runner import run_on_ray
 

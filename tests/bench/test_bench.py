@@ -24,3 +24,15 @@ def test_a_variant_that_cannot_be_made_is_a_reason_and_exit_1(capsys, tmp_path):
     blocker.write_text("")
     code, out, err = call(main, capsys, "test_vit", "--only", "variants", "--artifacts", str(blocker / "artifacts"))
     assert code == 1 and "error: variants of test_vit:" in err and "Traceback" not in err
+
+
+def test_the_sizes_part_fits_latency_against_tokens_and_refuses_a_fixed_size_artifact(artifacts_root):
+    from bench import sizes
+    from vitparity.errors import UserError
+
+    rows = [{"backend": "a", "tokens": t, "p50_ms": 3.0 * t ** 2} for t in (100, 400, 1600)]
+    rows += [{"backend": "b", "tokens": t, "p50_ms": 5.0 * t} for t in (100, 400, 1600)]
+    assert abs(sizes.slope(rows, "a") - 2.0) < 1e-9 and abs(sizes.slope(rows, "b") - 1.0) < 1e-9
+    assert sizes.slope(rows[:1], "a") is None
+    with pytest.raises(UserError, match="takes 160x160 only; export it with python -m exporter test_vit --dynamic-size"):
+        sizes.measure("test_vit", str(artifacts_root))

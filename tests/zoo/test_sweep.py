@@ -63,6 +63,7 @@ def test_a_sweep_records_each_model_and_its_failure_and_resumes_without_redoing(
     assert rows["test_vit2"].compare == "PASS" and not rows["test_vit2"].error
     assert rows["test_vit2"].layers.endswith("no drift: every block within same-host fp32 thresholds")
     assert rows["test_vit2"].module == "vision_transformer" and rows["test_vit2"].input == "160x160"
+    assert rows["test_vit2"].sizes == "fixed 160x160"  # the graph takes its native size (the sweep ran no --dynamic-size)
     assert rows["test_vit2"].attention.startswith("fused")  # the per-block taps of a gap model (test_layers: relpos, EVA, XCiT)
     assert rows["not_a_model"].error == "sweep: not_a_model is not a timm model (timm.is_model); check the list file"
     log = capsys.readouterr().err
@@ -161,3 +162,16 @@ def test_ctrl_c_stops_the_sweep_and_its_steps_and_the_model_in_flight_is_not_rec
     assert all(gone(pid, 10) for pid in step), "a sweep step outlived the sweep"
     assert read_rows(out / "results.jsonl") == []  # a resume runs test_vit again
     assert not list(Path(tmp_path).glob("vit-parity-sweep-*"))
+
+
+def test_the_sizes_cell_says_whether_a_graph_takes_every_size_and_which_were_verified():
+    from zoo.step import _sizes
+
+    config = {"data_config": {"input_size": [3, 224, 224]}}
+    assert _sizes(config) == "fixed 224x224"  # a manifest from before sizes were recorded
+    assert _sizes({**config, "sizes": {"dynamic": True, "patch": [14, 14], "native": [518, 518],
+                                       "verified": [[518, 518], [252, 252], [518, 392]]}}) == \
+        "dynamic (x14): 518x518, 252x252, 518x392"
+    assert _sizes({**config, "sizes": {"dynamic": False, "native": [224, 224], "verified": [[224, 224]],
+                                       "why": "timm's xcit has no dynamic_img_size option"}}) == \
+        "fixed 224x224: timm's xcit has no dynamic_img_size option"

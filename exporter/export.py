@@ -76,9 +76,7 @@ def sample_batch(input_size, seed: int = SAMPLE_SEED, batch: int = TRACE_BATCH) 
 
 def build_model(spec: registry.ModelSpec, weights_arg: str, seed: int, dynamic: bool = False):
     """The eval-mode timm model with its weights, and where the weights came from. `dynamic`: built with timm's
-    dynamic_img_size (any height and width); a model whose timm class has no such option is built for its native
-    size, and the third value says why (else "")."""
-    why = ""
+    dynamic_img_size (any height and width) where its class has that option (not_dynamic says why when not)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         try:
@@ -86,11 +84,16 @@ def build_model(spec: registry.ModelSpec, weights_arg: str, seed: int, dynamic: 
         except TypeError as error:  # the architecture's constructor has no dynamic_img_size
             if not dynamic or "dynamic_img_size" not in str(error):
                 raise
-            why = f"timm's {spec.timm_name.partition('.')[0]} has no dynamic_img_size option"
             torch.manual_seed(seed)
             model = registry.create(spec)
     source = weights.load_weights(model, weights_arg, seed)
-    return model, source, why
+    return model, source
+
+
+def not_dynamic(spec: registry.ModelSpec, model) -> str:
+    """Why a model built with dynamic=True takes its native size only, or "" when it takes any."""
+    return "" if getattr(model, "dynamic_img_size", False) else \
+        f"timm's {spec.timm_name.partition('.')[0]} has no dynamic_img_size option"
 
 
 @contextlib.contextmanager
@@ -289,16 +292,17 @@ def export(
     started = time.perf_counter()
     spec = registry.resolve(name)
     step(f"{spec.key}: building {spec.timm_name}")
-    model, source, not_dynamic = build_model(spec, options.weights, options.seed, options.dynamic_size)
-    if not_dynamic:
-        step(f"{spec.key}: exported for its native size only: {not_dynamic}")
+    model, source = build_model(spec, options.weights, options.seed, options.dynamic_size)
+    fixed = not_dynamic(spec, model) if options.dynamic_size else ""
+    if fixed:
+        step(f"{spec.key}: exported for its native size only: {fixed}")
     config = registry.data_config(model)
     input_size = list(config["input_size"])
     sample = sample_batch(input_size)
     folder = artifact.artifact_folder(root, spec.key)
     try:
         manifest, onnx_bytes = _stage_and_publish(spec, model, source, config, sample, folder, options, step, started,
-                                                  not_dynamic)
+                                                  fixed)
     except Exception as error:
         if _disk_full(error):
             raise UserError(
@@ -333,7 +337,7 @@ def _disk_full(error: BaseException | None) -> bool:
     return False
 
 
-def _stage_and_publish(spec, model, source, config, sample, folder, options, step, started, not_dynamic="") -> tuple[dict, int]:
+def _stage_and_publish(spec, model, source, config, sample, folder, options, step, started, fixed="") -> tuple[dict, int]:
     """Trace, verify and write everything into a staging folder, then publish it; return (manifest, model.onnx bytes)."""
     import onnx
     from safetensors.torch import save_file
@@ -341,8 +345,9 @@ def _stage_and_publish(spec, model, source, config, sample, folder, options, ste
     input_size = list(config["input_size"])
     with artifact.staging(folder) as stage:
         outputs = eager_outputs(model, sample)  # the model as users run it: fused attention where it has one
-        patch = tuple(int(p) for p in model.patch_embed.patch_size) if hasattr(model, "patch_embed") else None
-        dynamic = patch if options.dynamic_size and not not_dynamic and patch else None
+        found = getattr(getattr(model, "patch_embed", None), "patch_size", None)  # (h, w), or one int (XCiT)
+        patch = (int(found), int(found)) if isinstance(found, int) else tuple(int(p) for p in found) if found else None
+        dynamic = patch if options.dynamic_size and not fixed and patch else None
         step(f"{spec.key}: tracing at {input_size[1]}x{input_size[2]} with the dynamo exporter"
              + (", height and width dynamic" if dynamic else ""))
         try:
@@ -350,8 +355,8 @@ def _stage_and_publish(spec, model, source, config, sample, folder, options, ste
         except TraceFailed as failed:
             if not dynamic:
                 raise
-            not_dynamic, dynamic = f"the dynamic-size trace failed: {failed.cause}", None
-            step(f"{spec.key}: exported for its native size only: {not_dynamic}")
+            fixed, dynamic = f"the dynamic-size trace failed: {failed.cause}", None
+            step(f"{spec.key}: exported for its native size only: {fixed}")
             attention = trace_to_onnx(model, input_size, stage / "model.onnx", options.opset, options.verbose)
         step(f"{spec.key}: verifying with onnx.checker and onnxruntime")
         layout = registry.token_layout(model, outputs["tokens"].shape)
@@ -359,7 +364,7 @@ def _stage_and_publish(spec, model, source, config, sample, folder, options, ste
         size_record = {"dynamic": bool(dynamic), "native": input_size[1:], "patch": list(patch) if patch else None,
                        "verified": [input_size[1:]], "checks": {}}
         if options.dynamic_size and not dynamic:
-            size_record["why"] = not_dynamic or "the model has no patch embedding"
+            size_record["why"] = fixed or "the model has no patch embedding"
         if dynamic:
             with processes.temp_folder(processes.IMAGES_PREFIX) as scratch:
                 _verify_sizes(model, stage / "model.onnx", input_size, dynamic, layout, options, size_record, scratch,

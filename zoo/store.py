@@ -24,7 +24,7 @@ def read_text(path: str, flag: str) -> str:
 
 ROW_TYPES = {"model": str, "module": str, "params": int, "input": str, "export_s": (int, float, type(None)),
              "verify_cosine": (int, float, type(None)), "attention": str, "compare": str, "layers": str, "error": str,
-             "seconds": (int, float), "node": str}
+             "seconds": (int, float), "node": str, "sizes": str}
 
 
 

@@ -60,9 +60,13 @@ def minimize(units: list[str], nodes_of: Callable[[list[str]], frozenset], searc
 
 
 def search(graph_nodes: list[tuple[str, str, str]], judge, step=lambda message: None,
-           label=lambda scope, unit: f"{scope}/{unit}") -> dict:
+           label=lambda scope, unit: f"{scope}/{unit}", start: list[str] | None = None) -> dict:
     """The smallest list for a graph whose nodes are (name, scope, unit), judged by `judge`: first by scope,
     then by (scope, unit) inside the scopes kept, each entry named `label(scope, unit)`.
+
+    `start`: entries another graph of the same model needed (int8-fused after int8: the same modules). When they
+    pass here, the search only removes from them (each entry tried once, so every entry left is still needed:
+    about len(start) trials instead of a search from scratch); when not, it searches from scratch.
 
     Returns {"keep_fp32": ["blocks.2/MatMul", ...], "nodes": [names], "trials": [...], "passed": bool}.
     passed is False when even keeping every node fails (not a precision problem).
@@ -74,6 +78,17 @@ def search(graph_nodes: list[tuple[str, str, str]], judge, step=lambda message: 
     if found.passes([], frozenset()):
         return {"keep_fp32": [], "nodes": [], "trials": found.trials, "passed": True}
     scopes = list(by_scope)
+    every = {label(scope, op): (scope, op) for scope in scopes for _, op in by_scope[scope]}
+    known = [entry for entry in dict.fromkeys(start or ()) if entry in every]
+
+    def entry_nodes(kept):
+        wanted = {every[entry] for entry in kept}
+        return frozenset(name for scope in scopes for name, op in by_scope[scope] if (scope, op) in wanted)
+
+    if known and found.passes(known, entry_nodes(known)):
+        kept = minimize(known, entry_nodes, found)
+        return {"keep_fp32": kept, "nodes": sorted(entry_nodes(kept)), "trials": found.trials, "passed": True,
+                "started_from": known}
 
     def scope_nodes(kept):
         return frozenset(name for scope in kept for name, _ in by_scope[scope])

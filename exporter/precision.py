@@ -297,8 +297,11 @@ def write_variants(stage: Path, inputs: VerifySet, described: dict, options: Var
         elif variant == variants.FP16:
             step(f"writing the fp16 variant, {', '.join(options.fp16_keep) or 'nothing'} kept fp32")
             recipe = variants.write_fp16(stage / origin, target, keep_ops=options.fp16_keep)
-        else:
-            recipe, search, aim = _int8(variant, stage / origin, target, inputs, tolerance, options, step)
+        else:  # int8-fused starts from what int8 needed in this export (the same modules), when it is made too
+            done = [r["search"]["keep_fp32"] for r in sorted(records.values(), key=lambda r: r["variant"] != "int8")
+                    if r["class"] == "int8" and "search" in r]
+            recipe, search, aim = _int8(variant, stage / origin, target, inputs, tolerance, options, step,
+                                        done[0] if done else None)
         step(f"verifying the {variant} variant against eager fp32 ({tolerance.name} class, held-out images included)")
         passed, figures = check_variant(target, inputs, None, tolerance)
         if not passed:
@@ -315,13 +318,14 @@ def write_variants(stage: Path, inputs: VerifySet, described: dict, options: Var
                        "thresholds": {"min_cosine": tolerance.min_cosine, "max_rel": tolerance.max_rel},
                        "host": environment.cpu()},
             **({"search": {"keep_fp32": search["keep_fp32"], "trials": search["trials"],
+                           **({"started_from": search["started_from"]} if "started_from" in search else {}),
                            "aim": {"min_cosine": aim.min_cosine, "max_rel": aim.max_rel}}} if search else {}),
         }
     return records
 
 
-def _int8(variant: str, source: Path, target: Path, inputs: VerifySet, tolerance, options: VariantOptions, step
-          ) -> tuple[dict, dict | None, object]:
+def _int8(variant: str, source: Path, target: Path, inputs: VerifySet, tolerance, options: VariantOptions, step,
+          start=None) -> tuple[dict, dict | None, object]:
     """Write the int8 graph: the plain recipe (the --int8-keep modules in float) when it reaches its aim on the
     searched rows, else the smallest set of modules the search leaves in float; and again with a smaller share
     of the budget while the held-out rows fail the class. Returns (recipe, search or None, the aim)."""
@@ -353,7 +357,7 @@ def _int8(variant: str, source: Path, target: Path, inputs: VerifySet, tolerance
         if not passed:
             step(f"the plain {variant} recipe misses its aim ({figures['worst_output']} cosine {figures['cosine']:.6f}, "
                  f"rel err {figures['rel_error']:.3g}; {aim.name}): searching the smallest set of modules to leave in float")
-            search = _search(variant, source, target, searched, aim, step, lambda kept: write(sorted(kept)), forced)
+            search = _search(variant, source, target, searched, aim, step, lambda kept: write(sorted(kept)), forced, start)
             recipe = write(search["nodes"])
             recipe["keep_float"]["entries"] = list(dict.fromkeys([*options.int8_keep, *search["keep_fp32"]]))
         elif options.int8_keep:
@@ -365,7 +369,7 @@ def _int8(variant: str, source: Path, target: Path, inputs: VerifySet, tolerance
 
 
 def _search(variant: str, source: Path, target: Path, inputs: VerifySet, tolerance, step, write=None,
-            forced=frozenset()) -> dict:
+            forced=frozenset(), start=None) -> dict:
     """keep_fp32.search over the nodes of `source`, each trial a graph written to `target` and checked: for fp16
     what stays fp32, by block scope then op type; for int8 which quantized nodes stay float, by block scope
     then module (blocks.2.mlp.fc2), the `forced` nodes (--int8-keep) always in float. CheckFailed when even
@@ -390,7 +394,7 @@ def _search(variant: str, source: Path, target: Path, inputs: VerifySet, toleran
         passed, figures = check_variant(target, inputs, None, tolerance, stop_early=True)
         return passed, {k: figures[k] for k in ("cosine", "rel_error", "worst_output")}
 
-    found = keep_fp32.search(nodes, judge, step, label)
+    found = keep_fp32.search(nodes, judge, step, label, start)
     if not found["passed"]:
         raise CheckFailed(f"the {variant} variant fails its {tolerance.name} class even with every node kept in float: "
                           f"the conversion itself breaks the graph, not its precision")

@@ -296,3 +296,25 @@ def test_fp16_is_made_from_the_layernorm_decomposed_graph_when_the_artifact_has_
     assert record["from"] == variants.LN_DECOMPOSED
     ops = Counter(n.op_type for n in onnx.load(str(art.path("model.fp16.onnx"))).graph.node)
     assert ops["LayerNormalization"] == 0 and ops["ReduceMean"] > 0  # the norms as primitives, kept fp32 by the rules
+
+
+def test_a_search_started_from_another_graphs_list_only_removes_and_keeps_every_entry_needed():
+    """int8-fused starts from what int8 needed (exporter/precision.py): the same modules. The search then only tries
+    removals, so it takes about one trial per entry, and what it returns is still minimal; a start that does not pass
+    here falls back to the search from scratch."""
+    from exporter import keep_fp32
+
+    nodes = [(f"n{b}{m}", f"blocks.{b}", f"blocks.{b}.{m}") for b in range(6) for m in ("qkv", "proj", "fc1", "fc2")]
+    needed = {"blocks.1.fc2", "blocks.4.qkv"}
+    names = {name: unit for name, _, unit in nodes}
+
+    def judge(kept):
+        return needed <= {names[n] for n in kept}, {"cosine": 1.0, "rel_error": 0.0, "worst_output": "pooled"}
+
+    plain = keep_fp32.search(nodes, judge, label=lambda scope, unit: unit)
+    start = ["blocks.1.fc2", "blocks.4.qkv", "blocks.2.fc1", "blocks.9.qkv"]  # one more, one this graph lacks
+    started = keep_fp32.search(nodes, judge, label=lambda scope, unit: unit, start=start)
+    assert set(plain["keep_fp32"]) == set(started["keep_fp32"]) == needed
+    assert started["started_from"] == start[:3] and len(started["trials"]) < len(plain["trials"])
+    wrong = keep_fp32.search(nodes, judge, label=lambda scope, unit: unit, start=["blocks.2.fc1"])
+    assert set(wrong["keep_fp32"]) == needed and "started_from" not in wrong

@@ -138,7 +138,7 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
         devices_not_run=devices_not_run(statuses),
         model=spec.key,
         size=sizes.label(options.size) if options.size and tuple(options.size) != sizes.native(art.manifest) else "",
-        resample=next((s.details["resample"] for s in statuses if s.name == options.reference and "resample" in s.details), None),
+        resample=_resample(statuses, options.reference),
         timm_name=manifest["timm_name"],
         artifact=str(art.folder),
         weights_source=manifest.get("weights_source", "unknown"),
@@ -164,6 +164,19 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
         advice=advice,
     )
     return report, run
+
+
+def _resample(statuses: list[BackendStatus], reference: str) -> dict | None:
+    """The reference's check of model.onnx's position-embedding resample (vitparity/resample.py), with where each
+    onnxruntime row ran the graph's Resize, read from its profile (`resize_ran_on`: {row: [providers]}): an NPU
+    provider without the kernel leaves it to the CPU."""
+    found = next((s.details["resample"] for s in statuses if s.name == reference and "resample" in s.details), None)
+    if found is None:
+        return None
+    ran_on = {s.name: [provider.replace("ExecutionProvider", "") for provider, ops in s.details["placement"].items()
+                       if "Resize" in ops]
+              for s in statuses if s.status == "ran" and isinstance(s.details.get("placement"), dict)}
+    return {**found, "resize_ran_on": {name: where for name, where in ran_on.items() if where}}
 
 
 def _batch_figures(run: Run, options: CompareOptions, stored, groups: dict | None, kind: str) -> None:

@@ -270,10 +270,12 @@ def hunt(report: Report) -> Table:
 def resample_line(report: Report) -> str:
     """A graph for every size: its position-embedding Resize run alone against eager's resample (vitparity/resample.py)."""
     found = report.resample
+    where = "; Resize ran on " + ", ".join(f"{name} {'+'.join(on)}" for name, on in found["resize_ran_on"].items()) \
+        if found.get("resize_ran_on") else ""
     if found["passed"]:
         return (f"position-embedding resample at {report.size or 'the native size'}: Resize ({found['attributes']}) as "
-                f"eager's, max abs {found['max_abs']:.1e}")
-    return f"position-embedding resample: FAIL, {found['reason']}"
+                f"eager's, max abs {found['max_abs']:.1e}{where}")
+    return f"position-embedding resample: FAIL, {found['reason']}{where}"
 
 
 def truth(report: Report) -> Table:

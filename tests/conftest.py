@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the hub; the auto path is tested offline
 
-from tests.helpers import ORT_ONLY, TINY, SecondOrtCpu, shared  # noqa: E402 - after the environment is set
+from tests.helpers import ORT_ONLY, TINY, TINY_INT8_KEEP, SecondOrtCpu, shared  # noqa: E402 - after the environment is set
 
 
 def _exported(tmp_path_factory, worker_id, models: list[str]) -> Path:
@@ -59,12 +59,13 @@ def tiny_copy(artifacts_root, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def variants_root(artifacts_root, tmp_path_factory, worker_id) -> Path:
-    """The tiny artifact with its int8 and fp16 variants added (exporter/precision.py), once per run."""
+    """The tiny artifact with its int8 and fp16 variants added (exporter/precision.py), once per run; int8 with the
+    modules TINY_INT8_KEEP in float, so that the plain recipe passes on any host and nothing is searched."""
     from exporter.precision import VariantOptions, add_variants
 
     def make(root):
         shutil.copytree(artifacts_root / TINY, root / TINY)
-        add_variants(root, TINY, VariantOptions(variants=("int8", "fp16")))
+        add_variants(root, TINY, VariantOptions(variants=("int8", "fp16"), int8_keep=tuple(TINY_INT8_KEEP.split(","))))
 
     return shared(tmp_path_factory, worker_id, "variants", make)
 

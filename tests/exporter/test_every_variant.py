@@ -9,7 +9,7 @@ import pytest
 
 from compare.cli import main as compare_main
 from exporter.cli import main as export_main
-from tests.helpers import CALIBRATION_PHOTOS, TINY, UNSEEN_PHOTOS, call, one_line_error, real_photos
+from tests.helpers import CALIBRATION_PHOTOS, TINY, TINY_INT8_KEEP, UNSEEN_PHOTOS, call, one_line_error, real_photos
 from vitparity import artifact, blocks
 from vitparity.errors import UserError
 from vitparity.graphs import PRECISION_VARIANTS, precision_variants
@@ -22,7 +22,8 @@ def test_every_variant_is_made_from_real_photos_passes_compare_on_unseen_ones_an
     photos, unseen = real_photos(tmp_path / "photos", CALIBRATION_PHOTOS), real_photos(tmp_path / "unseen", UNSEEN_PHOTOS)
     root = tmp_path / "artifacts"
     code, _, err = call(export_main, capsys, TINY, "--artifacts", str(root), "--weights", "random",
-                        *(f"--variant={v}" for v in VARIANTS), "--calibration-images", str(photos))
+                        *(f"--variant={v}" for v in VARIANTS), "--calibration-images", str(photos),
+                        "--int8-keep", TINY_INT8_KEEP)
     assert code == 0, err
     found = precision_variants(artifact.load(root, TINY).manifest)
     assert set(found) == set(VARIANTS)
@@ -33,6 +34,8 @@ def test_every_variant_is_made_from_real_photos_passes_compare_on_unseen_ones_an
         assert "held_out_images" not in record["verify"]["searched_on"]
     qdq = found["int8-qdq"]["recipe"]
     assert qdq["call"] == "quantize_static" and qdq["options"]["calibration_inputs"] == 8 + 8  # photos + searched images
+    searched = {v: record["search"]["keep_fp32"] for v, record in found.items() if "search" in record}
+    assert not searched, f"with TINY_INT8_KEEP in float the plain recipes pass on any host: {searched}"
     code, _, err = call(compare_main, capsys, TINY, "--artifacts", str(root), "--images", str(unseen), "--backends",
                         "torch-cpu,ort-cpu", "--no-latency", "--json", str(tmp_path / "r.json"))
     report = json.loads((tmp_path / "r.json").read_text())["reports"][0]
@@ -49,7 +52,8 @@ def test_every_variant_is_made_from_real_photos_passes_compare_on_unseen_ones_an
     blocks.ensure(art, "model.int8.onnx")
     for name in ("model.int8.onnx", "model.int8.blocks.onnx"):
         (root / TINY / name).unlink()
-    code, _, err = call(export_main, capsys, TINY, "--artifacts", str(root), "--if-missing", "--variant", "int8")
+    code, _, err = call(export_main, capsys, TINY, "--artifacts", str(root), "--if-missing", "--variant", "int8",
+                        "--int8-keep", TINY_INT8_KEEP)
     assert code == 0, err
     assert "int8" in precision_variants(artifact.load(root, TINY).manifest)
     assert (root / TINY / "model.int8.onnx").is_file()

@@ -12,7 +12,7 @@ import pytest
 
 from compare.cli import main as compare_main
 from exporter.cli import main as export_main
-from tests.helpers import TINY, call, one_line_error, shared
+from tests.helpers import TINY, TINY_INT8_KEEP, call, one_line_error, shared
 from vitparity import artifact, resample, sizes
 from vitparity.eager import rebuild_model
 
@@ -22,7 +22,7 @@ def dynamic_root(tmp_path_factory, worker_id):
     """test_vit exported once with --dynamic-size and its int8 variant (learned position table: bicubic, antialiased)."""
     def make(root):
         assert export_main([TINY, "--weights", "random", "--artifacts", str(root), "--dynamic-size", "--variant", "int8",
-                            "--verify-size", "64"]) == 0
+                            "--int8-keep", TINY_INT8_KEEP, "--verify-size", "64"]) == 0
 
     return shared(tmp_path_factory, worker_id, "dynamic", make)
 
@@ -60,6 +60,8 @@ def test_compare_runs_every_backend_at_a_non_square_size_with_the_token_groups_o
     # 1 cls token, then a 6x9 grid of patches
     assert next(r for r in first["accuracy"] if r["group"] == "patches")["shape"] == [1, 54, 64]
     assert first["resample"]["passed"] and "Resize (mode cubic, a -0.5, antialias 1" in out
+    # where each onnxruntime row ran the graph's Resize, from its profile
+    assert first["resample"]["resize_ran_on"] == {"ort-cpu": ["CPU"], "ort-cpu:int8": ["CPU"]}
     assert max(len(line) for line in out.splitlines()) <= 100 and "…" not in out, out
 
 

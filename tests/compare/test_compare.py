@@ -58,10 +58,10 @@ def test_dinov2_compare_prints_both_tables_and_passes_in_a_100_column_terminal(d
     assert "{'" not in out and "['" not in out and "': " not in out, out  # a dict or a list printed as Python writes it
 
 
-def test_dinov3_passes_at_every_block_and_its_saved_reference_passes_on_the_way_back(artifacts_root, capsys, tmp_path):
+def test_dinov3_passes_at_every_block_and_its_saved_reference_passes_on_the_way_back(dinov3_root, capsys, tmp_path):
     """One default dinov3 run with --layers and --save-reference, then the saved file given back with --against."""
     saved = tmp_path / "dinov3.npz"
-    code, out, err = _main(capsys, "dinov3", "--artifacts", str(artifacts_root), *FAST, "--layers", "--save-reference", str(saved),
+    code, out, err = _main(capsys, "dinov3", "--artifacts", str(dinov3_root), *FAST, "--layers", "--save-reference", str(saved),
                            "--json", str(tmp_path / "r.json"))
     report = json.loads((tmp_path / "r.json").read_text())["reports"][0]
     _assert_default_run(code, out, err, report, "dinov3", [261, 384])
@@ -71,9 +71,9 @@ def test_dinov3_passes_at_every_block_and_its_saved_reference_passes_on_the_way_
     assert report["drift"]["ort-cpu"].startswith("ort-cpu: no drift")
     assert has_row(out, "block_11") and "Per-block agreement" in out
     # blocks.onnx is cached next to the artifact and hashed in its manifest.
-    art = artifact.load(artifacts_root, "dinov3")
+    art = artifact.load(dinov3_root, "dinov3")
     assert "blocks.onnx" in art.manifest["files"] and art.manifest["blocks"]["count"] == 12
-    code, out, _ = _main(capsys, "dinov3", "--artifacts", str(artifacts_root), "--backends", "torch-cpu", "--no-latency",
+    code, out, _ = _main(capsys, "dinov3", "--artifacts", str(dinov3_root), "--backends", "torch-cpu", "--no-latency",
                          "--against", str(saved), "--json", str(tmp_path / "back.json"))
     back = json.loads((tmp_path / "back.json").read_text())["reports"][0]
     host = socket.gethostname()

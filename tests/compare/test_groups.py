@@ -16,7 +16,7 @@ from tests.helpers import TINY
     (TINY, {"cls": 1, "registers": 0, "patches": 100, "grid": [10, 10]}),
 ])
 def test_the_manifest_records_the_token_layout_and_older_artifacts_derive_it(request, model, expected):
-    root = request.getfixturevalue("dinov2_root" if model == "dinov2" else "artifacts_root")
+    root = request.getfixturevalue(f"{model}_root" if model in ("dinov2", "dinov3") else "artifacts_root")
     manifest = json.loads((root / model / "manifest.json").read_text())
     assert manifest["token_layout"] == expected
     older = {k: v for k, v in manifest.items() if k != "token_layout"}  # exported before the layout was recorded

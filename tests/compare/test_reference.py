@@ -79,9 +79,9 @@ def test_only_backends_that_ran_are_saved_under_the_file_name_exactly_as_given(a
     assert any("torch-npu" in key for key in keys) == bool(runnable("torch-npu"))
 
 
-def test_reference_of_another_model_is_refused(artifacts_root, saved_tiny, capsys):
+def test_reference_of_another_model_is_refused(dinov3_root, saved_tiny, capsys):
     capsys.readouterr()
-    assert cli(artifacts_root, "dinov3", "--against", str(saved_tiny)) == 2
+    assert cli(dinov3_root, "dinov3", "--against", str(saved_tiny)) == 2
     err = capsys.readouterr().err
     assert f"was saved for {TINY}" in err and "not dinov3" in err and "compare the same model" in err
 

@@ -32,14 +32,14 @@ def faulty(monkeypatch):
     return seed
 
 
-def test_dinov3_a_faulty_fc1_in_block_5_and_a_perturbed_register_token_are_each_named(artifacts_root, capsys, tmp_path,
+def test_dinov3_a_faulty_fc1_in_block_5_and_a_perturbed_register_token_are_each_named(dinov3_root, capsys, tmp_path,
                                                                                       faulty):
     """One dinov3 run, two findings. A faulty device whose block 5 fc1 is off: its own error is largest at block 5,
     and fc1 drifts first inside it. The eager register token scaled by 1.2 (so ort-cpu, running the exported graph,
     differs from torch-cpu in the registers only): the registers are the token group with the largest error, and
     the first to drift, at block 0."""
     root = tmp_path / "artifacts"
-    shutil.copytree(artifacts_root / "dinov3", root / "dinov3")
+    shutil.copytree(dinov3_root / "dinov3", root / "dinov3")
 
     def perturb(state):
         state["reg_token"] = state["reg_token"] * 1.2

@@ -23,7 +23,7 @@ def _dims(value_info) -> list:
 
 
 def _root(request, key):
-    return request.getfixturevalue("dinov2_root" if key == "dinov2" else "artifacts_root")
+    return request.getfixturevalue(f"{key}_root")
 
 
 @pytest.mark.parametrize("key", sorted(EXPECTED))

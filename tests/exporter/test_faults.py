@@ -22,8 +22,8 @@ def test_a_name_that_looks_like_markup_is_printed_as_written(capsys):
     assert code == 2 and "model 'vit[/x]' is not known" in one_line_error(err)
 
 
-def test_weights_of_another_architecture_name_the_keys(artifacts_root, capsys, tmp_path):
-    code, _, err = _main(capsys, TINY, "--weights", str(artifacts_root / "dinov3" / "weights.safetensors"),
+def test_weights_of_another_architecture_name_the_keys(dinov3_root, capsys, tmp_path):
+    code, _, err = _main(capsys, TINY, "--weights", str(dinov3_root / "dinov3" / "weights.safetensors"),
                          "--artifacts", str(tmp_path))
     line = one_line_error(err)
     assert code == 2 and "missing keys [" in line and "unexpected keys [" in line and "more" in line

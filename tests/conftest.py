@@ -13,11 +13,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the hub; the auto pa
 from tests.helpers import ORT_ONLY, TINY, TINY_INT8_KEEP, SecondOrtCpu, shared  # noqa: E402 - after the environment is set
 
 
-def _exported(tmp_path_factory, worker_id, models: list[str]) -> Path:
-    """The session-wide artifacts root, with `models` exported into it once for the whole run: the pytest-xdist
-    workers share it, each model under a lock of its own, and each worker starts from another model, so the two
-    cores export different models at once instead of the same ones twice. Tests edit copies, never it; what the
-    tool itself adds there (blocks.onnx) it publishes under the artifact's lock."""
+def _exported(tmp_path_factory, worker_id, name: str) -> Path:
+    """The session-wide artifacts root, with model `name` exported into it once for the whole run: the pytest-xdist
+    workers share it, each model under a lock of its own, so a model is never exported twice and one worker waits
+    only for a model it needs. Tests edit copies, never it; what the tool itself adds there (blocks.onnx) it
+    publishes under the artifact's lock."""
     import fcntl
 
     from exporter.export import ExportOptions, export
@@ -26,13 +26,11 @@ def _exported(tmp_path_factory, worker_id, models: list[str]) -> Path:
     shared = base.parent if worker_id != "master" else base  # xdist: basetemp/popen-gwN, one parent per run
     root = shared / "artifacts-shared"
     root.mkdir(exist_ok=True)
-    start = int(worker_id[2:]) % len(models) if worker_id.startswith("gw") else 0
-    for name in models[start:] + models[:start]:
-        with open(shared / f"artifacts-shared.{name}.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (root / f"{name}.done").is_file():
-                export(name, root, ExportOptions(weights="random"))
-                (root / f"{name}.done").touch()
+    with open(shared / f"artifacts-shared.{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / f"{name}.done").is_file():
+            export(name, root, ExportOptions(weights="random"))
+            (root / f"{name}.done").touch()
     return root
 
 
@@ -41,19 +39,19 @@ def artifacts_root(tmp_path_factory, worker_id) -> Path:
     """The artifacts root with the tiny ViT. dinov3 and dinov2 (about 20 and 30 s of export here) are there only for
     the tests that ask for `dinov3_root` or `dinov2_root`: a worker that starts on tests of the tiny model never
     waits for them."""
-    return _exported(tmp_path_factory, worker_id, [TINY])
+    return _exported(tmp_path_factory, worker_id, TINY)
 
 
 @pytest.fixture(scope="session")
 def dinov3_root(artifacts_root, tmp_path_factory, worker_id) -> Path:
     """The same root, with dinov3 exported into it too."""
-    return _exported(tmp_path_factory, worker_id, ["dinov3"])
+    return _exported(tmp_path_factory, worker_id, "dinov3")
 
 
 @pytest.fixture(scope="session")
 def dinov2_root(artifacts_root, tmp_path_factory, worker_id) -> Path:
     """The same root, with dinov2 exported into it too."""
-    return _exported(tmp_path_factory, worker_id, ["dinov2"])
+    return _exported(tmp_path_factory, worker_id, "dinov2")
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
 """The parent side of a worker: start `python -m compare.worker FOLDER`, wait with a time limit, read the answer.
 
-A fresh interpreter (spawned, never forked) runs each backend (compare/worker.py). A segfault, an abort in
-a vendor library, an out-of-memory kill or a hang becomes that backend's error Outcome; the parent and the
-other backends go on. One worker runs at a time, so timings never share cores.
+A process of its own runs each backend (compare/worker.py): a fresh interpreter, or, for a backend whose
+imports start no device runtime (torch-cpu), a fork of a server that imported them once and ran nothing
+(vitparity/warm.py), never a fork of this process. A segfault, an abort in a vendor library, an
+out-of-memory kill or a hang becomes that backend's error Outcome; the parent and the other backends go on. One worker runs at a time, so timings never share cores.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitparity import processes
+from vitparity import processes, warm
 
 from .protocol import (
     LOG,
@@ -46,11 +47,12 @@ def run_backend(cls: type, job: Job, batch: np.ndarray, timeout_s: float, cwd: P
         plan = {**job.dataset, "progress": str(folder / PROGRESS)} if job.dataset else {}
         job = Job(**{**asdict(job), "backend": class_path(cls), "sys_path": tuple(sys.path), "dataset": plan})
         write_job(folder, job, batch)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])),
-               "VIT_PARITY_PARENT": str(os.getpid())}
+        env = worker_env()
+        command = [sys.executable, "-m", "compare.worker", str(folder)]
         with open(folder / LOG, "wb") as log:  # the core's one launcher: own group, TERM then KILL, dies with us
-            code = processes.run_child([sys.executable, "-m", "compare.worker", str(folder)], cwd=cwd, env=env,
-                                       timeout_s=timeout_s, stdout=log, stderr=subprocess.STDOUT,
+            started = warm.start(command, cwd=cwd, env=env, log=log, modules=_warm_imports(cls))
+            code = processes.run_child(command, cwd=cwd, env=env, timeout_s=timeout_s, stdout=log,
+                                       stderr=subprocess.STDOUT, started=started,
                                        tick=lambda: _report_progress(folder / PROGRESS, progress))
         if code is None:
             return Outcome("error", f"no answer in {timeout_s:g} s; the worker was stopped (raise --timeout if the device is just slow)")
@@ -67,6 +69,24 @@ def run_backend(cls: type, job: Job, batch: np.ndarray, timeout_s: float, cwd: P
         if outcome.status == "error" or outcome.details.get("bugs"):
             keep_log(outcome, folder, cls, job)
         return outcome
+
+
+def worker_env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])),
+            "VIT_PARITY_PARENT": str(os.getpid())}
+
+
+def prepare(classes) -> None:
+    """Start the warm-start servers the workers of `classes` will be forked from (vitparity/warm.py), so that they
+    import torch and timm while this process goes on to its first worker."""
+    for cls in dict.fromkeys(classes):
+        warm.prestart(_warm_imports(cls), worker_env())
+
+
+def _warm_imports(cls: type) -> tuple[str, ...]:
+    """What a warm-start server imports for `cls`'s workers (vitparity/warm.py); () starts them fresh."""
+    first = tuple(getattr(cls, "imports_first", ()))
+    return ("vitparity", *first, "compare.worker") if first else ()
 
 
 def _report_progress(path: Path, progress) -> None:

@@ -79,6 +79,7 @@ def _run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.nda
     batch for the others, so this process never imports torch.
     """
     names = rows(options, art.manifest)
+    launch.prepare([split(name)[0] for name in names] + ([TRUTHS[options.truth]] if options.truth else []))
     for name in options.require:  # a required backend this host plainly lacks fails before any worker starts
         try:
             split(name)[0].probe()

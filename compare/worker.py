@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitparity import processes
+from vitparity import processes, warm
 
 from .protocol import INPUT, Job, Outcome, artifact_identity, read_job, write_outcome
 
@@ -274,6 +274,7 @@ def main(folder: str) -> int:
     import resource
 
     outcome.details["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+    outcome.details["started"] = "warm" if os.environ.get(warm.SERVER) else "fresh"  # read back, never assumed
     write_outcome(folder, outcome, arrays)
     return 0
 

@@ -318,6 +318,27 @@ class Hangs(OrtCpu):
         time.sleep(3600)
 
 
+class SegfaultsEager(TorchCpu):
+    """torch-cpu (warm-started where the host allows: vitparity/warm.py) that dies of SIGSEGV in the middle of the run."""
+
+    name = "segfaults-eager"
+    tolerance = "accelerator"
+
+    def run(self, batch):
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+class HangsEager(TorchCpu):
+    """torch-cpu that writes its pid to $HANGS_PID_FILE, then never answers."""
+
+    name = "hangs-eager"
+    tolerance = "accelerator"
+
+    def load(self, artifact, precision):
+        Path(os.environ["HANGS_PID_FILE"]).write_text(str(os.getpid()))
+        time.sleep(3600)
+
+
 class ReportsCwd(OrtCpu):
     """ort-cpu that also reports the working directory its worker was started in."""
 

@@ -53,7 +53,12 @@ def stop(process: subprocess.Popen, grace_s: float = GRACE_S) -> None:
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
         try:
             os.killpg(process.pid, sig)
-        except (ProcessLookupError, PermissionError):
+        except ProcessLookupError:  # no such group: a warm-started child not yet in its own session, or gone
+            try:
+                os.kill(process.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                break
+        except PermissionError:
             break
         try:
             process.wait(timeout=wait)
@@ -65,23 +70,28 @@ def stop(process: subprocess.Popen, grace_s: float = GRACE_S) -> None:
 
 
 def run_child(command: list[str], *, cwd, timeout_s: float, stdout=None, stderr=None, env: dict | None = None,
-              tick=None, parent_death: int = signal.SIGKILL, setup=None) -> int | None:
+              tick=None, parent_death: int = signal.SIGKILL, setup=None, started=None) -> int | None:
     """The one way this tool runs a child (compare's workers, the sweep's steps): in a session and process group of
     its own, dying with this process (`die_with_parent(parent_death)`), `setup` run in it before exec (a memory
     ceiling); waited for up to `timeout_s`, with `tick()` every half second. On the timeout, or on any exception
     here (Ctrl-C, SIGTERM turned into KeyboardInterrupt), it is stopped (`stop`: TERM, then KILL) and whatever it
-    left in its group is killed. Returns its exit code, or None when it ran out of time."""
+    left in its group is killed. Returns its exit code, or None when it ran out of time.
+
+    `started`: the child, already started another way (a warm start, vitparity/warm.py: a handle with Popen's `pid`
+    and `wait`), to wait for and stop the same way; `command` is then only its name."""
     from vitparity import raise_pending_interrupt
 
-    leash = die_with_parent(parent_death, new_session=True)
+    process = started
+    if process is None:
+        leash = die_with_parent(parent_death, new_session=True)
 
-    def prepare() -> None:
-        leash()
-        if setup is not None:
-            setup()
+        def prepare() -> None:
+            leash()
+            if setup is not None:
+                setup()
 
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                               preexec_fn=prepare)
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                                   preexec_fn=prepare)
     deadline = time.monotonic() + timeout_s
     try:
         raise_pending_interrupt()  # a Ctrl-C during the fork lands in an at-fork callback, which swallows it

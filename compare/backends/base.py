@@ -29,6 +29,9 @@ class Backend:
     accelerator = ""  # the accelerator it runs on ("ascend", "cuda": vitparity.environment.DEVICE_FILES); "" for the CPU
     runs_variants = False  # runs an artifact's reduced-precision graphs (model.int8.onnx...) as rows "<name>:<variant>"
     variant = ""
+    # Modules its load() imports that start no device runtime when imported (torch, timm for eager on the CPU): a
+    # worker for it may be forked from a process that imported them already (vitparity/warm.py). Empty: a fresh one.
+    imports_first: tuple[str, ...] = ()
 
     def use_variant(self, variant: str) -> None:
         """Run the artifact's `variant` graph instead of model.onnx; this row is then named "<name>:<variant>"."""

@@ -34,14 +34,15 @@ from tests.helpers import (
     stand_in,
     wait_for,
 )
-from vitparity import artifact
+from vitparity import artifact, warm
 
 # `python -m compare` whose second backend hangs in load(), like a device stuck in a driver call.
 HANGING_COMPARE = textwrap.dedent('''
     import sys
     from compare.backends import BACKENDS
-    from tests.helpers import Hangs
+    from tests.helpers import Hangs, HangsEager
     BACKENDS["hangs"] = Hangs
+    BACKENDS["hangs-eager"] = HangsEager
     from vitparity import entry_point
     from compare.cli import main
     entry_point(lambda: lambda: main(sys.argv[1:]), "interrupted")
@@ -102,6 +103,25 @@ def test_kill_9_of_the_parent_takes_the_worker_down_and_the_next_run_removes_its
                      env={**os.environ, "TMPDIR": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert not folder.exists() and _left_in(tmp_path) == ["ref.npz"]
+
+
+def test_kill_9_of_the_parent_takes_a_warm_started_worker_and_its_server_down(artifacts_root, tmp_path):
+    pid_file = tmp_path / "hangs.pid"
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT), "HANGS_PID_FILE": str(pid_file)}
+    parent = subprocess.Popen([sys.executable, "-c", HANGING_COMPARE, TINY, "--artifacts", str(artifacts_root), "--backends",
+                               "ort-cpu,hangs-eager", "--reference", "ort-cpu", "--input", "random", "--no-latency"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait_for(lambda: pid_file.is_file() and pid_file.read_text(), 120):
+        parent.kill()
+        pytest.fail(f"no hanging worker appeared: {parent.communicate()}")
+    pid = int(pid_file.read_text())
+    servers = children(parent.pid)
+    # Forked from the warm-start server where this host allows it (the server is then its parent), else fresh.
+    assert (pid not in servers) == warm.enabled()
+    parent.kill()
+    parent.communicate(timeout=30)
+    assert gone(pid, 10), "the warm-started worker outlived a parent killed with SIGKILL"
+    assert all(gone(server, 10) for server in servers), "the warm-start server outlived its parent"
 
 
 def test_a_provider_fallback_leaves_no_profile_or_worker_folder(artifacts_root, tmp_path):

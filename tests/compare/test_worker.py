@@ -1,14 +1,20 @@
 """The worker boundary: each backend in its own process; a crash or a hang is that backend's error row.
 
 The misbehaving backends are onnxruntime rows against an ort-cpu reference on a seeded input
-(tests/helpers.py ORT_ONLY): what is tested is the process boundary, and no worker imports torch."""
+(tests/helpers.py ORT_ONLY): what is tested is the process boundary, and no worker imports torch. The torch-cpu
+workers that are warm-started (forked from a server that imported torch and timm: vitparity/warm.py) are tested
+at the same boundary, with torch stand-ins that crash and hang."""
 from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from compare.backends import BACKENDS
+from compare.backends.torch_cpu import TorchCpu
 from compare.cli import main
-from tests.helpers import TINY, Hangs, ReportsCwd, Segfaults
+from tests.helpers import TINY, Hangs, HangsEager, ReportsCwd, Segfaults, SegfaultsEager, gone
+from vitparity import warm
 
 
 def _run(capsys, monkeypatch, tmp_path, root, ort_only, *backends, extra=()):
@@ -48,3 +54,41 @@ def test_workers_run_in_a_compile_cache_keyed_by_the_model_hash_and_precision(ti
     cwd = next(b for b in report["backends"] if b["name"] == "reports-cwd")["details"]["cwd"]
     expected = (tiny_copy / TINY / ".compile-cache" / manifest["files"]["model.onnx"]["sha256"] / "fp32").resolve()
     assert cwd == str(expected)
+
+
+def test_a_warm_started_torch_worker_that_crashes_or_hangs_is_an_error_row_and_is_gone(artifacts_root, capsys, monkeypatch,
+                                                                                     tmp_path, ort_only):
+    pid_file = tmp_path / "hangs.pid"
+    monkeypatch.setenv("HANGS_PID_FILE", str(pid_file))
+    code, out, _, report = _run(capsys, monkeypatch, tmp_path, artifacts_root, ort_only, TorchCpu, SegfaultsEager, HangsEager,
+                                extra=("--timeout", "8", "--no-latency"))
+    assert code == 1
+    status = {b["name"]: b for b in report["backends"]}
+    assert status["segfaults-eager"]["reason"].startswith("worker killed by SIGSEGV")
+    assert status["hangs-eager"]["reason"].startswith("no answer in 8 s")
+    assert gone(int(pid_file.read_text()), 10), "the hanging worker outlived its time limit"
+    # Warm where this host allows it (Linux, no device runtime that `import torch` would load), fresh otherwise; the
+    # onnxruntime workers are always fresh.
+    assert status["torch-cpu"]["details"]["started"] == ("warm" if warm.enabled() else "fresh")
+    assert {status[name]["details"]["started"] for name in ("ort-cpu", "ort-cpu-2")} == {"fresh"}
+    assert status["torch-cpu"]["status"] == "ran" and all(r["passed"] for r in report["accuracy"])
+
+
+def test_a_warm_started_worker_computes_bit_for_bit_what_a_fresh_one_does(artifacts_root, capsys, monkeypatch, tmp_path):
+    saved, started = {}, {}
+    for mode in ("1", "0"):  # VIT_PARITY_WARM=0: every worker a fresh interpreter
+        monkeypatch.setenv("VIT_PARITY_WARM", mode)
+        code = main([TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu", "--no-latency",
+                     "--save-reference", str(tmp_path / f"{mode}.npz"), "--json", str(tmp_path / f"{mode}.json")])
+        capsys.readouterr()
+        assert code == 0
+        report = json.loads((tmp_path / f"{mode}.json").read_text())["reports"][0]
+        started[mode] = report["backends"][0]["details"]["started"]
+        with np.load(tmp_path / f"{mode}.npz") as arrays:
+            saved[mode] = {key: arrays[key] for key in arrays.files if arrays[key].dtype.kind == "f"}
+        if mode == "1":
+            expected = "warm" if warm.enabled() else "fresh"
+    assert started == {"1": expected, "0": "fresh"}
+    assert saved["1"] and saved["1"].keys() == saved["0"].keys()
+    for key, value in saved["1"].items():
+        assert np.array_equal(value, saved["0"][key]), key

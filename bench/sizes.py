@@ -5,6 +5,7 @@ against tokens, on log axes, with the slope of each backend's fit."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -35,9 +36,12 @@ def measure(model: str, artifacts: str, sizes: str = DEFAULT_SIZES, backends: st
         tokens = prefix + (size[0] // record["patch"][0]) * (size[1] // record["patch"][1])
         with tempfile.TemporaryDirectory() as folder:
             out = Path(folder) / "r.json"
+            # Fresh workers (VIT_PARITY_WARM=0): the peak memory of each runtime as a process that imports it alone
+            # would have it; a worker forked from the warm-start server never touched the pages the import did.
             done = subprocess.run([sys.executable, "-m", "compare", key, "--artifacts", artifacts, "--size", sizing.label(size),
                                    "--backends", backends, "--variants", "none", "--batch-sizes", str(batch), "--json", str(out)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False,
+                                  env={**os.environ, "VIT_PARITY_WARM": "0"})
             if done.returncode not in (0, 1) or not out.is_file():
                 failed.append(f"{key} at {sizing.label(size)}: compare exited {done.returncode}: "
                               f"{(done.stderr.strip().splitlines() or [''])[-1]}")

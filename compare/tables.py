@@ -93,7 +93,8 @@ def layers(report: Report) -> Table:
 # Details shown in columns of their own, or kept out of the backends table (timings, logs, tracebacks).
 SHOWN_DETAILS = {"device", "dtype", "device_name", "torch", "torch_npu", "onnxruntime", "cann", "cuda", "precision", "switches",
                  "provider_options", "placement", "placement_summary", "timed", "kernel_time_share", "layers_placement",
-                 "layers_placement_summary", "layers_graph", "traceback", "bugs", "log", "peak_rss_mb"}
+                 "layers_placement_summary", "layers_graph", "traceback", "bugs", "log", "peak_rss_mb",
+                 "peak_rss_mb_since_fork", "started"}
 
 
 def backends(report: Report) -> Table:

@@ -79,8 +79,12 @@ def worker_env() -> dict:
 def prepare(classes) -> None:
     """Start the warm-start servers the workers of `classes` will be forked from (vitparity/warm.py), so that they
     import torch and timm while this process goes on to its first worker."""
-    for cls in dict.fromkeys(classes):
-        warm.prestart(_warm_imports(cls), worker_env())
+    planned = {}
+    for cls in classes:
+        modules = _warm_imports(cls)
+        planned[modules] = planned.get(modules, 0) + 1
+    for modules, workers in planned.items():
+        warm.prestart(modules, worker_env(), workers)
 
 
 def _warm_imports(cls: type) -> tuple[str, ...]:

@@ -148,9 +148,14 @@ class _Killed(dict):
 
 def start(command: list[str], *, cwd, env: dict, log, modules: tuple[str, ...]) -> Child | None:
     """`command` (`python -m MODULE ARGS...`) forked from this process's server for `modules`, its output appended
-    to the open file `log`; None when warm starts are off here or the server cannot start: start it fresh."""
+    to the open file `log`; None (start it fresh) when warm starts are off here, when the server cannot start, or
+    for the first such worker of a process that has no server yet (`prestart`: a server pays off from the second)."""
     name = getattr(log, "name", None)
     if not modules or command[1:2] != ["-m"] or not isinstance(name, str) or not enabled():
+        return None
+    key = (tuple(modules), env.get("PYTHONPATH", ""))
+    _STARTS[key] = _STARTS.get(key, 0) + 1
+    if key not in _SERVERS and _STARTS[key] == 1:
         return None
     found = server(tuple(modules), env)
     if found is None:
@@ -163,14 +168,19 @@ def start(command: list[str], *, cwd, env: dict, log, modules: tuple[str, ...]) 
         return None
 
 
-def prestart(modules: tuple[str, ...], env: dict) -> None:
-    """Start the server for `modules` now, without waiting: it imports them while this process does other work (a
-    comparison hashes the artifact and plans its rows before its first worker)."""
-    if modules and enabled():
+def prestart(modules: tuple[str, ...], env: dict, workers: int) -> None:
+    """Start the server for `modules` now, without waiting, when it will pay off: `workers` of them are planned, and
+    this process has started at least two in all. It then imports them while this process does other work (a
+    comparison hashes the artifact and plans its rows before its first worker). One worker alone is started fresh:
+    the server's import costs what the worker's would, and the fork, a little, on top (make compare: 35.5 s warm,
+    35.1 s fresh, A B A B on dinov3)."""
+    key = (tuple(modules), env.get("PYTHONPATH", ""))
+    if modules and workers and enabled() and _STARTS.get(key, 0) + workers >= 2:
         server(tuple(modules), env)
 
 
 _SERVERS: dict[tuple, Server] = {}
+_STARTS: dict[tuple, int] = {}  # workers started (or asked for) by this process, by server
 
 
 def server(modules: tuple[str, ...], env: dict) -> Server | None:

@@ -109,14 +109,15 @@ def test_kill_9_of_the_parent_takes_a_warm_started_worker_and_its_server_down(ar
     pid_file = tmp_path / "hangs.pid"
     env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT), "HANGS_PID_FILE": str(pid_file)}
     parent = subprocess.Popen([sys.executable, "-c", HANGING_COMPARE, TINY, "--artifacts", str(artifacts_root), "--backends",
-                               "ort-cpu,hangs-eager", "--reference", "ort-cpu", "--input", "random", "--no-latency"],
+                               "ort-cpu,torch-cpu,hangs-eager", "--reference", "ort-cpu", "--input", "random", "--no-latency"],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait_for(lambda: pid_file.is_file() and pid_file.read_text(), 120):
         parent.kill()
         pytest.fail(f"no hanging worker appeared: {parent.communicate()}")
     pid = int(pid_file.read_text())
     servers = children(parent.pid)
-    # Forked from the warm-start server where this host allows it (the server is then its parent), else fresh.
+    # Forked from the warm-start server where this host allows it (two torch workers are planned: the server is then
+    # its parent), else fresh.
     assert (pid not in servers) == warm.enabled()
     parent.kill()
     parent.communicate(timeout=30)

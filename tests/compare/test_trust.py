@@ -138,6 +138,8 @@ def test_a_broken_onnxruntime_skips_the_ort_rows_with_the_fix_and_torch_still_ru
     report = json.loads((tmp_path / "r.json").read_text())["reports"][0]
     status = {b["name"]: b for b in report["backends"]}
     assert status["torch-cpu"]["status"] == "ran"
+    # A command that runs one torch worker starts it fresh: a warm-start server would cost the same import, and more.
+    assert status["torch-cpu"]["details"]["started"] == "fresh"
     for name in ("ort-cpu", "ort-cann", "ort-cuda"):
         assert status[name]["status"] == "skipped" and "built for NumPy 1.x" in status[name]["reason"]
         assert "pip install 'numpy<2'" in status[name]["reason"]

@@ -298,45 +298,41 @@ class WrongAtThree(TorchCpu):
         return (pooled * 1.02, tokens * 1.02) if prepared.shape[0] == 3 else (pooled, tokens)
 
 
-class Segfaults(OrtCpu):
-    """Loads like ort-cpu, then dies of SIGSEGV in the middle of the run, as a vendor library might."""
+class Crashing:
+    """Loads like the backend it is mixed into, then dies of SIGSEGV in the middle of the run, as a vendor library
+    might."""
 
+    tolerance = "accelerator"
+
+    def run(self, batch):
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+class Hanging:
+    """Never answers, like a device stuck in a driver call; writes its pid to $HANGS_PID_FILE first, when set."""
+
+    tolerance = "accelerator"
+
+    def load(self, artifact, precision):
+        if os.environ.get("HANGS_PID_FILE"):
+            Path(os.environ["HANGS_PID_FILE"]).write_text(str(os.getpid()))
+        time.sleep(3600)
+
+
+class Segfaults(Crashing, OrtCpu):
     name = "segfaults"
-    tolerance = "accelerator"
-
-    def run(self, batch):
-        os.kill(os.getpid(), signal.SIGSEGV)
 
 
-class Hangs(OrtCpu):
-    """Never answers, like a device stuck in a driver call."""
-
+class Hangs(Hanging, OrtCpu):
     name = "hangs"
-    tolerance = "accelerator"
-
-    def load(self, artifact, precision):
-        time.sleep(3600)
 
 
-class SegfaultsEager(TorchCpu):
-    """torch-cpu (warm-started where the host allows: vitparity/warm.py) that dies of SIGSEGV in the middle of the run."""
-
+class SegfaultsEager(Crashing, TorchCpu):  # warm-started where the host allows (vitparity/warm.py)
     name = "segfaults-eager"
-    tolerance = "accelerator"
-
-    def run(self, batch):
-        os.kill(os.getpid(), signal.SIGSEGV)
 
 
-class HangsEager(TorchCpu):
-    """torch-cpu that writes its pid to $HANGS_PID_FILE, then never answers."""
-
+class HangsEager(Hanging, TorchCpu):
     name = "hangs-eager"
-    tolerance = "accelerator"
-
-    def load(self, artifact, precision):
-        Path(os.environ["HANGS_PID_FILE"]).write_text(str(os.getpid()))
-        time.sleep(3600)
 
 
 class ReportsCwd(OrtCpu):

@@ -60,10 +60,10 @@ class Child:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.returncode is None:
             left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise subprocess.TimeoutExpired(f"warm worker {self.pid}", timeout)
-            self.server.pump(left)
+            self.server.pump(0.0 if left is not None and left <= 0 else left)
             self.returncode = self.server.exits.pop(self.pid, None)
+            if self.returncode is None and left is not None and left <= 0:
+                raise subprocess.TimeoutExpired(f"warm worker {self.pid}", timeout)
         return self.returncode
 
 
@@ -120,9 +120,7 @@ class Server:
                     self.exits[message["exit"]] = message["code"]
                     continue
                 return message
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
+            left = max(0.0, deadline - time.monotonic())
             ready, _, _ = select.select([fd], [], [], left)
             if not ready:
                 return None

@@ -3,7 +3,8 @@
 A process of its own runs each backend (compare/worker.py): a fresh interpreter, or, for a backend whose
 imports start no device runtime (torch-cpu), a fork of a server that imported them once and ran nothing
 (vitparity/warm.py), never a fork of this process. A segfault, an abort in a vendor library, an
-out-of-memory kill or a hang becomes that backend's error Outcome; the parent and the other backends go on. One worker runs at a time, so timings never share cores.
+out-of-memory kill or a hang becomes that backend's error Outcome; the parent and the other backends go on.
+One worker runs at a time, so timings never share cores.
 """
 from __future__ import annotations
 
@@ -72,13 +73,15 @@ def run_backend(cls: type, job: Job, batch: np.ndarray, timeout_s: float, cwd: P
 
 
 def worker_env() -> dict:
+    """A worker's environment: ours, our package importable, and this process's pid for its parent watch."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])),
             "VIT_PARITY_PARENT": str(os.getpid())}
 
 
 def prepare(classes) -> None:
-    """Start the warm-start servers the workers of `classes` will be forked from (vitparity/warm.py), so that they
-    import torch and timm while this process goes on to its first worker."""
+    """Start the warm-start servers that the workers of `classes` (one per planned worker) will be forked from, where
+    one pays off (`warm.prestart`: two or more such workers in this process), so that they import torch and timm
+    while this process goes on to its first worker."""
     planned = {}
     for cls in classes:
         modules = _warm_imports(cls)

@@ -71,7 +71,7 @@ class Server:
     """The parent's handle on one server process (`python -m vitparity.warm MODULE...`)."""
 
     def __init__(self, modules: tuple[str, ...], env: dict):
-        self.modules, self.exits, self.buffer, self.lock, self.ready = modules, {}, b"", threading.Lock(), False
+        self.exits, self.buffer, self.lock, self.ready = {}, b"", threading.Lock(), False
         self.process = subprocess.Popen([sys.executable, "-m", "vitparity.warm", *modules], env=env,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                         preexec_fn=processes.die_with_parent(signal.SIGKILL))

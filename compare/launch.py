@@ -1,8 +1,9 @@
 """The parent side of a worker: start `python -m compare.worker FOLDER`, wait with a time limit, read the answer.
 
 A process of its own runs each backend (compare/worker.py): a fresh interpreter, or, for a backend whose
-imports start no device runtime (torch-cpu), a fork of a server that imported them once and ran nothing
-(vitparity/warm.py), never a fork of this process. A segfault, an abort in a vendor library, an
+imports start no device runtime (torch-cpu) and for the worker that makes the input (it imports torch and timm
+for timm's transform), a fork of a server that imported them once and ran nothing (vitparity/warm.py), never a
+fork of this process. A segfault, an abort in a vendor library, an
 out-of-memory kill or a hang becomes that backend's error Outcome; the parent and the other backends go on.
 One worker runs at a time, so timings never share cores.
 """
@@ -20,6 +21,7 @@ import numpy as np
 
 from vitparity import processes, warm
 
+from .backends.base import TORCH_AND_TIMM
 from .protocol import (
     LOG,
     PROGRESS,
@@ -51,7 +53,7 @@ def run_backend(cls: type, job: Job, batch: np.ndarray, timeout_s: float, cwd: P
         env = worker_env()
         command = [sys.executable, "-m", "compare.worker", str(folder)]
         with open(folder / LOG, "wb") as log:  # the core's one launcher: own group, TERM then KILL, dies with us
-            started = warm.start(command, cwd=cwd, env=env, log=log, modules=_warm_imports(cls))
+            started = warm.start(command, cwd=cwd, env=env, log=log, modules=_warm_imports(cls, makes_input(job)))
             code = processes.run_child(command, cwd=cwd, env=env, timeout_s=timeout_s, stdout=log,
                                        stderr=subprocess.STDOUT, started=started,
                                        tick=lambda: _report_progress(folder / PROGRESS, progress))
@@ -78,21 +80,32 @@ def worker_env() -> dict:
             "VIT_PARITY_PARENT": str(os.getpid())}
 
 
-def prepare(classes) -> None:
+def prepare(classes, input_maker: type | None = None) -> None:
     """Start the warm-start servers that the workers of `classes` (one per planned worker) will be forked from, where
     one pays off (`warm.prestart`: two or more such workers in this process), so that they import torch and timm
-    while this process goes on to its first worker."""
-    planned = {}
+    while this process goes on to its first worker. `input_maker`: the class, among `classes`, of the worker that
+    makes the run's input (it imports torch and timm for timm's transform, whatever its backend); None when this
+    process holds the input."""
+    planned, maker = {}, input_maker
     for cls in classes:
-        modules = _warm_imports(cls)
+        modules = _warm_imports(cls, cls is maker)
+        maker = None if cls is maker else maker  # one worker makes the input
         planned[modules] = planned.get(modules, 0) + 1
     for modules, workers in planned.items():
         warm.prestart(modules, worker_env(), workers)
 
 
-def _warm_imports(cls: type) -> tuple[str, ...]:
-    """What a warm-start server imports for `cls`'s workers (vitparity/warm.py); () starts them fresh."""
-    first = tuple(getattr(cls, "imports_first", ()))
+def makes_input(job: Job) -> bool:
+    """Whether `job`'s worker makes the run's input: the photo through timm's transform (job.image), or --images'
+    decoding (compare/dataset.py)."""
+    return bool(job.image or (job.dataset or {}).get("decode"))
+
+
+def _warm_imports(cls: type, input_maker: bool = False) -> tuple[str, ...]:
+    """What a warm-start server imports for `cls`'s workers (vitparity/warm.py); () starts them fresh. The worker that
+    makes the input imports torch and timm whatever its backend, so it is forked from the server that has them: an
+    onnxruntime worker then imports onnxruntime, which starts threads, after the fork, as a fresh one would."""
+    first = tuple(getattr(cls, "imports_first", ())) or (TORCH_AND_TIMM if input_maker else ())
     return ("vitparity", *first, "compare.worker") if first else ()
 
 

@@ -79,7 +79,9 @@ def _run_backends(options: CompareOptions, art: artifact.Artifact, batch: np.nda
     batch for the others, so this process never imports torch.
     """
     names = rows(options, art.manifest)
-    launch.prepare([split(name)[0] for name in names] + ([TRUTHS[options.truth]] if options.truth else []))
+    # The first worker (the truth's, else the reference's) makes the input from --images or the photo.
+    maker = None if not (plan or image) else TRUTHS[options.truth] if options.truth else split(options.reference)[0]
+    launch.prepare([split(name)[0] for name in names] + ([TRUTHS[options.truth]] if options.truth else []), maker)
     for name in options.require:  # a required backend this host plainly lacks fails before any worker starts
         try:
             split(name)[0].probe()

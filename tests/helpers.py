@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from compare.backends.base import TORCH_AND_TIMM
 from compare.backends.onnxruntime import OrtCpu
 from compare.backends.torch_cpu import TorchCpu
 from compare.backends.torch_eager import TorchEager
@@ -203,6 +204,7 @@ class LowPrecisionCpu(TorchEager):
     name = "torch-cpu-lowp"
     device = "cpu"
     precisions = ("fp16", "bf16")
+    imports_first = TORCH_AND_TIMM  # on the CPU, as torch-cpu: warm-started where the host allows (vitparity/warm.py)
 
 
 class SecondLowPrecisionCpu(LowPrecisionCpu):

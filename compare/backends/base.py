@@ -10,6 +10,12 @@ import numpy as np
 PRECISIONS = ("fp32", "fp16", "bf16", "fast-math", "fp64")  # fp64: only the --truth run
 
 
+# torch and timm, and the eager loader: what a torch-cpu worker imports first, and what the worker that makes a run's
+# input (timm's transform of the photo, --images' decoding) imports whatever its backend. Workers that import them may be
+# forked from one server that imported them already (vitparity/warm.py, compare/launch.py).
+TORCH_AND_TIMM = ("torch", "timm", "vitparity.eager")
+
+
 class BackendUnavailable(Exception):
     """This backend cannot run on this host; the message says why and what to do about it."""
 

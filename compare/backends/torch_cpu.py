@@ -4,6 +4,7 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
+from .base import TORCH_AND_TIMM
 from .torch_eager import TorchEager
 
 
@@ -22,7 +23,7 @@ class TorchCpu(TorchEager):
     name = "torch-cpu"
     device = "cpu"
     tolerance = "same-host"  # judged strictly when another backend is the reference
-    imports_first = ("torch", "timm", "vitparity.eager")  # nearly all of a fresh worker's 6-7 s of CPU
+    imports_first = TORCH_AND_TIMM  # nearly all of a fresh worker's 6-7 s of CPU
 
     def open_device(self):
         return {"device_name": cpu_name()}

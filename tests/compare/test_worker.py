@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from compare.backends import BACKENDS
 from compare.backends.torch_cpu import TorchCpu
@@ -74,13 +75,17 @@ def test_a_warm_started_torch_worker_that_crashes_or_hangs_is_an_error_row_and_i
     assert status["torch-cpu"]["status"] == "ran" and all(r["passed"] for r in report["accuracy"])
 
 
-def test_a_warm_started_worker_computes_bit_for_bit_what_a_fresh_one_does(artifacts_root, capsys, monkeypatch, tmp_path):
+@pytest.mark.parametrize("backend", ["torch-cpu", "ort-cpu"])
+def test_a_warm_started_worker_computes_bit_for_bit_what_a_fresh_one_does(artifacts_root, capsys, monkeypatch, tmp_path,
+                                                                         backend):
+    """torch-cpu, and an onnxruntime reference that makes the input from the bundled photo (it imports torch and timm
+    for timm's transform, so it is forked from the same server; onnxruntime is imported after the fork)."""
     saved, started = {}, {}
     # VIT_PARITY_WARM=0: every worker fresh. Warm: a process's first torch worker is fresh (a server pays off from the
     # second), so the warm figures are the second run's.
     for run, mode in enumerate(("1", "1", "0")):
         monkeypatch.setenv("VIT_PARITY_WARM", mode)
-        code = main([TINY, "--artifacts", str(artifacts_root), "--backends", "torch-cpu", "--no-latency",
+        code = main([TINY, "--artifacts", str(artifacts_root), "--backends", backend, "--reference", backend, "--no-latency",
                      "--save-reference", str(tmp_path / f"{run}.npz"), "--json", str(tmp_path / f"{run}.json")])
         capsys.readouterr()
         assert code == 0

@@ -7,6 +7,7 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
 
+from vitparity import registry
 from vitparity.artifact import write_atomic
 
 from . import tables
@@ -77,7 +78,8 @@ def document(reports: list[Report], command: str, charts: dict | None = None, ge
 
 def model_section(report: Report, charts: dict | None, with_verdict: bool = True) -> list[str]:
     """One model's part of the report, from its heading to its conclusions."""
-    lines = [f"## {report.model} (timm `{report.timm_name}`)", ""] + ([verdict(report), ""] if with_verdict else [])
+    kwargs = f", `{registry.kwargs_label(report.model_kwargs)}`" if report.model_kwargs else ""
+    lines = [f"## {report.model} (timm `{report.timm_name}`{kwargs})", ""] + ([verdict(report), ""] if with_verdict else [])
     lines += ["### Environment", "", *table(("component", "version"), environment_rows(report)), ""]
     lines += [*from_data(tables.backends(report)), ""]
     lines += ["### Input, weights and reference", "", *table(("item", "value"), input_rows(report)), ""]

@@ -4,6 +4,8 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
+from vitparity import registry
+
 from . import tables
 from .results import Report
 
@@ -11,8 +13,14 @@ PASS, FAIL = Text("PASS", style="bold green"), Text("FAIL", style="bold red")
 rich_table = tables.rich_table  # the core's drawing (vitparity/tables.py)
 
 
+def title(report: Report) -> str:
+    """What was compared: "dinov3: vit_small_patch16_dinov3.lvd1689m", with the --model-kwargs it was built with."""
+    kwargs = f" ({registry.kwargs_label(report.model_kwargs)})" if report.model_kwargs else ""
+    return f"{report.name}: {report.timm_name}{kwargs}"
+
+
 def header_table(report: Report) -> Table:
-    table = Table(title=f"{report.name}: {report.timm_name}", show_header=False, title_justify="left")
+    table = Table(title=title(report), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     input_ = report.input
@@ -70,7 +78,7 @@ def resample_text(report: Report) -> Text:
 
 def compact_header(report: Report) -> Table:
     """The default view's header: what was compared, on what input, with which weights; warnings in full."""
-    table = Table(title=f"{report.name}: {report.timm_name}", show_header=False, title_justify="left")
+    table = Table(title=title(report), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     input_ = report.input

@@ -6,6 +6,8 @@ import re
 import shlex
 from pathlib import Path
 
+from vitparity import registry
+
 from .results import Report
 
 DEFAULT_ARTIFACTS = "artifacts"
@@ -22,6 +24,7 @@ def reproduce_commands(reports: list[Report], command: str, make: str | None) ->
         variables = [f"MODEL={shlex.quote(report.model)}"]
         variables += [] if root == DEFAULT_ARTIFACTS else [make_variable("ARTIFACTS", root)]
         args = export_args(report.weights_source)
+        args += ["--model-kwargs", *registry.kwargs_words(report.model_kwargs)] if report.model_kwargs else []
         variables += [make_variable("ARGS", *args)] if args else []
         lines.append(" ".join(["make export", *variables]))
     return lines + [make]

@@ -290,6 +290,7 @@ class Report:
     # {"ascend": why}: an accelerator this host has (its device files) whose backends were asked for and none ran: no
     # PASS then, whatever the CPU rows say (the user came to compare that device)
     devices_not_run: dict = field(default_factory=dict)
+    model_kwargs: dict = field(default_factory=dict)  # the artifact's --model-kwargs for timm.create_model
 
     @property
     def verdict(self) -> Verdict:

@@ -140,6 +140,7 @@ def compare(model: str, options: CompareOptions = CompareOptions(), step: Callab
         size=sizes.label(options.size) if options.size and tuple(options.size) != sizes.native(art.manifest) else "",
         resample=_resample(statuses, options.reference),
         timm_name=manifest["timm_name"],
+        model_kwargs=artifact.model_kwargs(manifest),
         artifact=str(art.folder),
         weights_source=manifest.get("weights_source", "unknown"),
         weights_sha256=manifest["files"]["weights.safetensors"]["sha256"],

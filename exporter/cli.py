@@ -61,6 +61,10 @@ def parse(argv=None) -> argparse.Namespace:
                              "cannot says why and is exported for its native size")
     parser.add_argument("--verify-size", default="", metavar="SIZES",
                         help="with --dynamic-size: also verify at these sizes, H or HxW, comma-separated (e.g. 224,448,518x392)")
+    parser.add_argument("--model-kwargs", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="keyword arguments for timm.create_model, as in timm's own scripts (e.g. global_pool=token for "
+                             "the CLS token as pooled output, depth=2); kept in the manifest, so every rebuild of the eager "
+                             "model takes them too")
     parser.add_argument("--if-missing", action="store_true", help="export only models that have no artifact yet")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the exporter's own log")
@@ -82,6 +86,7 @@ def parse(argv=None) -> argparse.Namespace:
 
     args.verify_size = tuple(sizes.parse_list(args.verify_size, "--verify-size")) if args.verify_size else ()
     check_thresholds(args.min_cosine, args.max_abs, "--max-abs", "an absolute difference")
+    args.model_kwargs = registry.parse_model_kwargs(args.model_kwargs)
     args.variant = list(dict.fromkeys(args.variant))
     keep = [op.strip() for op in args.fp16_keep.split(",") if op.strip()]
     args.fp16_keep = () if keep == ["none"] else tuple(keep)
@@ -133,7 +138,7 @@ def summary_table(results) -> Table:
         table.add_column(column, justify="left" if column in ("model", "weights") else "right")
     for r in results:
         table.add_row(
-            r.model,
+            r.model + (f" ({registry.kwargs_label(r.model_kwargs)})" if r.model_kwargs else ""),
             f"{r.input_size[1]}x{r.input_size[2]}",
             f"{r.params / 1e6:.1f}M",
             str(r.opset),
@@ -234,6 +239,12 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
                 raise UserError(f"{spec.key}: the artifact under {args.artifacts}/ takes {sizes.label(sizes.native(found.manifest))} "
                                 f"only; --if-missing never replaces it: export it again with python -m exporter {spec.key} "
                                 f"--dynamic-size (and the --weights it was made from)")
+            made_with = artifact.model_kwargs(found.manifest)
+            if args.model_kwargs and made_with != args.model_kwargs:  # none given: any artifact there is taken
+                raise UserError(f"{spec.key}: the artifact under {args.artifacts}/ was made with model kwargs "
+                                f"{registry.kwargs_label(made_with) or '(none)'}, not {registry.kwargs_label(args.model_kwargs) or '(none)'}; "
+                                f"--if-missing never replaces it: export it again without --if-missing (and the --weights "
+                                f"it was made from)")
             present.append(spec.key)
             for warning in artifact.verify_warnings(found.manifest):
                 err.print(Text(f"warning: {warning}", style="yellow"))
@@ -330,7 +341,8 @@ def _options(args, kind, **changes):
              "max_abs": args.max_abs, "verbose": args.verbose, "decompose_layernorm": args.decompose_layernorm,
              "variants": tuple(args.variant), "fp16_keep": args.fp16_keep, "search_precision": args.search_precision,
              "calibration_images": args.calibration_images, "int8_keep": args.int8_keep,
-             "dynamic_size": args.dynamic_size, "verify_sizes": args.verify_size, **({"opset": args.opset} if args.opset else {}), **changes}
+             "dynamic_size": args.dynamic_size, "verify_sizes": args.verify_size,
+             "model_kwargs": tuple(args.model_kwargs.items()), **({"opset": args.opset} if args.opset else {}), **changes}
     return kind(**{f.name: given[f.name] for f in fields(kind) if f.name in given})
 
 

@@ -46,6 +46,7 @@ class ExportOptions(VariantOptions):
     verbose: bool = False
     decompose_layernorm: bool = False  # also write model.ln-decomposed.onnx (for the CANN provider)
     dynamic_size: bool = False  # one graph for every height and width in multiples of the patch (vitparity/sizes.py)
+    model_kwargs: tuple = ()  # --model-kwargs: (key, value) pairs for timm.create_model, kept in the manifest
     verify_sizes: tuple = ()  # with dynamic_size: sizes (h, w) verified besides the native, smaller, larger and non-square
 
 
@@ -67,6 +68,7 @@ class ExportResult:
     weights_source: str
     variants: dict = field(default_factory=dict)  # reduced-precision variants written: {file: manifest record}
     sizes: dict = field(default_factory=dict)  # the manifest's size record (vitparity/sizes.py)
+    model_kwargs: dict = field(default_factory=dict)  # --model-kwargs it was built with
 
 
 def sample_batch(input_size, seed: int = SAMPLE_SEED, batch: int = TRACE_BATCH) -> np.ndarray:
@@ -74,18 +76,19 @@ def sample_batch(input_size, seed: int = SAMPLE_SEED, batch: int = TRACE_BATCH) 
     return np.random.default_rng(seed).standard_normal((batch, *input_size), dtype=np.float32)
 
 
-def build_model(spec: registry.ModelSpec, weights_arg: str, seed: int, dynamic: bool = False):
+def build_model(spec: registry.ModelSpec, weights_arg: str, seed: int, dynamic: bool = False, model_kwargs: dict | None = None):
     """The eval-mode timm model with its weights, and where the weights came from. `dynamic`: built with timm's
-    dynamic_img_size (any height and width) where its class has that option (not_dynamic says why when not)."""
+    dynamic_img_size (any height and width) where its class has that option (not_dynamic says why when not).
+    `model_kwargs`: the user's --model-kwargs for timm.create_model."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         try:
-            model = registry.create(spec, **({"dynamic_img_size": True} if dynamic else {}))
+            model = registry.create(spec, model_kwargs, **({"dynamic_img_size": True} if dynamic else {}))
         except TypeError as error:  # the architecture's constructor has no dynamic_img_size
             if not dynamic or "dynamic_img_size" not in str(error):
                 raise
             torch.manual_seed(seed)
-            model = registry.create(spec)
+            model = registry.create(spec, model_kwargs)
     source = weights.load_weights(model, weights_arg, seed)
     return model, source
 
@@ -292,7 +295,7 @@ def export(
     started = time.perf_counter()
     spec = registry.resolve(name)
     step(f"{spec.key}: building {spec.timm_name}")
-    model, source = build_model(spec, options.weights, options.seed, options.dynamic_size)
+    model, source = build_model(spec, options.weights, options.seed, options.dynamic_size, dict(options.model_kwargs))
     fixed = not_dynamic(spec, model) if options.dynamic_size else ""
     if fixed:
         step(f"{spec.key}: exported for its native size only: {fixed}")
@@ -325,6 +328,7 @@ def export(
         weights_source=source,
         variants={name: record for name, record in manifest["variants"].items() if "variant" in record},
         sizes=manifest["sizes"],
+        model_kwargs=manifest["model_kwargs"],
     )
 
 
@@ -395,6 +399,7 @@ def _stage_and_publish(spec, model, source, config, sample, folder, options, ste
             "model": spec.key,
             "timm_name": spec.timm_name,
             "alias": spec.alias,
+            "model_kwargs": dict(options.model_kwargs),  # --model-kwargs: every rebuild of the eager model takes them too
             "pretrained_tag": model.pretrained_cfg.get("tag") or spec.pretrained_tag,
             "input": {"name": INPUT_NAME, "shape": ["batch", *input_size], "dtype": "float32", "layout": "NCHW"},
             "outputs": {n: ["batch", *outputs[n].shape[1:]] for n in OUTPUT_NAMES},

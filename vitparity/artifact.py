@@ -402,7 +402,16 @@ def manifest_problem(manifest) -> str | None:
             return f"the file name {name!r} is not a plain name inside the artifact folder (no '/', '..' or leading '.')"
         if not (isinstance(record, dict) and _is_digest(record.get("sha256")) and isinstance(record.get("bytes"), int)):
             return f"the record of {name} is not {{sha256: 64 hex digits, bytes}}"
+    kwargs = manifest.get("model_kwargs", {})
+    if not (isinstance(kwargs, dict) and all(isinstance(key, str) and key.isidentifier() for key in kwargs)):
+        return "'model_kwargs' is not an object of keyword arguments"
     return data_config_problem(manifest["data_config"])
+
+
+def model_kwargs(manifest: dict) -> dict:
+    """The --model-kwargs the artifact was exported with, for timm.create_model: {} for none (and for an artifact
+    made before they were recorded)."""
+    return dict(manifest.get("model_kwargs") or {})
 
 
 def drop(folder: Path, names: list[str]) -> dict:

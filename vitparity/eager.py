@@ -37,7 +37,8 @@ def rebuild_model(art: artifact.Artifact):
 
     spec = registry.ModelSpec(alias=art.manifest.get("alias"), timm_name=art.manifest["timm_name"])
     # A graph for every size was traced from timm's dynamic-size model: the eager model runs at any size too.
-    model = registry.create(spec, **({"dynamic_img_size": True} if sizes.record(art.manifest)["dynamic"] else {}))
+    model = registry.create(spec, artifact.model_kwargs(art.manifest),
+                            **({"dynamic_img_size": True} if sizes.record(art.manifest)["dynamic"] else {}))
     try:
         model.load_state_dict(load_file(str(art.path("weights.safetensors"))), strict=True)
     except RuntimeError as error:

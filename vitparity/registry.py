@@ -56,11 +56,71 @@ def resolve(name: str, exported: Path | str | None = None) -> ModelSpec:
     )
 
 
-def create(spec: ModelSpec, **kwargs):
-    """Build the timm model with no classifier and no download. The weights are set by the caller."""
+# What timm.create_model takes for itself, what the artifact sets (no classifier, the size option, 3 channels), and
+# what reads files or the hub: never a --model-kwargs key.
+RESERVED_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir", "num_classes",
+                   "dynamic_img_size", "features_only", "in_chans", "scriptable", "exportable", "no_jit")
+
+
+def parse_model_kwargs(words) -> dict:
+    """timm's --model-kwargs: KEY=VALUE words as {key: value}, VALUE read as a Python literal (2, 1e-5, True, None,
+    'token', [224, 224]) and otherwise taken as the word itself (global_pool=token). A UserError for anything else."""
+    import ast
+
+    found = {}
+    for word in words:
+        key, equals, text = word.partition("=")
+        if not equals or not key.isidentifier():
+            raise UserError(f"--model-kwargs takes KEY=VALUE words (e.g. depth=2 global_pool=token); {word!r} is not one "
+                            f"(model names go before --model-kwargs)")
+        if key in RESERVED_KWARGS:
+            raise UserError(f"--model-kwargs {key}=... is set by vit-parity itself (or reads files); leave it out"
+                            + (" and use --dynamic-size" if key == "dynamic_img_size" else ""))
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            value = text
+        found[key] = _plain(value, word)
+    return found
+
+
+def _plain(value, word: str):
+    """`value` as JSON can hold it in a manifest (a tuple as a list); a UserError for what it cannot."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(item, word) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise UserError(f"--model-kwargs {word}: the value is a {type(value).__name__}; give a number, a word, True/False/None "
+                    f"or a list of them")
+
+
+def kwargs_words(kwargs: dict) -> list[str]:
+    """The --model-kwargs words that parse back to `kwargs` exactly (a string quoted: global_pool='token')."""
+    return [f"{key}={value!r}" for key, value in kwargs.items()]
+
+
+def kwargs_label(kwargs: dict) -> str:
+    """The model kwargs as a user would type them: "depth=2 global_pool=token" ("" for none)."""
+    return " ".join(f"{key}={value}" for key, value in kwargs.items())
+
+
+def create(spec: ModelSpec, model_kwargs: dict | None = None, **kwargs):
+    """Build the timm model with no classifier and no download, with the artifact's `model_kwargs` (--model-kwargs)
+    and the options `kwargs` of vit-parity's own. The weights are set by the caller. A keyword the architecture does
+    not take is a UserError naming it."""
     import timm
 
-    return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs).eval()
+    reserved = [key for key in (model_kwargs or {}) if key in RESERVED_KWARGS]  # a manifest is read as data too
+    if reserved:
+        raise UserError(f"model kwargs {reserved[0]}=... is set by vit-parity itself (or reads files): not taken")
+    try:
+        return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **(model_kwargs or {}), **kwargs).eval()
+    except TypeError as error:
+        wrong = [key for key in (model_kwargs or {}) if f"'{key}'" in str(error)]
+        if not wrong:
+            raise
+        raise UserError(f"--model-kwargs {wrong[0]}=...: timm's {spec.timm_name.partition('.')[0]} does not take it "
+                        f"({error})") from None
 
 
 def data_config(model) -> dict:

@@ -146,3 +146,52 @@ def test_verify_bounds_the_abs_diff_per_unit_of_the_outputs_peak(tmp_path):
         verify_onnx(path, sample, {"pooled": sample * 100, "tokens": sample + 1e-3}, ExportOptions())
     with pytest.raises(CheckFailed, match=r"output pooled .* max abs diff 0.02 > 0.009 = 0.0001 x peak 90$"):
         verify_onnx(path, sample, {"pooled": sample * 100 + 2e-2, "tokens": sample}, ExportOptions())
+
+
+@pytest.mark.parametrize("words,message", [
+    (("depth",), "--model-kwargs takes KEY=VALUE words"),
+    (("checkpoint_path=/etc/passwd",), "--model-kwargs checkpoint_path=... is set by vit-parity itself"),
+    (("dephth=2",), "--model-kwargs dephth=...: timm's test_vit does not take it"),
+])
+def test_bad_model_kwargs_are_one_line_errors_and_write_nothing(tmp_path, capsys, words, message):
+    from exporter.cli import main
+
+    code, _, err = call(main, capsys, TINY, "--artifacts", str(tmp_path), "--weights", "random", "--model-kwargs", *words)
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_model_kwargs_are_kept_in_the_manifest_and_every_rebuild_takes_them(tiny_copy, tmp_path, capsys):
+    """timm's --model-kwargs (global_pool=token: the CLS token as the pooled output, as upstream DINOv3 pools)."""
+    from compare.cli import main as compare
+    from exporter.cli import main
+    from vitparity.eager import rebuild_model
+
+    code, out, err = call(main, capsys, TINY, "--artifacts", str(tmp_path), "--weights", "random",
+                          "--model-kwargs", "depth=2", "global_pool=token")
+    assert code == 0, err
+    assert f"{TINY} (depth=2 global_pool=token)" in out
+    art = artifact.load(tmp_path, TINY)
+    assert art.manifest["model_kwargs"] == {"depth": 2, "global_pool": "token"}
+    model = rebuild_model(art)  # a strict load: two blocks, or it would not fit
+    assert len(model.blocks) == 2 and model.global_pool == "token"
+    with np.load(art.path("sample.npz")) as sample:  # the pooled output is the CLS token of the final norm
+        assert np.array_equal(sample["pooled"], sample["tokens"][:, 0])
+    code, out, err = call(compare, capsys, TINY, "--artifacts", str(tmp_path), "--backends", "torch-cpu,ort-cpu",
+                          "--no-latency")
+    assert code == 0 and "(depth=2 global_pool=token)" in out, out + err
+    # --if-missing never takes an artifact made otherwise for the one asked for, and without the flag takes any.
+    manifest = (tiny_copy / TINY / "manifest.json").read_bytes()
+    code, _, err = call(main, capsys, TINY, "--artifacts", str(tiny_copy), "--if-missing", "--model-kwargs", "depth=2")
+    assert code == 2 and "was made with model kwargs (none), not depth=2" in err, err
+    code, _, err = call(main, capsys, TINY, "--artifacts", str(tmp_path), "--if-missing")
+    assert code == 0 and f"{TINY}: an artifact exists" in err, err
+    assert (tiny_copy / TINY / "manifest.json").read_bytes() == manifest
+    # A manifest is data: a key that reads files is refused, never handed to timm.
+    edited = json.loads((tmp_path / TINY / "manifest.json").read_text())
+    edited["model_kwargs"]["checkpoint_path"] = "/etc/passwd"
+    (tmp_path / TINY / "manifest.json").write_text(json.dumps(edited))
+    from vitparity.errors import UserError
+
+    with pytest.raises(UserError, match="checkpoint_path=... is set by vit-parity itself"):
+        rebuild_model(artifact.load(tmp_path, TINY))

@@ -115,12 +115,16 @@ def create(spec: ModelSpec, model_kwargs: dict | None = None, **kwargs):
         raise UserError(f"model kwargs {reserved[0]}=... is set by vit-parity itself (or reads files): not taken")
     try:
         return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **(model_kwargs or {}), **kwargs).eval()
-    except TypeError as error:
-        wrong = [key for key in (model_kwargs or {}) if f"'{key}'" in str(error)]
-        if not wrong:
+    except Exception as error:  # noqa: BLE001 - a constructor given a value it refuses raises any type (assert, range)
+        if not model_kwargs or "dynamic_img_size" in str(error):  # not the user's kwargs (build_model reads this one)
             raise
-        raise UserError(f"--model-kwargs {wrong[0]}=...: timm's {spec.timm_name.partition('.')[0]} does not take it "
-                        f"({error})") from None
+        architecture = spec.timm_name.partition(".")[0]
+        wrong = [key for key in model_kwargs if isinstance(error, TypeError) and f"'{key}'" in str(error)]
+        if wrong:
+            raise UserError(f"--model-kwargs {wrong[0]}=...: timm's {architecture} does not take it ({error})") from None
+        said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"timm's {architecture} cannot be built with --model-kwargs {kwargs_label(model_kwargs)}: "
+                        f"{said}") from None
 
 
 def data_config(model) -> dict:

@@ -152,6 +152,7 @@ def test_verify_bounds_the_abs_diff_per_unit_of_the_outputs_peak(tmp_path):
     (("depth",), "--model-kwargs takes KEY=VALUE words"),
     (("checkpoint_path=/etc/passwd",), "--model-kwargs checkpoint_path=... is set by vit-parity itself"),
     (("dephth=2",), "--model-kwargs dephth=...: timm's test_vit does not take it"),
+    (("global_pool=bogus",), "timm's test_vit cannot be built with --model-kwargs global_pool=bogus: Only avg"),
 ])
 def test_bad_model_kwargs_are_one_line_errors_and_write_nothing(tmp_path, capsys, words, message):
     from exporter.cli import main

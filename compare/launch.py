@@ -103,9 +103,11 @@ def makes_input(job: Job) -> bool:
 
 def _warm_imports(cls: type, input_maker: bool = False) -> tuple[str, ...]:
     """What a warm-start server imports for `cls`'s workers (vitparity/warm.py); () starts them fresh. The worker that
-    makes the input imports torch and timm whatever its backend, so it is forked from the server that has them: an
-    onnxruntime worker then imports onnxruntime, which starts threads, after the fork, as a fresh one would."""
-    first = tuple(getattr(cls, "imports_first", ())) or (TORCH_AND_TIMM if input_maker else ())
+    makes the input imports torch and timm whatever its backend, so a CPU backend's is forked from the server that has
+    them: onnxruntime's then imports onnxruntime, which starts threads, after the fork, as a fresh one would. A device
+    backend's worker always starts fresh, its device runtime with it."""
+    on_the_cpu = not getattr(cls, "accelerator", "")
+    first = tuple(getattr(cls, "imports_first", ())) or (TORCH_AND_TIMM if input_maker and on_the_cpu else ())
     return ("vitparity", *first, "compare.worker") if first else ()
 
 

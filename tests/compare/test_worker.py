@@ -102,3 +102,17 @@ def test_a_warm_started_worker_computes_bit_for_bit_what_a_fresh_one_does(artifa
     assert saved["1"] and saved["1"].keys() == saved["0"].keys()
     for key, value in saved["1"].items():
         assert np.array_equal(value, saved["0"][key]), key
+
+
+def test_only_cpu_workers_are_forked_and_a_device_backend_that_makes_the_input_starts_fresh():
+    """The worker that makes the input imports torch and timm whatever its backend; forked from the server that has
+    them only on the CPU: a device backend's worker starts fresh, its device runtime with it."""
+    from compare.backends import BACKENDS
+    from compare.launch import _warm_imports
+
+    torch_and_timm = _warm_imports(TorchCpu)
+    assert "torch" in torch_and_timm and "timm" in torch_and_timm
+    assert _warm_imports(BACKENDS["ort-cpu"]) == ()  # its own imports start a thread: fresh unless it makes the input
+    assert _warm_imports(BACKENDS["ort-cpu"], True) == torch_and_timm  # the same server as torch-cpu's
+    for name in ("torch-npu", "torch-cuda", "ort-cann", "ort-cuda"):
+        assert _warm_imports(BACKENDS[name], True) == (), name

@@ -180,17 +180,24 @@ def write_int8(source: Path, target: Path, calibration=None, count: int = 0, exc
 
 def write_fused(source: Path, target: Path) -> dict:
     """onnxruntime.transformers.optimizer of `source` (model_type "vit") into `target`: LayerNorm with the residual
-    add (SkipLayerNormalization), bias with GELU (BiasGelu), Attention where its pattern matches; return the recipe,
-    with how many of each fusion it made."""
+    add (SkipLayerNormalization), bias with GELU (BiasGelu), Attention where its pattern matches; then each
+    attention the exporter wrote out (scaled_dot_product_attention's decomposition, which the optimizer does not
+    match: exporter/attention.py) as one MultiHeadAttention. Return the recipe, with how many of each it made."""
     from onnxruntime.transformers import optimizer
+
+    from .attention import fuse_attention
 
     with _quiet_logging():
         # num_heads and hidden_size 0: the optimizer reads them from the graph.
         model = optimizer.optimize_model(str(source), model_type="vit", num_heads=0, hidden_size=0, use_gpu=False)
         fused = {op: count for op, count in model.get_fused_operator_statistics().items() if count}
+        attention = fuse_attention(model.model)
+        if attention:
+            fused["MultiHeadAttention"] = fused.get("MultiHeadAttention", 0) + attention
         model.save_model_to_file(str(target), use_external_data_format=Path(str(source) + ".data").exists())
     return {**_library("onnxruntime.transformers.optimizer"), "call": "optimize_model",
-            "options": {"model_type": "vit", "num_heads": 0, "hidden_size": 0, "use_gpu": False}, "fused": fused}
+            "options": {"model_type": "vit", "num_heads": 0, "hidden_size": 0, "use_gpu": False}, "fused": fused,
+            "attention": {"pass": "exporter.attention.fuse_attention", "replaced": attention}}
 
 
 def int8_modules(source: Path) -> dict[str, str]:

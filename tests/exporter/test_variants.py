@@ -277,6 +277,13 @@ def test_the_fused_graph_is_verified_and_hashed_like_any_variant_and_int8_is_mad
     assert fused["verify"]["cosine"] >= TOLERANCES["same-host"].min_cosine
     ops = Counter(n.op_type for n in onnx.load(str(art.path("model.fused.onnx"))).graph.node)
     assert ops["SkipLayerNormalization"] == fused["recipe"]["fused"]["SkipLayerNormalization"]
+    # every block's attention is one MultiHeadAttention (exporter/attention.py): none is left as Softmax and MatMuls
+    import timm
+
+    depth = len(timm.create_model(TINY, pretrained=False).blocks)
+    assert ops["MultiHeadAttention"] == fused["recipe"]["fused"]["MultiHeadAttention"] == depth and ops["Softmax"] == 0
+    int8_ops = Counter(n.op_type for n in onnx.load(str(art.path("model.int8-fused.onnx"))).graph.node)
+    assert int8_ops["MultiHeadAttention"] == depth
     assert int8["from"] == "model.fused.onnx" and int8["class"] == "int8"
     assert art.manifest["files"]["model.fused.onnx"]["sha256"] == artifact.sha256(art.path("model.fused.onnx"))
 

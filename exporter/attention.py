@@ -103,6 +103,10 @@ def fuse_attention(model) -> int:
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(_live(nodes, {o.name for o in graph.output}))
+    made = {out for node in graph.node for out in node.output}
+    shaped = [info for info in graph.value_info if info.name in made]  # none for the tensors that went
+    del graph.value_info[:]
+    graph.value_info.extend(shaped)
     used = _read(graph.node)
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
@@ -113,12 +117,11 @@ def fuse_attention(model) -> int:
 
 
 def _shapes(model) -> dict:
-    """{tensor: [dim, ...]} from onnx's shape inference, a dim an int where static, else its name or None."""
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(model)
+    """{tensor: [dim, ...]} from the shapes the graph records (the dynamo exporter writes a value_info for every
+    tensor, and onnxruntime's optimizer keeps them): a dim an int where static, else its name or None. Read, not
+    inferred: onnx's shape inference knows no com.microsoft op, and could not take a model over 2 GB whole."""
     found = {}
-    for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+    for info in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
         tensor = info.type.tensor_type
         if tensor.HasField("shape"):
             found[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]

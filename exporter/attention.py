@@ -36,9 +36,11 @@ def fuse_attention(model) -> int:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
 
+    outputs = {o.name for o in graph.output}
+
     def only_consumer(name):
         users = consumers.get(name, [])
-        return users[0] if len(users) == 1 and name not in {o.name for o in graph.output} else None
+        return users[0] if len(users) == 1 and name not in outputs else None
 
     def scaled(name):
         """(the tensor, the scalar) of Mul(tensor, scalar) producing `name`, or None."""
@@ -102,7 +104,7 @@ def fuse_attention(model) -> int:
         elif id(node) not in drop:
             nodes.append(node)
     del graph.node[:]
-    graph.node.extend(_live(nodes, {o.name for o in graph.output}))
+    graph.node.extend(_live(nodes, outputs))
     made = {out for node in graph.node for out in node.output}
     shaped = [info for info in graph.value_info if info.name in made]  # none for the tensors that went
     del graph.value_info[:]

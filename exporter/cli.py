@@ -42,7 +42,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--variant", action="append", default=[], choices=list(PRECISION_VARIANTS), metavar="VARIANT",
                         help="also write a derived graph, verified against eager fp32 by its own class: int8 (dynamic), "
                              "int8-qdq (static QDQ, calibrated on --calibration-images), fp16, fused (onnxruntime's "
-                             "optimizer and attention as MultiHeadAttention, fp32), int8-fused (int8 of the fused graph; add fused too); repeatable. With "
+                             "optimizer and attention as MultiHeadAttention, fp32), int8-fused (int8 of the fused "
+                             "graph; add fused too); repeatable. With "
                              "--if-missing, adds missing variants to an existing artifact")
     parser.add_argument("--calibration-images", metavar="DIR", help="a folder or glob of images: int8-qdq calibrates on "
                         "them, and every variant is verified on them too (default: the seeded sample only)")

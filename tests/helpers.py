@@ -123,16 +123,17 @@ LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "0000000000000000000
 ANY = {"00000000", "00000000000000000000000000000000"}
 
 
-def foreign_sockets(pids) -> tuple[int, list[str]]:
+def foreign_sockets(pids, allow: tuple[tuple[str, str], ...] = ()) -> tuple[int, list[str]]:
     """(how many TCP sockets processes `pids` hold, those whose local or remote address is not the loopback
-    one; a socket not yet connected has remote address 0). Read from /proc: no tool needed."""
-    inodes = set()
+    one; a socket not yet connected has remote address 0). Read from /proc: no tool needed. `allow`: (a piece of the
+    holder's command line, the remote address as /proc writes it) pairs that are not counted as foreign."""
+    holders = {}
     for pid in pids:
         try:
             for fd in Path(f"/proc/{pid}/fd").iterdir():
                 target = os.readlink(fd) if fd.is_symlink() else ""
                 if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
+                    holders[target[8:-1]] = pid
         except OSError:
             continue
     bad, checked = [], 0
@@ -144,10 +145,13 @@ def foreign_sockets(pids) -> tuple[int, list[str]]:
         for line in lines:
             fields = line.split()
             local, remote, inode = fields[1].split(":")[0], fields[2].split(":")[0], fields[9]
-            if inode in inodes:
+            if inode in holders:
                 checked += 1
+                holder = command_line(holders[inode])
+                if any(part in holder and fields[2] == address for part, address in allow):
+                    continue
                 if local not in LOOPBACK or remote not in LOOPBACK | ANY:
-                    bad.append(f"{table}: {fields[1]} -> {fields[2]}")
+                    bad.append(f"{table}: {fields[1]} -> {fields[2]} ({holder[:80]})")
     return checked, bad
 
 

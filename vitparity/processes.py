@@ -94,8 +94,11 @@ def run_child(command: list[str], *, cwd, timeout_s: float, stdout=None, stderr=
                                    preexec_fn=prepare)
     deadline = time.monotonic() + timeout_s
     try:
-        raise_pending_interrupt()  # a Ctrl-C during the fork lands in an at-fork callback, which swallows it
         while True:
+            # An interrupt that a callback swallowed (the fork's at-fork callbacks; a finalizer the garbage collector
+            # runs during a tick) is raised here, at every turn: otherwise this waits out the child's whole time
+            # limit after a SIGTERM (seen once in CI: a compare that outlived SIGTERM by 30 s, its worker hanging).
+            raise_pending_interrupt()
             try:
                 return process.wait(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:

@@ -6,6 +6,9 @@ import os
 import sys
 import time
 
+import pytest
+
+import vitparity
 from tests.helpers import gone
 from vitparity import processes
 
@@ -16,6 +19,7 @@ grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(12
 open(sys.argv[1], "w").write(f"{os.getpgid(0)} {os.getpid()} {grandchild.pid}")
 time.sleep(120)
 """
+OBEDIENT = STUBBORN.replace("signal.signal(signal.SIGTERM, signal.SIG_IGN)", "")  # stops when asked
 
 
 def test_a_child_that_ignores_term_is_killed_after_the_grace_with_what_it_started(tmp_path):
@@ -35,3 +39,22 @@ def test_a_child_that_ends_gives_its_exit_code_and_ticks_while_it_runs(tmp_path)
     code = processes.run_child([sys.executable, "-c", "import time, sys; time.sleep(1.2); sys.exit(3)"], cwd=tmp_path,
                                timeout_s=30, tick=lambda: ticks.append(1))
     assert code == 3 and len(ticks) >= 1
+
+
+def test_an_interrupt_swallowed_while_the_child_runs_stops_it_at_the_next_turn(tmp_path):
+    # As when SIGTERM lands in a finalizer that the garbage collector runs during a tick: Python swallows the
+    # exception and our unraisable hook records it (vitparity._swallowed). The wait must not go on to the time limit.
+    record = tmp_path / "pids"
+    swallowed = []
+
+    def tick():
+        if record.exists() and not swallowed:  # the child and its grandchild run
+            swallowed.append(15)
+            vitparity._swallowed.append(15)
+
+    started = time.monotonic()
+    with pytest.raises(vitparity.Stopped):
+        processes.run_child([sys.executable, "-c", OBEDIENT, str(record)], cwd=tmp_path, timeout_s=60, tick=tick)
+    assert time.monotonic() - started < 30 and swallowed and not vitparity._swallowed
+    _, pid, grandchild = map(int, record.read_text().split())
+    assert gone(pid, 5) and gone(grandchild, 5)

@@ -57,6 +57,14 @@ def _parent(pid: int) -> int:
         return -1
 
 
+# The one connection off the loopback address that Ray makes and no setting of it stops: the API server, which ray.init
+# starts even without the dashboard (only its UsageStatsHead module then), asks the cloud metadata address
+# 169.254.169.254:80 which cloud it runs in, with usage statistics off too (Ray 2.60: UsageStatsHead.run calls
+# usage_lib.get_cloud_from_metadata_requests before it reads the setting). Seen on a CI host that routes that address;
+# here it fails at once. That process, that address and port only: any other socket off 127.0.0.1 still fails.
+RAY_CLOUD_PROBE = (("ray/dashboard/dashboard.py", "FEA9FEA9:0050"),)
+
+
 def ray_sweep(names, out, kill: str = "") -> dict:
     """Sweep the models of the list file `names` on a local Ray; their rows by model. Checks that every socket
     of the Ray processes stays on 127.0.0.1 while they run. With `kill` (a model of the list), the task that runs
@@ -64,7 +72,7 @@ def ray_sweep(names, out, kill: str = "") -> dict:
     sweep = _start(out, "--list", str(names))
     foreign, checked, killed, deadline = [], 0, [], time.monotonic() + 300
     while sweep.poll() is None and time.monotonic() < deadline:
-        count, bad = foreign_sockets(descendants(sweep.pid) + [sweep.pid])
+        count, bad = foreign_sockets(descendants(sweep.pid) + [sweep.pid], allow=RAY_CLOUD_PROBE)
         checked, foreign = checked + count, foreign + bad
         running = [pid for pid in _tasks(sweep) if pid not in killed and kill and _runs(pid, kill)]
         if running and len(killed) < 2:  # the task, then Ray's one retry of it
@@ -73,7 +81,7 @@ def ray_sweep(names, out, kill: str = "") -> dict:
         time.sleep(0.2)
     _, err = sweep.communicate(timeout=30)
     assert sweep.returncode in (0, 1) and "Ray node" in err, err
-    assert checked and not foreign, foreign  # Ray's servers and workers held sockets, all on 127.0.0.1
+    assert checked and not foreign, foreign  # Ray's servers and workers held sockets, all on 127.0.0.1 (but the probe)
     assert len(killed) == (2 if kill else 0), (killed, err)
     return {row.model: row for row in read_rows(out / "results.jsonl")}
 

@@ -31,6 +31,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the hub; the auto pa
 from tests.helpers import ORT_ONLY, TINY, TINY_INT8_KEEP, SecondOrtCpu, shared  # noqa: E402 - after the environment is set
 
 
+@pytest.fixture(scope="session")
+def worker_id() -> str:
+    """pytest-xdist's worker name (gw0, gw1, ...), or "master" in a run without xdist: xdist's own fixture, defined
+    here too, so that where pytest-xdist is not installed (a host with its own Python, installing nothing) or is
+    turned off (-p no:xdist) the suite runs one test at a time, as the Makefile says, instead of failing to set up."""
+    return os.environ.get("PYTEST_XDIST_WORKER", "master")
+
+
 def _exported(tmp_path_factory, worker_id, name: str) -> Path:
     """The session-wide artifacts root, with model `name` exported into it once for the whole run: the pytest-xdist
     workers share it, each model under a lock of its own, so a model is never exported twice and one worker waits

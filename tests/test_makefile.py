@@ -1,8 +1,10 @@
 """The Makefile: every Python target sets up .venv by itself, and PYTHON= installs nothing."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -105,3 +107,14 @@ def test_a_reproduce_line_for_paths_with_quotes_and_spaces_runs_the_same_command
     words = shlex.split(line)
     [run] = make_argv(tmp_path, "compare", *words[2:])
     assert vars(parse(run[2:])) == vars(parse([*argv, "--if-missing"]))  # the target always exports what is missing
+
+
+def test_without_pytest_xdist_every_shared_fixture_sets_up():
+    """`make test` runs the tests one at a time where pytest-xdist is missing (a host with its own Python): the fixtures
+    that share a folder between xdist workers must set up without xdist too (its `worker_id` fixture was missing: every
+    test that used one was an error). --setup-plan resolves every fixture of the module and runs none."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "--setup-plan", "-q",
+                           "tests/compare/test_markdown.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "error" not in done.stdout.lower(), done.stdout[-3000:]
+    assert "SETUP    S worker_id" in done.stdout and "SETUP    S artifacts_root" in done.stdout, done.stdout[-3000:]

@@ -147,10 +147,10 @@ def foreign_sockets(pids, allow: tuple[tuple[str, str], ...] = ()) -> tuple[int,
             local, remote, inode = fields[1].split(":")[0], fields[2].split(":")[0], fields[9]
             if inode in holders:
                 checked += 1
-                holder = command_line(holders[inode])
-                if any(part in holder and fields[2] == address for part, address in allow):
+                if local in LOOPBACK and remote in LOOPBACK | ANY:
                     continue
-                if local not in LOOPBACK or remote not in LOOPBACK | ANY:
+                holder = command_line(holders[inode])  # read for a foreign socket only: this runs every 0.2 s
+                if not any(part in holder and fields[2] == address for part, address in allow):
                     bad.append(f"{table}: {fields[1]} -> {fields[2]} ({holder[:80]})")
     return checked, bad
 

@@ -89,24 +89,34 @@ def one_line_error(err: str) -> str:
     return lines[0]
 
 
-def children(pid: int) -> list[int]:
-    """The live child processes of `pid`, read from /proc."""
-    found = []
+def parents() -> dict[int, int]:
+    """Every live process's parent, {pid: ppid}, read from /proc once (zombies left out). Callers that poll take one
+    snapshot per turn: a walk that read all of /proc again for each process of a tree cost the sweep test's
+    polling 9.3 s of CPU (5.4 s this way), on the cores the sweep itself runs on."""
+    found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
+        if fields[0] != "Z":
+            found[int(stat.parent.name)] = int(fields[1])
     return found
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live process below `pid`: its children, theirs, and so on."""
+def children(pid: int, tree: dict[int, int] | None = None) -> list[int]:
+    """The live child processes of `pid` (in the snapshot `tree` of parents(), or read now)."""
+    return [child for child, parent in (parents() if tree is None else tree).items() if parent == pid]
+
+
+def descendants(pid: int, tree: dict[int, int] | None = None) -> list[int]:
+    """Every live process below `pid`: its children, theirs, and so on (in the snapshot `tree`, or read now)."""
+    below: dict[int, list[int]] = {}
+    for child, parent in (parents() if tree is None else tree).items():
+        below.setdefault(parent, []).append(child)
     found, queue = [], [pid]
     while queue:
-        for child in children(queue.pop()):
+        for child in below.get(queue.pop(), []):
             found.append(child)
             queue.append(child)
     return found

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -19,6 +18,7 @@ from tests.helpers import (
     descendants,
     foreign_sockets,
     gone,
+    parents,
     wait_for,
 )
 from zoo.ray_runner import infeasible, memory_need
@@ -43,18 +43,12 @@ def _start(out, *args):
                             stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def _tasks(sweep) -> list[int]:
+def _tasks(sweep, tree: dict[int, int] | None = None) -> list[int]:
     """The Ray workers running a model's task. Not their children: a step forked by the task carries the
     task's process title until it execs, and killing it would kill a step, not the task."""
-    tasks = [pid for pid in descendants(sweep.pid) if command_line(pid).startswith("ray::_task")]
-    return [pid for pid in tasks if _parent(pid) not in tasks]
-
-
-def _parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
+    tree = parents() if tree is None else tree
+    tasks = [pid for pid in descendants(sweep.pid, tree) if command_line(pid).startswith("ray::_task")]
+    return [pid for pid in tasks if tree.get(pid) not in tasks]
 
 
 # The one connection off the loopback address that Ray makes and no setting of it stops: the API server, which ray.init
@@ -72,9 +66,10 @@ def ray_sweep(names, out, kill: str = "") -> dict:
     sweep = _start(out, "--list", str(names))
     foreign, checked, killed, deadline = [], 0, [], time.monotonic() + 300
     while sweep.poll() is None and time.monotonic() < deadline:
-        count, bad = foreign_sockets(descendants(sweep.pid) + [sweep.pid], allow=RAY_CLOUD_PROBE)
+        tree = parents()  # one read of /proc per turn
+        count, bad = foreign_sockets(descendants(sweep.pid, tree) + [sweep.pid], allow=RAY_CLOUD_PROBE)
         checked, foreign = checked + count, foreign + bad
-        running = [pid for pid in _tasks(sweep) if pid not in killed and kill and _runs(pid, kill)]
+        running = [pid for pid in _tasks(sweep, tree) if pid not in killed and kill and _runs(pid, kill, tree)]
         if running and len(killed) < 2:  # the task, then Ray's one retry of it
             os.kill(running[0], signal.SIGKILL)
             killed.append(running[0])
@@ -86,10 +81,10 @@ def ray_sweep(names, out, kill: str = "") -> dict:
     return {row.model: row for row in read_rows(out / "results.jsonl")}
 
 
-def _runs(task: int, model: str) -> bool:
+def _runs(task: int, model: str, tree: dict[int, int] | None = None) -> bool:
     """Whether the Ray task `task` runs `model`: one of its steps ends its command line with `-- MODEL`
     (zoo/step.py), which no other model's step does."""
-    return any(command_line(pid).split()[-2:] == ["--", model] for pid in descendants(task))
+    return any(command_line(pid).split()[-2:] == ["--", model] for pid in descendants(task, tree))
 
 
 @needs_ray

@@ -77,10 +77,14 @@ def fuse_attention(model) -> int:
             continue
         name = softmax.name or probs
         flat, split = f"{name}/mha_flat", f"{name}/mha_split"
+        # k itself where k^T is its transpose (then onnxruntime cancels k's Transpose with the one that made it,
+        # as it does q's and v's: 3 of dinov2's 37 Transposes a block), else k^T transposed back
+        k = _untransposed(kt, producer, constants, shapes)
         new = [
             helper.make_node("Transpose", [q], [f"{name}/q_bsnh"], name=f"{name}/q_bsnh", perm=[0, 2, 1, 3]),
             helper.make_node("Reshape", [f"{name}/q_bsnh", flat], [f"{name}/q_bsd"], name=f"{name}/q_bsd"),
-            helper.make_node("Transpose", [kt], [f"{name}/k_bsnh"], name=f"{name}/k_bsnh", perm=[0, 3, 1, 2]),
+            helper.make_node("Transpose", [k or kt], [f"{name}/k_bsnh"], name=f"{name}/k_bsnh",
+                             perm=[0, 2, 1, 3] if k else [0, 3, 1, 2]),
             helper.make_node("Reshape", [f"{name}/k_bsnh", flat], [f"{name}/k_bsd"], name=f"{name}/k_bsd"),
             helper.make_node("Transpose", [v], [f"{name}/v_bsnh"], name=f"{name}/v_bsnh", perm=[0, 2, 1, 3]),
             helper.make_node("Reshape", [f"{name}/v_bsnh", flat], [f"{name}/v_bsd"], name=f"{name}/v_bsd"),
@@ -116,6 +120,57 @@ def fuse_attention(model) -> int:
     if not any(op.domain == DOMAIN for op in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
     return len(replace)
+
+
+def _untransposed(kt: str, producer: dict, constants: dict, shapes: dict) -> str | None:
+    """The rank-4 k of which `kt` is the transpose of the last two axes, or None: Transpose(k, perm 0 1 3 2), or the
+    dynamo exporter's Reshape(Transpose(Reshape(k, (-1, S, D)), perm 0 2 1), (B, H, D, S)), where both shapes are
+    read from Shape(k) (each dim checked, so no other reshape is taken for it)."""
+    from onnx import numpy_helper
+
+    node = producer.get(kt)
+    if node is None:
+        return None
+    if node.op_type == "Transpose":
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        return node.input[0] if perm == [0, 1, 3, 2] else None
+    middle = producer.get(node.input[0]) if node.op_type == "Reshape" else None
+    if middle is None or middle.op_type != "Transpose" or \
+            next((list(a.ints) for a in middle.attribute if a.name == "perm"), None) != [0, 2, 1]:
+        return None
+    first = producer.get(middle.input[0])
+    if first is None or first.op_type != "Reshape":
+        return None
+    k = first.input[0]
+    if len(shapes.get(k) or ()) != 4:
+        return None
+
+    def dims(name):
+        """The shape tensor `name` as a list of ints and ("k", axis) for the dims it takes from Shape(k), or None."""
+        if name in constants:
+            value = numpy_helper.to_array(constants[name])
+            return [int(v) for v in value.reshape(-1)] if value.dtype.kind == "i" and value.ndim <= 1 else None
+        made = producer.get(name)
+        if made is None:
+            return None
+        if made.op_type == "Concat":
+            parts = [dims(part) for part in made.input]
+            return None if any(part is None for part in parts) else [d for part in parts for d in part]
+        if made.op_type == "Slice" and len(made.input) == 3:  # starts and ends, on axis 0, step 1
+            shape, start, end = made.input[0], dims(made.input[1]), dims(made.input[2])
+            source = producer.get(shape)
+            if source is None or source.op_type != "Shape" or source.input[0] != k \
+                    or any(a.name != "start" or a.i != 0 for a in source.attribute) \
+                    or start is None or end is None or len(start) != 1 or len(end) != 1 \
+                    or not all(isinstance(v, int) for v in (*start, *end)):
+                return None
+            return [("k", axis) for axis in range(4)[slice(start[0], end[0])]]
+        return None
+
+    if dims(first.input[1]) == [-1, ("k", 2), ("k", 3)] and \
+            dims(node.input[1]) == [("k", 0), ("k", 1), ("k", 3), ("k", 2)]:
+        return k
+    return None
 
 
 def _shapes(model) -> dict:

@@ -12,14 +12,38 @@ from exporter.attention import fuse_attention
 BATCH, HEADS, TOKENS, SIZE = 2, 3, 7, 4
 
 
-def decomposed(extra_reader: bool = False, mask: bool = False, recorded: bool = True):
+def exporters_transpose(k: str, kt: str, from_shape: bool = True) -> list:
+    """k^T as torch's dynamo exporter writes it: Reshape(k, (-1, tokens, size)), Transpose(0 2 1), Reshape to
+    (batch, heads, size, tokens), each dim sliced from Shape(k); or, `from_shape` False, the last shape a constant
+    (the same numbers, but nothing proves them k's)."""
+    big = np.iinfo(np.int64).max
+    nodes = [helper.make_node("Shape", [k], ["k_shape"], start=0)]
+    for i, (start, end) in enumerate([(-2, -1), (-1, big), (0, -2), (-1, big), (-2, -1)]):
+        nodes += [helper.make_node("Constant", [], [f"start{i}"], value=numpy_helper.from_array(np.array([start], np.int64))),
+                  helper.make_node("Constant", [], [f"end{i}"], value=numpy_helper.from_array(np.array([end], np.int64))),
+                  helper.make_node("Slice", ["k_shape", f"start{i}", f"end{i}"], [f"dim{i}"])]
+    last = helper.make_node("Concat", ["dim2", "dim3", "dim4"], ["kt_shape"], axis=0) if from_shape else \
+        helper.make_node("Constant", [], ["kt_shape"], value=numpy_helper.from_array(np.array([BATCH, HEADS, SIZE, TOKENS])))
+    nodes += [helper.make_node("Constant", [], ["minus_one"], value=numpy_helper.from_array(np.array([-1], np.int64))),
+              helper.make_node("Concat", ["minus_one", "dim0", "dim1"], ["flat_shape"], axis=0),
+              helper.make_node("Reshape", [k, "flat_shape"], ["k_flat"]),
+              helper.make_node("Transpose", ["k_flat"], ["kt_flat"], perm=[0, 2, 1]),
+              last,
+              helper.make_node("Reshape", ["kt_flat", "kt_shape"], [kt])]
+    return nodes
+
+
+def decomposed(extra_reader: bool = False, mask: bool = False, recorded: bool = True, chain=None):
     """The decomposition torch's dynamo exporter writes: q * sqrt(scale), k transposed * sqrt(scale), MatMul, Softmax,
-    MatMul with v; q, k and v (batch, heads, tokens, head size) made from one input, as a ViT's qkv projection."""
+    MatMul with v; q, k and v (batch, heads, tokens, head size) made from one input, as a ViT's qkv projection.
+    `chain`: k^T made by exporters_transpose, from k's shape ("shape") or a constant ("constant"), else by one
+    Transpose."""
     root = np.float32(SIZE ** -0.25)
     probs = "probs"
     nodes = [
         helper.make_node("Split", ["x"], ["q", "k", "v"], axis=1, num_outputs=3),
-        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+        *(exporters_transpose("k", "kt", chain == "shape") if chain else
+          [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2])]),
         helper.make_node("Mul", ["q", "root"], ["qs"]),
         helper.make_node("Mul", ["kt", "root"], ["ks"]),
         helper.make_node("MatMul", ["qs", "ks"], ["scores"]),
@@ -33,7 +57,7 @@ def decomposed(extra_reader: bool = False, mask: bool = False, recorded: bool = 
     if extra_reader:  # the probabilities are an output too: they cannot disappear
         outputs.append(helper.make_tensor_value_info(probs, TensorProto.FLOAT, None))
     # the shapes the exporter records (value_info): q and v known, k^T of rank 4 with dims unknown, as it writes them
-    shapes = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", HEADS, TOKENS, SIZE]) for name in "qv"]
+    shapes = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", HEADS, TOKENS, SIZE]) for name in "qkv"]
     shapes += [helper.make_tensor_value_info("kt", TensorProto.FLOAT, [None] * 4)] if recorded else []
     graph = helper.make_graph(nodes, "sdpa", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
                                                                             ["batch", 3 * HEADS, TOKENS, SIZE])],
@@ -46,8 +70,9 @@ def run(model, x):
     return session.run(None, {"x": x})
 
 
-def test_the_decomposition_becomes_one_multiheadattention_with_the_same_numbers():
-    model = decomposed()
+@pytest.mark.parametrize("chain", [None, "shape", "constant"])
+def test_the_decomposition_becomes_one_multiheadattention_with_the_same_numbers(chain):
+    model = decomposed(chain=chain)
     x = np.random.default_rng(0).standard_normal((BATCH, 3 * HEADS, TOKENS, SIZE)).astype(np.float32)
     before = run(model, x)[0]
     assert fuse_attention(model) == 1
@@ -59,6 +84,14 @@ def test_the_decomposition_becomes_one_multiheadattention_with_the_same_numbers(
     after = run(model, x)[0]
     assert after.shape == before.shape == (BATCH, TOKENS, HEADS, SIZE)
     np.testing.assert_allclose(after, before, rtol=0, atol=1e-5)
+    # MultiHeadAttention reads k itself, not k^T transposed back, where k^T is k's transpose however written (the
+    # chain that only looks like it is left as it was); the transposes that made k^T are gone
+    [k_in] = [node for node in model.graph.node if node.name.endswith("/k_bsnh")]
+    proven = chain != "constant"
+    assert (k_in.input[0], list(k_in.attribute[0].ints)) == (("k", [0, 2, 1, 3]) if proven else ("kt", [0, 3, 1, 2]))
+    # q's, k's and v's to (batch, tokens, heads, size), the output's back, the graph's own after it, and the one that
+    # made k^T where k is not proven
+    assert ops.count("Transpose") == 3 + 1 + 1 + (0 if proven else 1)
 
 
 @pytest.mark.parametrize("change", ["extra_reader", "mask", "recorded"])

@@ -65,7 +65,7 @@ def ensure_variants(model: str, artifacts: str, graphs=GRAPHS) -> tuple[list[str
 
 
 def measure(model: str, artifacts: str, batch_sizes=(1, 8), budget_s: float = 3.0) -> dict:
-    """Per graph row (torch-cpu, ort-cpu, ort-cpu:<variant>): mean ms at each batch size, its speed-ups against
+    """Per graph row (torch-cpu, ort-cpu, ort-cpu:<variant>): median (p50) ms at each batch size, its speed-ups against
     ort-cpu and torch-cpu, the worst pooled cosine against eager fp32 over the photos, and whether it passed its
     class there. Also the variants that could not be made here, with why."""
     from compare.plan import CompareOptions
@@ -79,16 +79,17 @@ def measure(model: str, artifacts: str, batch_sizes=(1, 8), budget_s: float = 3.
                                  batch_sizes=tuple(batch_sizes), budget_s=budget_s, images=str(photos(Path(folder))),
                                  batch_size=max(batch_sizes))
         report, _ = compare(model, options)
-    mean = {(row.backend, row.batch): row.mean_ms for row in report.latency}
+    # the median, not the mean: a few stalled runs on a noisy shared host move the mean, not the median
+    median = {(row.backend, row.batch): row.p50_ms for row in report.latency}
     rows = []
     for name in ["torch-cpu", "ort-cpu", *(f"ort-cpu:{graph}" for graph in graphs)]:
         accuracy = [row for row in report.accuracy if row.backend == name]
         pooled = [row.worst_sample_cosine for row in accuracy if row.output == "pooled" and not row.group]
         verified = name == "torch-cpu" or (bool(accuracy) and name not in report.verdict.failed)
-        timed = {size: mean.get((name, size)) for size in batch_sizes}
+        timed = {size: median.get((name, size)) for size in batch_sizes}
         rows.append({"graph": name, "ms": timed, "verified": verified, "pooled cosine": pooled[0] if pooled else None,
-                     "vs ort-cpu": {s: mean[("ort-cpu", s)] / t for s, t in timed.items() if t and ("ort-cpu", s) in mean},
-                     "vs torch-cpu": {s: mean[("torch-cpu", s)] / t for s, t in timed.items() if t and ("torch-cpu", s) in mean}})
+                     "vs ort-cpu": {s: median[("ort-cpu", s)] / t for s, t in timed.items() if t and ("ort-cpu", s) in median},
+                     "vs torch-cpu": {s: median[("torch-cpu", s)] / t for s, t in timed.items() if t and ("torch-cpu", s) in median}})
     fastest = {size: min((r for r in rows if r["verified"] and r["ms"].get(size)), key=lambda r: r["ms"][size])["graph"]
                for size in batch_sizes if any(r["verified"] and r["ms"].get(size) for r in rows)}
     return {"model": report.model, "rows": rows, "fastest": fastest, "failed": failed, "images": report.input["count"]}

@@ -188,11 +188,12 @@ def write_fused(source: Path, target: Path) -> dict:
     """onnxruntime.transformers.optimizer of `source` (model_type "vit") into `target`: bias with GELU (BiasGelu),
     Attention where its pattern matches, but no SkipLayerNormalization (FUSED_WITHOUT); then each attention the
     exporter wrote out (scaled_dot_product_attention's decomposition, which the optimizer does not match:
-    exporter/attention.py) as one MultiHeadAttention. Return the recipe, with how many of each it made."""
+    exporter/attention.py) as one MultiHeadAttention, and each rotate-half rotary embedding as one RotaryEmbedding.
+    Return the recipe, with how many of each it made."""
     from onnxruntime.transformers import optimizer
     from onnxruntime.transformers.fusion_options import FusionOptions
 
-    from .attention import fuse_attention
+    from .attention import fuse_attention, fuse_rotary
 
     fusions = FusionOptions("vit")
     for name in FUSED_WITHOUT:
@@ -202,14 +203,17 @@ def write_fused(source: Path, target: Path) -> dict:
         model = optimizer.optimize_model(str(source), model_type="vit", num_heads=0, hidden_size=0, use_gpu=False,
                                          optimization_options=fusions)
         fused = {op: count for op, count in model.get_fused_operator_statistics().items() if count}
-        attention = fuse_attention(model.model)
+        attention, rotary = fuse_attention(model.model), fuse_rotary(model.model)
         if attention:
             fused["MultiHeadAttention"] = fused.get("MultiHeadAttention", 0) + attention
+        if rotary:
+            fused["RotaryEmbedding"] = fused.get("RotaryEmbedding", 0) + rotary
         model.save_model_to_file(str(target), use_external_data_format=Path(str(source) + ".data").exists())
     return {**_library("onnxruntime.transformers.optimizer"), "call": "optimize_model",
             "options": {"model_type": "vit", "num_heads": 0, "hidden_size": 0, "use_gpu": False,
                         **{name: False for name in FUSED_WITHOUT}}, "fused": fused,
-            "attention": {"pass": "exporter.attention.fuse_attention", "replaced": attention}}
+            "attention": {"pass": "exporter.attention.fuse_attention", "replaced": attention},
+            "rotary": {"pass": "exporter.attention.fuse_rotary", "replaced": rotary}}
 
 
 def int8_modules(source: Path) -> dict[str, str]:

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter.attention import fuse_attention
+from exporter.attention import fuse_attention, fuse_rotary
 
 BATCH, HEADS, TOKENS, SIZE = 2, 3, 7, 4
 
@@ -99,4 +99,44 @@ def test_a_graph_that_is_not_the_pattern_is_left_as_it_was(change):
     model = decomposed(**{change: change != "recorded"})  # or k^T's rank not recorded: no fusion on a guess
     before = model.SerializeToString()
     assert fuse_attention(model) == 0
+    assert model.SerializeToString() == before
+
+
+def rotated(swap: bool = False, unequal: bool = False, recorded: bool = True):
+    """x (batch, heads, tokens, size) times cos, plus its rotate-half (Split in halves, Neg, Concat) times sin, as the
+    exporter writes DINOv3's rotary embedding; `swap` concatenates (x1, -x2) instead, `unequal` makes the tables'
+    halves differ, `recorded` False leaves x's rank unrecorded."""
+    rng = np.random.default_rng(1)
+    angles = rng.standard_normal((TOKENS, SIZE // 2)).astype(np.float32)
+    cos, sin = np.tile(np.cos(angles), 2), np.tile(np.sin(angles), 2)
+    if unequal:
+        cos[:, 0] += 0.5
+    nodes = [helper.make_node("Identity", ["x"], ["q"]),
+             helper.make_node("Split", ["q"], ["q1", "q2"], axis=-1, num_outputs=2),
+             helper.make_node("Neg", ["q2"], ["minus_q2"]),
+             helper.make_node("Concat", ["q1", "minus_q2"] if swap else ["minus_q2", "q1"], ["turned"], axis=-1),
+             helper.make_node("Mul", ["q", "cos"], ["straight"]),
+             helper.make_node("Mul", ["turned", "sin"], ["turned_sin"]),
+             helper.make_node("Add", ["straight", "turned_sin"], ["out"], name="rope/add")]
+    shapes = [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["batch", HEADS, TOKENS, SIZE])] if recorded else []
+    graph = helper.make_graph(nodes, "rope", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(cos, "cos"), numpy_helper.from_array(sin, "sin")], value_info=shapes)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_the_rotate_half_embedding_becomes_one_rotaryembedding_with_the_same_numbers():
+    model = rotated()
+    x = np.random.default_rng(0).standard_normal((BATCH, HEADS, TOKENS, SIZE)).astype(np.float32)
+    before = run(model, x)[0]
+    assert fuse_rotary(model) == 1
+    assert sorted(node.op_type for node in model.graph.node) == ["Identity", "RotaryEmbedding"]
+    np.testing.assert_allclose(run(model, x)[0], before, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["swap", "unequal", "recorded"])
+def test_a_rotation_that_is_not_rotate_half_is_left_as_it_was(change):
+    model = rotated(**{change: change != "recorded"})
+    before = model.SerializeToString()
+    assert fuse_rotary(model) == 0
     assert model.SerializeToString() == before

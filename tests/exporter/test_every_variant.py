@@ -43,9 +43,18 @@ def test_every_variant_is_made_from_real_photos_passes_compare_on_unseen_ones_an
     assert rows == {"ort-cpu", *(f"ort-cpu:{v}" for v in VARIANTS)}
     assert code == 0 and report["verdict"] == "PASS", [(r["backend"], r["label"] if "label" in r else r["output"], r["cosine"])
                                                         for r in report["accuracy"] if not r["passed"]]
-    # The fused graph's blocks cannot be tapped: said plainly, with no hint that cannot help.
+    # The fused graph keeps every block's output (no SkipLayerNormalization: variants.FUSED_WITHOUT), so its blocks
+    # can be compared one by one; a graph whose optimizer fused them into its LayerNorms says so plainly, with no
+    # hint that cannot help.
+    import timm
+    from onnxruntime.transformers import optimizer
+
+    depth = len(timm.create_model(TINY, pretrained=False).blocks)
+    assert blocks.build(root / TINY / "model.fused.onnx", tmp_path / "taps.onnx", root / TINY / "model.onnx") == depth
+    optimizer.optimize_model(str(root / TINY / "model.onnx"), model_type="vit", num_heads=0, hidden_size=0,
+                             use_gpu=False).save_model_to_file(str(tmp_path / "skip-fused.onnx"))
     with pytest.raises(UserError, match="fused them away") as found:
-        blocks.build(root / TINY / "model.fused.onnx", tmp_path / "taps.onnx", root / TINY / "model.onnx")
+        blocks.build(tmp_path / "skip-fused.onnx", tmp_path / "taps.onnx", root / TINY / "model.onnx")
     assert "re-export" not in str(found.value)
     # Removed by hand, with its derived per-block graph: made again by --if-missing, and the artifact loads.
     art = artifact.load(root, TINY)

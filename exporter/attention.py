@@ -12,7 +12,9 @@ hands it to MultiHeadAttention, whose CPU kernel runs a tiled (flash) attention 
 The graph it writes is verified by the same judge as every variant.
 
 `fuse_rotary` does the same for a rotary embedding written out as rotate-half (DINOv3's: Split in halves, Neg, Concat,
-times constant cos and sin tables, Add): one RotaryEmbedding node (com.microsoft) in place of six per q and k.
+times cos and sin tables, Add): one RotaryEmbedding node (com.microsoft) in place of six per q and k. It needs the
+tables as constants, as onnxruntime's optimizer leaves them (the exporter's graph slices them at run time), so
+write_fused runs it after the optimizer.
 """
 from __future__ import annotations
 
@@ -25,21 +27,10 @@ def fuse_attention(model) -> int:
     """Replace each Mul(q, a) -> MatMul(., Mul(k^T, b)) -> Softmax(last axis) -> MatMul(., v) of `model` (an
     onnx ModelProto, changed in place; q, k^T and v of rank 4 with static heads and head size) by one
     MultiHeadAttention with scale a*b; return how many it replaced."""
-    import onnx
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    shapes = _shapes(model)
-    constants = {init.name: init for init in graph.initializer}
-    constants.update({node.output[0]: attr.t for node in graph.node if node.op_type == "Constant"
-                      for attr in node.attribute if attr.name == "value"})
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-
-    outputs = {o.name for o in graph.output}
+    shapes, constants, producer, consumers, outputs = _index(model)
 
     def only_consumer(name):
         users = consumers.get(name, [])
@@ -102,27 +93,7 @@ def fuse_attention(model) -> int:
                   numpy_helper.from_array(np.array([0, 0, heads, size], np.int64), split)]
         replace[id(out)] = new
         drop |= {id(scores), id(softmax)}
-    if not replace:
-        return 0
-    nodes = []
-    for node in graph.node:
-        if id(node) in replace:
-            nodes += replace[id(node)]
-        elif id(node) not in drop:
-            nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(_live(nodes, outputs))
-    made = {out for node in graph.node for out in node.output}
-    shaped = [info for info in graph.value_info if info.name in made]  # none for the tensors that went
-    del graph.value_info[:]
-    graph.value_info.extend(shaped)
-    used = _read(graph.node)
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + added)
-    if not any(op.domain == DOMAIN for op in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
-    return len(replace)
+    return _rewrite(model, replace, drop, added)
 
 
 def fuse_rotary(model) -> int:
@@ -131,24 +102,17 @@ def fuse_rotary(model) -> int:
     cos and sin are float32 constants (tokens, head size) whose two halves are equal, by one RotaryEmbedding
     (com.microsoft, not interleaved, positions from 0) with the tables' first halves; return how many it replaced.
     The Mul broadcasts x's tokens against the tables' rows, so row i is position i, as RotaryEmbedding reads them."""
-    import onnx
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    shapes = _shapes(model)
-    constants = {init.name: init for init in graph.initializer}
-    constants.update({node.output[0]: attr.t for node in graph.node if node.op_type == "Constant"
-                      for attr in node.attribute if attr.name == "value"})
-    producer = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
-    outputs = {o.name for o in graph.output}
+    shapes, constants, producer, consumers, outputs = _index(model)
+
+    def once(name):
+        return len(consumers.get(name, [])) == 1 and name not in outputs
 
     def private(name):
         """The node that makes `name`, where nothing but the pattern reads it."""
-        return producer.get(name) if readers.get(name) == 1 and name not in outputs else None
+        return producer.get(name) if once(name) else None
 
     def table(name, size):
         """The first half of the constant `name`, if it is float32 (tokens, size) with equal halves."""
@@ -191,8 +155,7 @@ def fuse_rotary(model) -> int:
                 continue
             split = producer.get(x1)
             if split is None or split.op_type != "Split" or split.input[0] != x or axis(split, 0) not in (-1, 3) \
-                    or list(split.output) != [x1, neg.input[0]] or readers.get(neg.input[0]) != 1 \
-                    or readers.get(x1) != 1:
+                    or list(split.output) != [x1, neg.input[0]] or not once(neg.input[0]) or not once(x1):
                 continue
             halves = split.input[1] if len(split.input) > 1 and split.input[1] else None
             if halves is not None and (halves not in constants or
@@ -207,25 +170,10 @@ def fuse_rotary(model) -> int:
             node = helper.make_node("RotaryEmbedding", [x, f"{name}/positions", f"{name}/cos", f"{name}/sin"],
                                     [add.output[0]], name=f"{name}/rotary", domain=DOMAIN, interleaved=0)
             node.metadata_props.extend(add.metadata_props)
-            replace[id(add)] = node
+            replace[id(add)] = [node]
             drop |= {id(straight), id(turned), id(concat), id(neg), id(split)}
             break
-    if not replace:
-        return 0
-    nodes = [replace.get(id(node), node) for node in graph.node if id(node) not in drop]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = _read(graph.node)
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + added)
-    made = {out for node in graph.node for out in node.output}
-    shaped = [info for info in graph.value_info if info.name in made]
-    del graph.value_info[:]
-    graph.value_info.extend(shaped)
-    if not any(op.domain == DOMAIN for op in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
-    return len(replace)
+    return _rewrite(model, replace, drop, added)
 
 
 def _untransposed(kt: str, producer: dict, constants: dict, shapes: dict) -> str | None:
@@ -277,6 +225,51 @@ def _untransposed(kt: str, producer: dict, constants: dict, shapes: dict) -> str
             dims(node.input[1]) == [("k", 0), ("k", 1), ("k", 3), ("k", 2)]:
         return k
     return None
+
+
+def _index(model) -> tuple:
+    """What a pass reads of `model`'s graph: (recorded shapes, constants (initializers and Constant nodes' values),
+    {tensor: the node that makes it}, {tensor: the nodes that read it}, the graph's output names)."""
+    graph = model.graph
+    constants = {init.name: init for init in graph.initializer}
+    constants.update({node.output[0]: attr.t for node in graph.node if node.op_type == "Constant"
+                      for attr in node.attribute if attr.name == "value"})
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return _shapes(model), constants, producer, consumers, {o.name for o in graph.output}
+
+
+def _rewrite(model, replace: dict, drop: set, added: list) -> int:
+    """Put each node's replacement list (`replace`, by id) in its place, leave out the `drop` ids and the nodes
+    nothing reads any more, the initializers and recorded shapes of what went; add `added` initializers and the
+    com.microsoft opset. Returns how many nodes were replaced."""
+    import onnx
+
+    if not replace:
+        return 0
+    graph = model.graph
+    nodes = []
+    for node in graph.node:
+        if id(node) in replace:
+            nodes += replace[id(node)]
+        elif id(node) not in drop:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(_live(nodes, {o.name for o in graph.output}))
+    made = {out for node in graph.node for out in node.output}
+    shaped = [info for info in graph.value_info if info.name in made]  # none for the tensors that went
+    del graph.value_info[:]
+    graph.value_info.extend(shaped)
+    used = _read(graph.node)
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + added)
+    if not any(op.domain == DOMAIN for op in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    return len(replace)
 
 
 def _shapes(model) -> dict:

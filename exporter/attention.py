@@ -13,8 +13,8 @@ The graph it writes is verified by the same judge as every variant.
 
 `fuse_rotary` does the same for a rotary embedding written out as rotate-half (DINOv3's: Split in halves, Neg, Concat,
 times cos and sin tables, Add): one RotaryEmbedding node (com.microsoft) in place of six per q and k. It needs the
-tables as constants, as onnxruntime's optimizer leaves them (the exporter's graph splits them from one embedding it computes), so
-write_fused runs it after the optimizer.
+tables as constants, as onnxruntime's optimizer leaves them (the exporter's graph splits them from one embedding it
+computes), so write_fused runs it after the optimizer.
 """
 from __future__ import annotations
 

@@ -117,7 +117,7 @@ def render(report: Report, verbose: bool = False) -> list:
     if report.truth:
         parts.append(rich_table(tables.truth(report)))
     if report.layers:
-        parts.append(rich_table(tables.layers(report)))
+        parts += [rich_table(tables.layers(report, group)) for group in tables.layer_groups(report)]
         parts += [Text(line, style="bold yellow") for line in report.drift.values()]
     if report.parts:
         parts.append(rich_table(tables.parts(report)))

@@ -59,11 +59,19 @@ def parts(report: Report) -> Table:
                  columns, rows, marks=marks)
 
 
-def layers(report: Report) -> Table:
-    """--layers: block by backend, the cosine, max abs and relative error of every tap against the reference, and
-    with --replay the block's own (local) error; the cells of a failing block marked, the first one of each backend
-    apart."""
+def layer_groups(report: Report) -> list[list[str]]:
+    """The backends of the per-block table, a few to a table, so that each fits 100 columns: two (three figures each,
+    about 33 columns), or one with --replay's two more."""
     backends = list(dict.fromkeys(r.backend for r in report.layers))
+    size = 1 if any(r.local_rel_error is not None for r in report.layers) else 2
+    return [backends[i:i + size] for i in range(0, len(backends), size)]
+
+
+def layers(report: Report, backends: list[str] | None = None) -> Table:
+    """--layers: block by backend (`backends`, default all), the cosine, max abs and relative error of every tap
+    against the reference, and with --replay the block's own (local) error; the cells of a failing block marked,
+    the first one of each backend apart."""
+    backends = backends or list(dict.fromkeys(r.backend for r in report.layers))
     local = any(r.local_rel_error is not None for r in report.layers)
     figures = ("cosine", "max abs", "rel err") + (("local cosine", "local rel err") if local else ())
     columns = ("layer", *(f"{backend} {figure}" for backend in backends for figure in figures))

@@ -453,3 +453,31 @@ def test_a_backend_failing_only_on_neighbours_is_fail_in_every_line_of_the_repor
     assert markdown.conclusion(report, status).startswith("ort-cpu-2: FAIL (neighbour agreement)")
     not_judged = dataclasses.replace(failing, passed=None, note="not judged: 1 image, neighbours need at least 2")
     assert dataclasses.replace(tiny_report, neighbours=[not_judged]).verdict.status == tiny_report.verdict.status
+
+
+@pytest.mark.parametrize("replay", [False, True])
+def test_many_backends_per_block_fit_100_columns_whole_in_the_terminal_and_one_table_in_the_report(tiny_report, replay):
+    """Five backends' blocks (the fused graphs can be tapped too): tables of two backends (one with --replay), each
+    within 100 columns with no figure cut short; the Markdown report keeps them in one table."""
+    from rich.console import Console
+
+    from compare import render, tables
+
+    base = with_layers(tiny_report).layers
+    names = ["ort-cpu", "ort-cpu:fused", "ort-cpu:int8", "ort-cpu:fp16", "ort-cpu:int8-fused"]
+    rows = [dataclasses.replace(row, backend=name, **({"local_cosine": row.cosine, "local_rel_error": row.rel_error}
+                                                      if replay else {}))
+            for name in names for row in base]
+    report = dataclasses.replace(tiny_report, layers=rows, drift={})
+    groups = tables.layer_groups(report)
+    assert [name for group in groups for name in group] == names and max(map(len, groups)) == (1 if replay else 2)
+    console = Console(record=True, width=100)
+    for part in render.render(report):
+        console.print(part)
+    terminal = console.export_text()
+    assert max(len(line) for line in terminal.splitlines()) <= 100
+    for group in groups:
+        data = tables.layers(report, group)
+        for row in data.rows:
+            assert has_row(terminal, *row)  # every figure whole, none cut to "…"
+    assert len(table("\n".join(markdown.from_data(tables.layers(report))))[0]) == 1 + len(names) * (5 if replay else 3)

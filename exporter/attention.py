@@ -162,7 +162,9 @@ def fuse_rotary(model) -> int:
                                        list(numpy_helper.to_array(constants[halves])) != [dims[3] // 2] * 2):
                 continue
             cos, sin = table(cos_name, dims[3]), table(rotated[1], dims[3])
-            if cos is None or sin is None or cos.shape != sin.shape:
+            # one row per token: a single row the Mul broadcasts to every token is not a table by position
+            if cos is None or sin is None or cos.shape != sin.shape or cos.shape[0] < 2 \
+                    or (isinstance(dims[2], int) and dims[2] != cos.shape[0]):
                 continue
             name = add.name or add.output[0]
             added += [numpy_helper.from_array(cos, f"{name}/cos"), numpy_helper.from_array(sin, f"{name}/sin"),

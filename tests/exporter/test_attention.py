@@ -102,12 +102,12 @@ def test_a_graph_that_is_not_the_pattern_is_left_as_it_was(change):
     assert model.SerializeToString() == before
 
 
-def rotated(swap: bool = False, unequal: bool = False, recorded: bool = True):
+def rotated(swap: bool = False, unequal: bool = False, recorded: bool = True, one_row: bool = False):
     """x (batch, heads, tokens, size) times cos, plus its rotate-half (Split in halves, Neg, Concat) times sin, as the
     exporter writes DINOv3's rotary embedding; `swap` concatenates (x1, -x2) instead, `unequal` makes the tables'
-    halves differ, `recorded` False leaves x's rank unrecorded."""
+    halves differ, `recorded` False leaves x's rank unrecorded, `one_row` makes the tables one row for every token."""
     rng = np.random.default_rng(1)
-    angles = rng.standard_normal((TOKENS, SIZE // 2)).astype(np.float32)
+    angles = rng.standard_normal((1 if one_row else TOKENS, SIZE // 2)).astype(np.float32)
     cos, sin = np.tile(np.cos(angles), 2), np.tile(np.sin(angles), 2)
     if unequal:
         cos[:, 0] += 0.5
@@ -134,7 +134,7 @@ def test_the_rotate_half_embedding_becomes_one_rotaryembedding_with_the_same_num
     np.testing.assert_allclose(run(model, x)[0], before, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("change", ["swap", "unequal", "recorded"])
+@pytest.mark.parametrize("change", ["swap", "unequal", "recorded", "one_row"])
 def test_a_rotation_that_is_not_rotate_half_is_left_as_it_was(change):
     model = rotated(**{change: change != "recorded"})
     before = model.SerializeToString()

@@ -59,8 +59,9 @@ def rich_table(data: Table):
     from rich.text import Text
 
     table = RichTable(title=data.title, title_justify="left", caption=data.caption or None, caption_justify="left")
-    for index, column in enumerate(data.columns):
-        table.add_column(column, justify="right" if data.numeric(index) else "left")
+    for index, column in enumerate(data.columns):  # a header too long for its column folds, never ends in "…"
+        justify = "right" if data.numeric(index) else "left"
+        table.add_column(Text(column, overflow="fold", justify=justify), justify=justify)
     for index, row in enumerate(data.rows):
         cells = []
         for column, cell in enumerate(row):

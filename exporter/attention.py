@@ -71,8 +71,8 @@ def fuse_attention(model) -> int:
             continue
         name = softmax.name or probs
         flat, split = f"{name}/mha_flat", f"{name}/mha_split"
-        # k itself where k^T is its transpose (then onnxruntime cancels k's Transpose with the one that made it,
-        # as it does q's and v's: 3 of dinov2's 37 Transposes a block), else k^T transposed back
+        # k itself where k^T is its transpose (then onnxruntime cancels k's Transpose with the ones that made it, as
+        # it does q's and v's: dinov2's fused graph ran 37 Transposes, now 1), else k^T transposed back
         k = _untransposed(kt, producer, constants, shapes)
         new = [
             helper.make_node("Transpose", [q], [f"{name}/q_bsnh"], name=f"{name}/q_bsnh", perm=[0, 2, 1, 3]),

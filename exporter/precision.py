@@ -379,6 +379,7 @@ def _search(variant: str, source: Path, target: Path, inputs: VerifySet, toleran
     from . import keep_fp32, variants
 
     graph = onnx.load(str(source), load_external_data=False).graph
+    cost = None
     if variant == variants.FP16:
         nodes = [(node.name, variants.scope_of(node), node.op_type) for node in graph.node if node.name]
         label, write = (lambda scope, op: f"{scope}/{op}"), \
@@ -388,13 +389,14 @@ def _search(variant: str, source: Path, target: Path, inputs: VerifySet, toleran
         nodes = [(node.name, _scope(modules[node.name]), modules[node.name]) for node in graph.node
                  if node.name in modules and node.name not in forced]
         label = lambda scope, module: module  # noqa: E731
+        cost = variants.weight_sizes(graph)  # a MatMul kept in float costs in proportion to its weights
 
     def judge(kept: frozenset) -> tuple[bool, dict]:
         write(kept)
         passed, figures = check_variant(target, inputs, None, tolerance, stop_early=True)
         return passed, {k: figures[k] for k in ("cosine", "rel_error", "worst_output")}
 
-    found = keep_fp32.search(nodes, judge, step, label, start)
+    found = keep_fp32.search(nodes, judge, step, label, start, cost)
     if not found["passed"]:
         raise CheckFailed(f"the {variant} variant fails its {tolerance.name} class even with every node kept in float: "
                           f"the conversion itself breaks the graph, not its precision")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -229,6 +230,13 @@ def int8_modules(source: Path) -> dict[str, str]:
         known = {node.name: module_of(node) for node in onnx.load(str(origin), load_external_data=False).graph.node}
     return {node.name: (module_of(node) if module_of(node) != node.name else known.get(node.name, node.name))
             for node in graph.node if node.name and node.op_type in INT8_OPS}
+
+
+def weight_sizes(graph) -> dict[str, int]:
+    """{node name: the element count of its constant weights} for the nodes of `graph` (an onnx GraphProto) with an
+    initializer among their inputs: what one costs to run in float, in proportion (rows x columns of a MatMul)."""
+    sizes = {tensor.name: math.prod(tensor.dims) for tensor in graph.initializer}
+    return {node.name: sum(sizes.get(name, 0) for name in node.input) for node in graph.node if node.name}
 
 
 def nodes_of_modules(found: dict[str, str], modules) -> list[str]:

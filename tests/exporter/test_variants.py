@@ -147,6 +147,32 @@ def test_minimize_returns_a_one_minimal_list():
     assert len(search.trials) <= 2 + 8  # two halves tried, then each unit once
 
 
+def test_with_costs_the_search_keeps_the_cheaper_of_two_lists_that_pass(artifacts_root):
+    """Keeping fc1 in float (4x the weights of proj in a ViT) or both of two cheap modules passes: by count the search
+    keeps fc1, by cost the two cheap ones. The costs are the int8 graph's weight sizes, read from the real graph."""
+    import timm
+    import torch
+
+    graph = onnx.load(str(artifacts_root / TINY / "model.onnx"), load_external_data=False).graph
+    modules = variants.int8_modules(artifacts_root / TINY / "model.onnx")
+    sizes = {modules[name]: size for name, size in variants.weight_sizes(graph).items() if name in modules}
+    model = timm.create_model(TINY, pretrained=False)
+    linears = {name: module.weight.numel() for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    assert {name: size for name, size in sizes.items() if size} == {name: linears[name] for name in linears if "blocks" in name}
+    assert {name for name, size in sizes.items() if not size} == {f"blocks.{i}.attn" for i in range(len(model.blocks))}
+    nodes = [("proj0", "blocks.0", "blocks.0.attn.proj"), ("proj1", "blocks.0", "blocks.0.attn.qkv"),
+             ("fc1", "blocks.1", "blocks.1.mlp.fc1")]
+    cost = {"proj0": 1, "proj1": 1, "fc1": 4}
+
+    def judge(kept):
+        return "fc1" in kept or {"proj0", "proj1"} <= kept, {"cosine": 1.0, "rel_error": 0.0, "worst_output": "pooled"}
+
+    by_count = keep_fp32.search(nodes, judge, label=lambda scope, unit: unit)
+    by_cost = keep_fp32.search(nodes, judge, label=lambda scope, unit: unit, node_cost=cost)
+    assert by_count["keep_fp32"] == ["blocks.1.mlp.fc1"]
+    assert by_cost["keep_fp32"] == ["blocks.0.attn.proj", "blocks.0.attn.qkv"]  # in the graph's order
+
+
 @pytest.mark.parametrize("args,message", [
     (("--variant", "int8-qdq"), "add --calibration-images DIR"),
     (("--search-precision",), "add --variant fp16"),

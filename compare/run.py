@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from vitparity import artifact, environment, registry, sizes
+from vitparity import artifact, environment, registry, runtime, sizes
 from vitparity.errors import UserError
 from vitparity.graphs import precision_variants
 
@@ -242,7 +242,9 @@ def int8_rows(statuses: list[BackendStatus]) -> list[str]:
 
 def host_warnings(manifest: dict, rows: list[str], here: dict | None = None) -> list[str]:
     """A warning for each int8 row whose graph was verified on a CPU with other int8 features than this host's
-    (VNNI or not changes int8 numerics), or on an unrecorded one."""
+    (VNNI or not changes int8 numerics), or on an unrecorded one. Not for dynamic int8 (quantize_dynamic) verified
+    on x86 and run on x86: its products are summed exactly there, VNNI or not (vitparity/runtime.py session_config),
+    so the two hosts differ only where float kernels do, as for fp32."""
     if not rows:  # reading the CPU's features takes a second
         return []
     here = here or environment.cpu()
@@ -250,7 +252,11 @@ def host_warnings(manifest: dict, rows: list[str], here: dict | None = None) -> 
     warnings = []
     for row in rows:
         record = found.get(row.partition(":")[2], {})
-        note = environment.int8_host_note(record.get("verify", {}).get("host"), here)
+        verified = record.get("verify", {}).get("host")
+        if record.get("recipe", {}).get("call") == "quantize_dynamic" and all(
+                environment.is_x86(host) for host in (verified, here)):
+            continue
+        note = environment.int8_host_note(verified, here)
         if note:
             warnings.append(f"{row}: {note}")
     return warnings
@@ -264,6 +270,9 @@ def _environment(statuses: list[BackendStatus], int8: list[str] = ()) -> dict:
         host = environment.cpu()
         env["cpu"] = host["model"]
         env["cpu int8 features"] = ", ".join(host["int8_features"] or []) if host["int8_features"] is not None else "unknown"
+        config = runtime.session_config(host)  # what the int8 rows ran with here: u8u8 where u8s8 saturates
+        if config:
+            env["onnxruntime session config"] = ", ".join(f"{key}={value}" for key, value in config.items())
     for status in statuses:
         for key in ("device_name", "cann", "cuda"):
             if status.details.get(key):

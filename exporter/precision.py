@@ -316,7 +316,7 @@ def write_variants(stage: Path, inputs: VerifySet, described: dict, options: Var
                        **({"held_out": figures["held_out"]} if "held_out" in figures else {}),
                        "inputs": described, "searched_on": searched.counts(),
                        "thresholds": {"min_cosine": tolerance.min_cosine, "max_rel": tolerance.max_rel},
-                       "host": environment.cpu()},
+                       "host": environment.cpu(), "session_config": runtime.session_config()},
             **({"search": {"keep_fp32": search["keep_fp32"], "trials": search["trials"],
                            **({"started_from": search["started_from"]} if "started_from" in search else {}),
                            "aim": {"min_cosine": aim.min_cosine, "max_rel": aim.max_rel}}} if search else {}),
@@ -333,8 +333,9 @@ def _int8(variant: str, source: Path, target: Path, inputs: VerifySet, tolerance
 
     from . import variants
 
-    host = environment.cpu()
-    reduce_range = environment.int8_reduce_range(host)
+    # 7-bit weights only for the calibrated graph on x86 without VNNI: its s8 activations are not covered by the U8U8
+    # mode every session gets there (vitparity/runtime.py session_config), which makes dynamic int8's products exact.
+    reduce_range = variant == variants.INT8_QDQ and environment.u8s8_saturates(environment.cpu())
     modules = variants.int8_modules(source)
     forced = variants.nodes_of_modules(modules, options.int8_keep)
     step(f"writing the {variant} variant with onnxruntime.quantization" + (" (7-bit weights: no VNNI here)" if reduce_range else ""))

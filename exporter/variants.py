@@ -131,8 +131,9 @@ def write_int8(source: Path, target: Path, calibration=None, count: int = 0, exc
     (onnxruntime 1.32 calibrate.py, MinMaxCalibrater.collect_data calls clear_collected_data without
     compute_data): a multiple of that many inputs ended in "No data is collected", any other count
     calibrated on the last few inputs only. The nodes `exclude` stay
-    in float (nodes_to_exclude: what the int8 search found); `reduce_range` uses 7-bit weights, for hosts
-    without VNNI (environment.int8_reduce_range). `cache`: a file where onnxruntime keeps the calibrated ranges
+    in float (nodes_to_exclude: what the int8 search found); `reduce_range` uses 7-bit weights, for the calibrated
+    graph on hosts without VNNI (environment.u8s8_saturates; dynamic int8 runs exactly there in u8u8 mode:
+    runtime.session_config). `cache`: a file where onnxruntime keeps the calibrated ranges
     (its calibration_cache_path, where this onnxruntime has it): the ranges are those of the float graph whatever
     stays in float, so a search calibrates once, not once a trial.
     """

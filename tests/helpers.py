@@ -555,10 +555,10 @@ def publisher(script: str, *args) -> list[str]:
 
 
 
-# What the int8 graphs of test_vit's random init keep in float in the tests that are not about the search: without it
-# an AVX2 host without VNNI (7-bit weights) fails the plain recipe and searches (25 to 32 trials per int8 graph, about
-# 2x the suite's int8 time), while a VNNI host passes it; with it, both hosts pass the plain recipe and the suite costs
-# the same on either. The searches have their own tests (tests/exporter/test_variants.py), which keep nothing.
+# What the int8 graphs of test_vit's random init keep in float in the tests that are not about the search, so that
+# they pass the plain recipe and search nothing. It was chosen when an AVX2 host without VNNI used 7-bit weights,
+# failed the plain recipe and searched (25 to 32 trials per int8 graph, about 2x the suite's int8 time); it keeps
+# both kinds of host off the searches. The searches have their own tests (tests/exporter/test_variants.py).
 TINY_INT8_KEEP = "blocks.0,blocks.1,blocks.2,blocks.5.mlp"
 
 

@@ -132,6 +132,7 @@ if __name__ == "__main__":  # used by `make host-deps`
 # docs advise reduce_range there); ARM's dot-product extensions (asimddp, i8mm) take the place of VNNI.
 INT8_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
 VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")
+X86_MACHINES = ("x86_64", "amd64", "i386", "i686")  # platform.machine() on x86
 
 
 @functools.lru_cache(maxsize=None)  # the CPU does not change during a run
@@ -173,17 +174,24 @@ def _py_cpuinfo() -> dict:
         return {}
 
 
-def int8_reduce_range(host: dict) -> bool:
-    """Whether int8 weights should use 7 bits (onnxruntime.quantization's reduce_range) on `host`: on x86
-    without VNNI, where the u8s8 kernels can saturate. False where the features are unknown."""
+def u8s8_saturates(host: dict) -> bool:
+    """Whether onnxruntime's u8s8 int8 kernels can saturate on `host`: x86 without VNNI, where they sum pairs of
+    products in 16 bits (VNNI sums them in 32). There every session runs u8 by s8 products as u8 by u8, which sums
+    exactly (vitparity/runtime.py), and the calibrated int8 recipe uses 7-bit weights. False where the features
+    are unknown."""
     features = host.get("int8_features")
-    x86 = host.get("machine", "").lower() in ("x86_64", "amd64", "i386", "i686")
-    return bool(features is not None and x86 and not any(f in features for f in VNNI))
+    return bool(features is not None and is_x86(host) and not any(f in features for f in VNNI))
+
+
+def is_x86(host: dict | None) -> bool:
+    """Whether `host` (a cpu() record, or None where none was recorded) is an x86 machine."""
+    return bool(host) and str(host.get("machine", "")).lower() in X86_MACHINES
 
 
 def int8_host_note(verified: dict | None, here: dict) -> str | None:
     """Why an int8 graph's verify figures may not hold here, or None: the verifying host's int8 features
-    differ from this host's (or were not recorded)."""
+    differ from this host's (or were not recorded). For dynamic int8 between two x86 hosts, whose products are
+    summed exactly on both (compare.run.host_warnings), the caller does not ask."""
     if not verified or verified.get("int8_features") is None:
         return "its verifying host's CPU features were not recorded (an older export): int8 numerics depend on them"
     if here.get("int8_features") is None or set(verified["int8_features"]) == set(here["int8_features"]):

@@ -82,13 +82,35 @@ def load_onnxruntime():
     raise RuntimeMissing(f"{dist} cannot be imported: {_first_line(failed)}") from failed
 
 
+# onnxruntime's U8U8 mode (kOrtSessionOptionsAvx2PrecisionMode in its session options header): on x86 without VNNI its
+# u8s8 kernels sum pairs of products in 16 bits and saturate there; with this entry it turns the s8 weights of
+# DynamicQuantizeMatMul, MatMulInteger and the like into u8 when it loads the graph and sums exactly, as VNNI does.
+X64_PRECISION = "session.x64quantprecision"
+
+
+def session_config(host: dict | None = None) -> dict[str, str]:
+    """The config entries of every session here: onnxruntime's U8U8 mode where u8s8 can saturate (x86 without VNNI),
+    so that a dynamic int8 graph computes the integer products a VNNI host verified, and its recipe keeps 8-bit
+    weights on every host. Not on VNNI hosts: there u8s8 is exact already, and U8U8 was slower (docs/benchmarks.md)."""
+    import platform
+
+    if host is None:
+        if platform.machine().lower() not in environment.X86_MACHINES:  # not x86: no CPU features read at all
+            return {}
+        host = environment.cpu()
+    return {X64_PRECISION: "1"} if environment.u8s8_saturates(host) else {}
+
+
 def session(path: Path, providers=("CPUExecutionProvider",), threads: int = 0, profile_prefix: str | None = None):
-    """An InferenceSession at ORT_ENABLE_ALL. `providers` are names or (name, options) pairs, as onnxruntime takes them."""
+    """An InferenceSession at ORT_ENABLE_ALL, with `session_config`. `providers` are names or (name, options) pairs,
+    as onnxruntime takes them."""
     ort = load_onnxruntime()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    for key, value in session_config().items():
+        options.add_session_config_entry(key, value)
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix

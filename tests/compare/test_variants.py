@@ -9,7 +9,7 @@ import pytest
 from compare.plan import CompareOptions, check_names, rows
 from compare.run import compare, host_warnings
 from tests.helpers import TINY, runnable
-from vitparity import artifact, environment
+from vitparity import artifact, environment, runtime
 from vitparity.errors import UserError
 
 
@@ -50,18 +50,23 @@ def test_the_variants_option_picks_rows_and_names_a_missing_variant(variants_roo
 
 
 def test_an_int8_row_says_when_this_host_has_other_int8_features_than_the_verifying_one(variants_root, tmp_path):
+    # Verified on an ARM CPU (other int8 kernels): the row says so. Between two x86 hosts dynamic int8 is summed
+    # exactly on both, VNNI or not, and gets no warning (the next test).
     shutil.copytree(variants_root / TINY, tmp_path / TINY)
     manifest_path = tmp_path / TINY / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     here = environment.cpu()
-    other = ["avx2"] if here["int8_features"] != ["avx2"] else ["avx2", "avx512f", "avx512_vnni"]
-    manifest["variants"]["model.int8.onnx"]["verify"]["host"] = {"model": "Some Other CPU", "machine": "x86_64",
+    other = ["asimddp"] if here["int8_features"] != ["asimddp"] else ["asimddp", "i8mm"]
+    manifest["variants"]["model.int8.onnx"]["verify"]["host"] = {"model": "Some Other CPU", "machine": "aarch64",
                                                                  "int8_features": other}
     manifest_path.write_text(json.dumps(manifest))
     report, _ = compare(TINY, CompareOptions(artifacts=str(tmp_path), backends=("torch-cpu", "ort-cpu"), variants=("int8",),
                                              latency=False))
     [warning] = [w for w in report.warnings if "int8 numerics" in w]
     assert warning.startswith("ort-cpu:int8: verified on Some Other CPU") and here["model"] in warning
+    # The config the int8 row ran with here is in the environment: u8u8 where u8s8 saturates, nothing elsewhere.
+    config = runtime.session_config()
+    assert report.versions.get("onnxruntime session config") == (f"{runtime.X64_PRECISION}=1" if config else None)
 
 
 def test_host_warnings_name_unrecorded_and_differing_hosts_only():
@@ -75,3 +80,16 @@ def test_host_warnings_name_unrecorded_and_differing_hosts_only():
     assert "not recorded" in unrecorded
     [differs] = host_warnings(manifest({"model": "CPU C", "int8_features": ["avx2"]}), ["ort-cpu:int8"], here)
     assert "verified on CPU C (avx2), but this host's CPU A has avx2, avx512_vnni" in differs
+    # Dynamic int8 between x86 hosts, VNNI or not: summed exactly on both (u8u8 where u8s8 saturates), no warning.
+    # Calibrated int8 (s8 activations) or a non-x86 side keeps it.
+    def recorded(call, host):
+        found = manifest(host)
+        found["variants"]["model.int8.onnx"]["recipe"] = {"call": call}
+        return found
+
+    avx2 = {"model": "CPU C", "machine": "x86_64", "int8_features": ["avx2"]}
+    assert host_warnings(recorded("quantize_dynamic", avx2), ["ort-cpu:int8"], here) == []
+    assert host_warnings(recorded("quantize_dynamic", avx2), ["ort-cpu:int8"], {**here, "int8_features": ["avx512f"]}) == []
+    assert len(host_warnings(recorded("quantize_static", avx2), ["ort-cpu:int8"], here)) == 1
+    assert len(host_warnings(recorded("quantize_dynamic", {**avx2, "machine": "aarch64"}), ["ort-cpu:int8"], here)) == 1
+    assert len(host_warnings(recorded("quantize_dynamic", None), ["ort-cpu:int8"], here)) == 1  # not recorded

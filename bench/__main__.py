@@ -104,7 +104,7 @@ def run(args: argparse.Namespace, out, err) -> int:
                 row = next(r for r in found["rows"] if r["graph"] == graph)
                 out.print(f"{found['model']}: the fastest graph verified on this host at batch {size} is {graph} "
                           f"({row['ms'][size]:.1f} ms, {row['vs torch-cpu'].get(size, float('nan')):.2f}x eager, "
-                          f"{row['vs ort-cpu'].get(size, float('nan')):.2f}x ort-cpu)")
+                          f"{row['vs ort-cpu'].get(size, float('nan')):.2f}x ort-cpu)", highlight=False)
             failed += [f"variants of {model}: {why}" for why in found["failed"]]
     if "sizes" in parts:
         for model in models:
